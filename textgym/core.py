@@ -1,0 +1,182 @@
+"""The batched episode core: N token-generation episodes as tensors on one device.
+
+Both faces of the environment (the single :class:`~textgym.env.TextGenEnv` and the vector
+:class:`~textgym.vector.TextGenVectorEnv`) drive this class and nothing else holds episode logic:
+append a token, detect the end, score every finished episode in one reward-model call, reset rows.
+
+Layout of a row (``P = max_prompt_tokens``, ``M = max_new_tokens``)::
+
+    column:  0 ........ P-1 | P ........... P+M-1
+             <pad>.. <bos> prompt | generated tokens, then <pad>
+    mask:    0 ..... 1 ...... 1 | 1 ... 1       0 ... 0
+
+Prompts are left-padded into the prompt window and generated tokens fill the generation window
+from column ``P``, so the t-th generated token of every episode sits in column ``P + t`` whatever
+its prompt's length: a batch of episodes is one rectangular array, and the column of an entry is
+its slot in an agent's KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from textgym.tasks import EnvConfig
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"cpu"``, ``"cuda"`` (or ``"cuda:N"``), ``"auto"`` (CUDA when available) or a torch.device."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {device!r}; accepted: {', '.join(DEVICES)} or 'cuda:N'"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"unsupported device {device!r}; accepted: {', '.join(DEVICES)} or 'cuda:N'"
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} was asked for, but CUDA is not available; use 'cpu' or 'auto'"
+        )
+    return dev
+
+
+class StepResult(NamedTuple):
+    """What one step of the core produced, for all N rows."""
+
+    reward: torch.Tensor  # (N,) float64: score at the last step plus per-token terms
+    terminated: torch.Tensor  # (N,) bool: <eos> emitted
+    truncated: torch.Tensor  # (N,) bool: max_new_tokens reached without <eos>
+    finished: torch.Tensor  # (k,) long: rows whose episode ended in this step
+    prompts: list[str]  # (k,) prompt text of each finished row
+    completions: list[str]  # (k,) completion text of each finished row (<eos> excluded)
+    scores: np.ndarray  # (k,) float64: the reward model's score of each finished row
+    lengths: np.ndarray  # (k,) int64: generated tokens of each finished episode, <eos> included
+
+
+class TextGenCore:
+    """N episodes of one :class:`~textgym.tasks.EnvConfig` on ``device``.
+
+    :param config: the resolved episode definition.
+    :param num_envs: number of rows (episodes in flight).
+    :param device: where the state lives.
+    """
+
+    def __init__(self, config: EnvConfig, num_envs: int, device: torch.device):
+        self.config = config
+        self.num_envs = num_envs
+        self.device = device
+        tok = config.tokenizer
+        self.pad_id, self.eos_id = tok.pad_id, tok.eos_id
+        P, L = config.max_prompt_tokens, config.seq_len
+        self.prompt_window, self.seq_len, self.max_new_tokens = P, L, config.max_new_tokens
+
+        # One ready-made row per prompt; a reset copies rows of these tables.
+        rows = torch.full(
+            (len(config.prompts), L), self.pad_id, dtype=torch.long
+        )  # (num_prompts, L)
+        for i, ids in enumerate(config.prompt_ids):
+            rows[i, P - len(ids) : P] = torch.tensor(ids)
+        self._row_table = rows.to(device)
+        self._mask_table = torch.zeros_like(self._row_table)
+        for i, ids in enumerate(config.prompt_ids):
+            self._mask_table[i, P - len(ids) : P] = 1
+
+        self.tokens = torch.full(
+            (num_envs, L), self.pad_id, dtype=torch.long, device=device
+        )  # (N, L)
+        self.mask = torch.zeros((num_envs, L), dtype=torch.long, device=device)  # (N, L)
+        self.gen_len = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
+        self.prompt_index = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
+        self._all_rows = torch.arange(num_envs, device=device)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.config.prompts)
+
+    def sample_prompts(self, rngs: Sequence[np.random.Generator]) -> list[int]:
+        """One prompt index per generator: the single way every face draws a prompt."""
+        n = self.num_prompts
+        return [int(rng.integers(n)) for rng in rngs]
+
+    def reset(self, rows: torch.Tensor, prompt_index: torch.Tensor) -> None:
+        """Start new episodes in ``rows`` (k,) from the prompts ``prompt_index`` (k,)."""
+        self.tokens[rows] = self._row_table[prompt_index]
+        self.mask[rows] = self._mask_table[prompt_index]
+        self.gen_len[rows] = 0
+        self.prompt_index[rows] = prompt_index
+
+    def step(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
+        """Append ``actions`` (N,) to the rows flagged in ``active`` (N,) bool (all if None).
+
+        Inactive rows are left as they are and report reward 0 and no end. Every episode that
+        ends is scored in one reward-model call; if that call fails, the error propagates and the
+        finished rows must be reset before they are stepped again.
+        """
+        N, P, M = self.num_envs, self.prompt_window, self.max_new_tokens
+        rows = self._all_rows if active is None else active.nonzero().squeeze(1)  # (n,)
+        acts = actions if active is None else actions[rows]  # (n,)
+        cols = P + self.gen_len[rows]  # (n,)
+        self.tokens[rows, cols] = acts
+        self.mask[rows, cols] = 1
+        self.gen_len[rows] += 1
+        term = acts == self.eos_id  # (n,)
+        trunc = ~term & (self.gen_len[rows] >= M)  # (n,)
+        penalty = 0.0 - self.config.length_penalty  # 0.0 - x: no -0.0 rewards
+        if active is None:
+            terminated, truncated = term, trunc
+            reward = torch.full((N,), penalty, dtype=torch.float64, device=self.device)
+        else:
+            terminated = torch.zeros(N, dtype=torch.bool, device=self.device)
+            truncated = torch.zeros_like(terminated)
+            terminated[rows], truncated[rows] = term, trunc
+            reward = active.to(torch.float64) * penalty
+
+        finished = (terminated | truncated).nonzero().squeeze(1)  # (k,)
+        if finished.numel() == 0:
+            empty = np.zeros(0)
+            return StepResult(
+                reward, terminated, truncated, finished, [], [], empty, empty.astype(np.int64)
+            )
+
+        # One device-to-host copy for everything the reward model needs: (k, M + 3)
+        lengths = self.gen_len[finished]
+        packed = (
+            torch.cat(
+                [
+                    self.tokens[finished, P:],
+                    (lengths - terminated[finished].long()).unsqueeze(1),  # completion length
+                    lengths.unsqueeze(1),
+                    self.prompt_index[finished].unsqueeze(1),
+                ],
+                dim=1,
+            )
+            .cpu()
+            .numpy()
+        )
+        completions = self.config.tokenizer.decode_batch(packed[:, :M], packed[:, M])
+        prompts = [self.config.prompts[i] for i in packed[:, M + 2].tolist()]
+        scores = self.config.reward(prompts, completions)
+        reward[finished] += torch.as_tensor(scores, dtype=torch.float64).to(self.device)
+        return StepResult(
+            reward, terminated, truncated, finished, prompts, completions, scores, packed[:, M + 1]
+        )
+
+    def text(self, row: int) -> tuple[str, str]:
+        """(prompt, completion so far) of one row, for rendering."""
+        n = int(self.gen_len[row])
+        gen = (
+            self.tokens[row, self.prompt_window : self.prompt_window + n].cpu().numpy()[None]
+        )  # (1, n)
+        return self.config.prompts[int(self.prompt_index[row])], self.config.tokenizer.decode_batch(
+            gen
+        )[0]

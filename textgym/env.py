@@ -1,0 +1,218 @@
+"""``TextGen-v0``: token generation as a Gymnasium environment, one episode at a time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.error import ResetNeeded
+
+from textgym.core import TextGenCore
+from textgym.rewards import RewardFn, RewardModel
+from textgym.tasks import EnvConfig, make_env_config
+from textgym.tokenizers import Tokenizer
+
+
+def observation_space(config: EnvConfig) -> spaces.Dict:
+    """The observation space of one episode of ``config`` (also each sub-space of the vector env)."""
+    L, V = config.seq_len, config.tokenizer.vocab_size
+    return spaces.Dict(
+        {
+            "input_ids": spaces.Box(0, V - 1, shape=(L,), dtype=np.int64),
+            "attention_mask": spaces.Box(0, 1, shape=(L,), dtype=np.int64),
+        }
+    )
+
+
+def check_action(action: Any, vocab_size: int, where: str = "action") -> int:
+    """``action`` as a Python int, or a clear error naming what was wrong and what is accepted."""
+    if isinstance(action, np.ndarray) and action.ndim == 0:
+        action = action[()]
+    if isinstance(action, bool | np.bool_) or not isinstance(action, int | np.integer):
+        shape = f" of shape {action.shape}" if hasattr(action, "shape") else ""
+        raise TypeError(
+            f"{where} must be one integer token id in [0, {vocab_size}), got {type(action).__name__}"
+            f"{shape}: {action!r}"
+        )
+    if not 0 <= action < vocab_size:
+        raise ValueError(f"{where} must be a token id in [0, {vocab_size}), got {int(action)}")
+    return int(action)
+
+
+class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
+    """Generate text one token per step; a reward model scores the finished completion.
+
+    ## Description
+    Each episode starts from a prompt drawn from the task's prompt set with the environment's
+    seeded random generator. At every step the agent emits one token id, which is appended to the
+    text. The episode ends when the agent emits ``<eos>`` or after ``max_new_tokens`` tokens; the
+    reward model then scores the completion (the generated text, without the prompt), once.
+    Transitions are deterministic: the next observation is the last one plus the action, which
+    lets an agent keep a key/value cache across steps.
+
+    ## Action Space
+    ``Discrete(vocab_size)``: the next token id. Ids 0-3 are ``<pad>``, ``<bos>``, ``<eos>`` and
+    ``<unk>``; emitting ``<eos>`` ends the episode. ``env.unwrapped.tokenizer`` maps ids to text.
+
+    ## Observation Space
+    ``Dict`` of two ``Box(shape=(P + M,), dtype=int64)`` arrays, where ``P = max_prompt_tokens``
+    and ``M = max_new_tokens``:
+
+    - ``input_ids``: the prompt, left-padded with ``<pad>`` (id 0) so that it ends at column
+      ``P - 1`` and starts with ``<bos>``; then the generated tokens from column ``P`` on,
+      right-padded with ``<pad>``.
+    - ``attention_mask``: 1 on every real token (prompt and generated), 0 on padding.
+
+    The t-th generated token (t = 0, 1, ...) is always in column ``P + t``.
+
+    ## Rewards
+    ``score + per-token terms``: the reward model's score of the completion is given at the last
+    step, and ``-length_penalty`` at every step (0 by default). At the end of an episode ``info``
+    holds ``"prompt"``, ``"completion"`` and ``"reward_components"``:
+    ``{"score": ..., "length_penalty": ...}``, each summed over the episode.
+
+    ## Starting State
+    A prompt drawn uniformly from the task's prompts with ``self.np_random``; no token generated.
+    ``reset(options={"prompt_index": i})`` starts from prompt ``i`` instead.
+
+    ## Episode End
+    - Termination: the agent emits ``<eos>`` (id 2).
+    - Truncation: ``max_new_tokens`` tokens generated without ``<eos>``.
+
+    ## Arguments
+    ```python
+    import gymnasium as gym
+    import textgym
+
+    env = gym.make("TextGen-v0")                                      # default task: sentiment
+    env = gym.make("TextGen-v0", task="arithmetic")
+    env = gym.make("TextGen-v0", reward=lambda prompt, completion: float("good" in completion),
+                   max_new_tokens=16, render_mode="ansi")
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    ```
+
+    - ``task``: ``"default"``, ``"sentiment"``, ``"arithmetic"`` or ``"keyword"`` (see ``textgym.tasks``).
+    - ``reward``: overrides the task's reward model: a function ``(prompt, completion) -> float``,
+      a ``textgym.RewardModel``, a built-in name, or ``{"name": ..., **arguments}``.
+    - ``tokenizer``: a ``textgym.Tokenizer`` or ``"byte"``, ``"char"``, ``"word"`` (the latter two
+      build their vocabulary from the task corpus and the prompts).
+    - ``prompts``: a list of strings, or the path of a text file with one prompt per line.
+    - ``max_new_tokens``: generation budget (task default if None).
+    - ``max_prompt_tokens``: prompt window, ``<bos>`` included; None fits the longest prompt.
+      Longer prompts are refused with an error, never cut.
+    - ``length_penalty``: subtracted from the reward at every step.
+    - ``render_mode``: ``"ansi"`` returns the text so far, ``"human"`` prints it.
+
+    ## Version History
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+
+    def __init__(
+        self,
+        task: str = "default",
+        reward: RewardModel | RewardFn | str | Mapping[str, Any] | None = None,
+        tokenizer: Tokenizer | str | None = None,
+        prompts: Sequence[str] | str | os.PathLike[str] | None = None,
+        max_new_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+        length_penalty: float = 0.0,
+        render_mode: str | None = None,
+    ):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None, 'ansi' or 'human', got {render_mode!r}")
+        self.render_mode = render_mode
+        self.config = make_env_config(
+            task, reward, tokenizer, prompts, max_new_tokens, max_prompt_tokens, length_penalty
+        )
+        self.tokenizer = self.config.tokenizer
+        self._core = TextGenCore(self.config, num_envs=1, device=torch.device("cpu"))
+        self.action_space = spaces.Discrete(self.tokenizer.vocab_size)
+        self.observation_space = observation_space(self.config)
+        self._row = torch.zeros(1, dtype=torch.long)
+        self._needs_reset = True
+        self._ended = ""  # why the last episode ended, for the error of a step after its end
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        index = (options or {}).get("prompt_index")
+        if index is None:
+            (index,) = self._core.sample_prompts([self.np_random])
+        elif (
+            isinstance(index, bool)
+            or not isinstance(index, int | np.integer)
+            or not (0 <= index < self._core.num_prompts)
+        ):
+            raise ValueError(
+                f"options['prompt_index'] must be an integer in [0, {self._core.num_prompts}), got {index!r}"
+            )
+        self._core.reset(self._row, torch.tensor([int(index)]))
+        self._needs_reset, self._ended = False, ""
+        if self.render_mode == "human":
+            self.render()
+        return self._obs(), {"prompt": self.config.prompts[int(index)]}
+
+    def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        if self._needs_reset:
+            if self._ended:
+                raise ResetNeeded(
+                    f"step() called after the episode ended ({self._ended}); call reset() first"
+                )
+            raise ResetNeeded("step() called before reset(); call reset() first")
+        token = check_action(action, self.tokenizer.vocab_size)
+        # Marked ended before the step, so a failing reward model leaves the env needing a reset.
+        self._needs_reset, self._ended = True, "the reward model failed"
+        result = self._core.step(torch.tensor([token]))
+        terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
+        info: dict[str, Any] = {}
+        if terminated or truncated:
+            self._ended = (
+                "terminated: <eos> emitted" if terminated else "truncated: max_new_tokens reached"
+            )
+            n = int(result.lengths[0])
+            info = {
+                "prompt": result.prompts[0],
+                "completion": result.completions[0],
+                "reward_components": {
+                    "score": float(result.scores[0]),
+                    "length_penalty": 0.0 - self.config.length_penalty * n,
+                },
+            }
+        else:
+            self._needs_reset, self._ended = False, ""
+        if self.render_mode == "human":
+            self.render()
+        return self._obs(), float(result.reward[0]), terminated, truncated, info
+
+    def render(self) -> str | None:
+        if self.render_mode is None:
+            gym.logger.warn(
+                "render() called without a render_mode; pass render_mode='ansi' or 'human'"
+            )
+            return None
+        prompt, completion = self._core.text(0)
+        text = f"{prompt} | {completion}"
+        if self.render_mode == "ansi":
+            return text
+        print(text)
+        return None
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": self._core.tokens[0].numpy().copy(),
+            "attention_mask": self._core.mask[0].numpy().copy(),
+        }
+
+    @property
+    def prompt_window(self) -> int:
+        """``P``: generated token t is in observation column ``P + t``."""
+        return self.config.max_prompt_tokens

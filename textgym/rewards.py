@@ -1,0 +1,280 @@
+"""Reward models: anything that scores finished completions.
+
+The general form is a :class:`RewardModel`, which scores a whole batch of ``(prompt, completion)``
+pairs in one call (the vector environment calls it once per step with every episode that ended in
+that step, and learned models want batches). A plain function ``(prompt, completion) -> float`` is
+a reward model as given: :func:`as_reward_model` wraps it. Built-ins are available by name.
+
+Every score passes through :meth:`RewardModel.__call__`, which checks it: a reward model that
+raises, returns the wrong number of scores, a non-number, NaN or infinity raises
+:class:`RewardModelError` naming the model, the offending value and the completion it scored.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from textgym.lexicon import sentiment_score
+
+RewardFn = Callable[[str, str], float]
+BatchRewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+class RewardModelError(RuntimeError):
+    """A reward model failed or returned something that is not one finite number per completion."""
+
+
+class RewardModel(ABC):
+    """Scores completions of prompts, many at a time.
+
+    Subclasses implement :meth:`score`; callers use the instance as a function, which validates
+    the scores. ``name`` identifies the model in errors and logs.
+    """
+
+    name: str = "reward_model"
+
+    @abstractmethod
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str]
+    ) -> Sequence[float] | np.ndarray:
+        """One score per ``(prompts[i], completions[i])`` pair."""
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"got {len(prompts)} prompts for {n} completions")
+        try:
+            raw = self.score(prompts, completions)
+        except RewardModelError:
+            raise
+        except Exception as exc:
+            raise RewardModelError(
+                f"reward model {self.name!r} raised {type(exc).__name__}: {exc} "
+                f"(while scoring {n} completion(s), the first {completions[0]!r} for prompt {prompts[0]!r})"
+            ) from exc
+        return self._validate(raw, prompts, completions)
+
+    def _validate(self, raw: Any, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        n = len(completions)
+        if (
+            isinstance(raw, np.ndarray)
+            and np.issubdtype(raw.dtype, np.number)
+            and raw.dtype != np.bool_
+        ):
+            scores = raw.astype(np.float64, copy=False).reshape(-1) if raw.size == n else None
+        else:
+            try:
+                values = list(raw)
+            except TypeError:
+                raise RewardModelError(
+                    f"reward model {self.name!r} must return a sequence of {n} numbers, "
+                    f"got {type(raw).__name__}: {raw!r}"
+                ) from None
+            for i, v in enumerate(values):
+                if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                    raise RewardModelError(
+                        f"reward model {self.name!r} returned {v!r} ({type(v).__name__}) for completion "
+                        f"{completions[i] if i < n else '?'!r}; a reward must be a real number (int or float)"
+                    )
+            scores = np.asarray(values, dtype=np.float64) if len(values) == n else None
+        if scores is None:
+            raise RewardModelError(
+                f"reward model {self.name!r} returned {np.size(raw)} scores for {n} completions"
+            )
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            i = int(bad[0])
+            raise RewardModelError(
+                f"reward model {self.name!r} returned {scores[i]} for completion {completions[i]!r} "
+                f"of prompt {prompts[i]!r}; rewards must be finite"
+            )
+        return scores
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class FunctionReward(RewardModel):
+    """A plain function as a reward model.
+
+    :param fn: ``fn(prompt, completion) -> float``, or with ``batched=True``
+        ``fn(prompts, completions) -> sequence of floats``.
+    :param batched: whether ``fn`` takes whole lists.
+    :param name: name in errors and logs; defaults to the function's ``__name__``.
+    """
+
+    def __init__(
+        self, fn: RewardFn | BatchRewardFn, batched: bool = False, name: str | None = None
+    ):
+        if not callable(fn):
+            raise TypeError(f"reward function must be callable, got {type(fn).__name__}: {fn!r}")
+        self.fn = fn
+        self.batched = batched
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Sequence[float]:
+        if self.batched:
+            return self.fn(prompts, completions)  # type: ignore[call-arg,arg-type]
+        fn = self.fn
+        return [fn(p, c) for p, c in zip(prompts, completions, strict=True)]  # type: ignore[call-arg,arg-type]
+
+
+class SentimentReward(RewardModel):
+    """Lexicon sentiment of the completion, in (-1, 1): see :mod:`textgym.lexicon`."""
+
+    name = "sentiment"
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return [sentiment_score(c) for c in completions]
+
+
+class KeywordReward(RewardModel):
+    """Fraction of ``keywords`` that occur in the completion as whole words, in [0, 1].
+
+    :param keywords: the words to look for.
+    :param case_sensitive: match case exactly.
+    """
+
+    name = "keyword"
+
+    def __init__(self, keywords: Sequence[str], case_sensitive: bool = False):
+        if isinstance(keywords, str) or not keywords:
+            raise ValueError(f"keywords must be a non-empty list of strings, got {keywords!r}")
+        self.keywords = tuple(keywords)
+        flags = 0 if case_sensitive else re.IGNORECASE
+        self._patterns = [re.compile(rf"\b{re.escape(k)}\b", flags) for k in self.keywords]
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        pats, k = self._patterns, len(self._patterns)
+        return [sum(p.search(c) is not None for p in pats) / k for c in completions]
+
+
+class RegexReward(RewardModel):
+    """1.0 where the completion matches ``pattern``, else 0.0.
+
+    :param pattern: a regular expression.
+    :param fullmatch: require the whole (stripped) completion to match instead of a search.
+    """
+
+    name = "regex"
+
+    def __init__(self, pattern: str, fullmatch: bool = False):
+        try:
+            self.pattern = re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise ValueError(
+                f"pattern {pattern!r} is not a valid regular expression: {exc}"
+            ) from None
+        self.fullmatch = fullmatch
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        if self.fullmatch:
+            return [float(self.pattern.fullmatch(c.strip()) is not None) for c in completions]
+        return [float(self.pattern.search(c) is not None) for c in completions]
+
+
+class LengthReward(RewardModel):
+    """``1 - |n - target| / target``, clipped at -1, where ``n`` is the completion's length.
+
+    :param target: the length that scores 1.0.
+    :param unit: count ``"words"`` or ``"chars"``.
+    """
+
+    name = "length"
+
+    def __init__(self, target: int = 8, unit: str = "words"):
+        if not isinstance(target, int) or target < 1:
+            raise ValueError(f"target must be a positive integer, got {target!r}")
+        if unit not in ("words", "chars"):
+            raise ValueError(f"unit must be 'words' or 'chars', got {unit!r}")
+        self.target, self.unit = target, unit
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        size = (lambda c: len(c.split())) if self.unit == "words" else len
+        return [max(-1.0, 1.0 - abs(size(c) - self.target) / self.target) for c in completions]
+
+
+_ARITHMETIC_RE = re.compile(r"\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*$")
+
+
+def arithmetic_answer(prompt: str) -> str:
+    """The answer to a prompt of the form ``"a+b="``, ``"a-b="`` or ``"a*b="``."""
+    match = _ARITHMETIC_RE.match(prompt)
+    if match is None:
+        raise ValueError(f"prompt {prompt!r} is not of the form 'a+b=', 'a-b=' or 'a*b='")
+    a, op, b = int(match[1]), match[2], int(match[3])
+    return str(a + b if op == "+" else a - b if op == "-" else a * b)
+
+
+class ExactMatchReward(RewardModel):
+    """1.0 where the stripped completion equals the prompt's answer, else 0.0.
+
+    :param answers: a mapping from prompt to answer, or a function ``prompt -> answer``.
+        The default answers arithmetic prompts such as ``"12+7="``.
+    """
+
+    name = "exact_match"
+
+    def __init__(self, answers: Mapping[str, str] | Callable[[str], str] = arithmetic_answer):
+        if not (callable(answers) or isinstance(answers, Mapping)):
+            raise TypeError(
+                f"answers must be a mapping or a function, got {type(answers).__name__}"
+            )
+        self.answers = answers
+
+    def answer(self, prompt: str) -> str:
+        if isinstance(self.answers, Mapping):
+            try:
+                return self.answers[prompt]
+            except KeyError:
+                raise KeyError(f"no answer is known for prompt {prompt!r}") from None
+        return self.answers(prompt)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return [
+            float(c.strip() == self.answer(p)) for p, c in zip(prompts, completions, strict=True)
+        ]
+
+
+REWARD_MODELS: dict[str, type[RewardModel]] = {
+    "sentiment": SentimentReward,
+    "keyword": KeywordReward,
+    "regex": RegexReward,
+    "length": LengthReward,
+    "exact_match": ExactMatchReward,
+}
+
+
+def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> RewardModel:
+    """Turn what a user passes as ``reward=`` into a :class:`RewardModel`.
+
+    Accepted: a ``RewardModel`` instance; a plain function ``(prompt, completion) -> float``; the
+    name of a built-in (``"sentiment"``, ``"length"``, ``"exact_match"``); or a mapping
+    ``{"name": <built-in>, **arguments}``, e.g. ``{"name": "keyword", "keywords": ["great"]}``.
+    """
+    if isinstance(spec, RewardModel):
+        return spec
+    if isinstance(spec, str | Mapping):
+        args = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
+        name = args.pop("name", None)
+        if name not in REWARD_MODELS:
+            raise ValueError(
+                f"unknown reward model {name!r}; built-ins: {', '.join(REWARD_MODELS)} "
+                "(or pass a RewardModel or a function (prompt, completion) -> float)"
+            )
+        try:
+            return REWARD_MODELS[name](**args)
+        except TypeError as exc:
+            raise TypeError(f"reward model {name!r}: {exc}") from None
+    if callable(spec):
+        return FunctionReward(spec)
+    raise TypeError(
+        f"reward must be a RewardModel, a function (prompt, completion) -> float, a built-in name "
+        f"({', '.join(REWARD_MODELS)}) or a mapping with 'name'; got {type(spec).__name__}: {spec!r}"
+    )

@@ -1,0 +1,236 @@
+"""Tasks bundle a tokenizer, prompts, a reward model and lengths; ``task=`` picks one.
+
+=============  =====================================================  ==========  ==============
+task           what the agent does                                    tokenizer   reward
+=============  =====================================================  ==========  ==============
+``sentiment``  continues the opening of a short review                word        lexicon sentiment
+``arithmetic`` answers ``"a+b="`` for operands below 20               char        exact match
+``keyword``    continues a story, rewarded for "happy friend home"    word        keyword fraction
+=============  =====================================================  ==========  ==============
+
+``default`` is ``sentiment``: its reward is dense enough that learning shows within a few
+thousand episodes. Any part of a task can be overridden through the environment's keyword
+arguments (:func:`make_env_config`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+from textgym import corpora
+from textgym.rewards import (
+    ExactMatchReward,
+    KeywordReward,
+    RewardFn,
+    RewardModel,
+    SentimentReward,
+    as_reward_model,
+)
+from textgym.tokenizers import BOS_ID, TOKENIZER_NAMES, Tokenizer, make_tokenizer
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task: what a default ``gym.make("TextGen-v0", task=name)`` runs."""
+
+    name: str
+    description: str
+    tokenizer_kind: (
+        str  #: "byte", "char" or "word"; char/word vocabularies come from corpus + prompts
+    )
+    prompts: tuple[str, ...]
+    corpus: tuple[str, ...]  #: in-domain text: the vocabulary's source, and pretraining data
+    reward: Callable[[], RewardModel]
+    max_new_tokens: int
+
+
+def _sentiment() -> Task:
+    return Task(
+        name="sentiment",
+        description="continue a short review; reward: lexicon sentiment of the continuation in (-1, 1)",
+        tokenizer_kind="word",
+        prompts=tuple(corpora.review_prompts()),
+        corpus=tuple(corpora.generate("reviews", 4000, seed=0)),
+        reward=SentimentReward,
+        max_new_tokens=8,
+    )
+
+
+def _arithmetic() -> Task:
+    return Task(
+        name="arithmetic",
+        description="answer 'a+b=' (operands 0..19); reward: 1 for the exact answer then <eos>, else 0",
+        tokenizer_kind="char",
+        prompts=tuple(corpora.arithmetic_prompts(20)),
+        corpus=tuple(corpora.arithmetic_corpus(20)),
+        reward=ExactMatchReward,
+        max_new_tokens=4,
+    )
+
+
+def _keyword() -> Task:
+    return Task(
+        name="keyword",
+        description="continue a story; reward: fraction of the words 'happy', 'friend', 'home' used",
+        tokenizer_kind="word",
+        prompts=tuple(corpora.story_prompts()),
+        corpus=tuple(corpora.generate("stories", 2000, seed=0)),
+        reward=lambda: KeywordReward(["happy", "friend", "home"]),
+        max_new_tokens=10,
+    )
+
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "sentiment": _sentiment,
+    "arithmetic": _arithmetic,
+    "keyword": _keyword,
+}
+DEFAULT_TASK = "sentiment"
+
+
+@cache
+def get_task(name: str) -> Task:
+    """The built-in task called ``name`` (``"default"`` is ``sentiment``)."""
+    if name == "default":
+        name = DEFAULT_TASK
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: default, {', '.join(TASKS)}")
+    return TASKS[name]()
+
+
+@lru_cache(maxsize=16)
+def _tokenizer(kind: str, corpus: tuple[str, ...], prompts: tuple[str, ...]) -> Tokenizer:
+    return make_tokenizer(kind, corpus + prompts)
+
+
+def load_prompts(prompts: Sequence[str] | str | os.PathLike[str]) -> tuple[str, ...]:
+    """Prompts from a list of strings, or from a text file with one prompt per non-empty line."""
+    if isinstance(prompts, str | os.PathLike):
+        path = Path(prompts)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"prompts: no file {str(path)!r}; pass a path to a text file (one prompt a line) "
+                "or a list of strings"
+            )
+        loaded = tuple(line.rstrip("\r\n") for line in path.read_text("utf-8").splitlines())
+        loaded = tuple(p for p in loaded if p.strip())
+        where = f"file {str(path)!r}"
+    else:
+        try:
+            loaded = tuple(prompts)
+        except TypeError:
+            raise TypeError(
+                f"prompts must be a list of strings or a path to a text file, got {type(prompts).__name__}"
+            ) from None
+        for i, p in enumerate(loaded):
+            if not isinstance(p, str):
+                raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__}: {p!r}")
+        where = "list"
+    if not loaded:
+        raise ValueError(f"prompts: the {where} holds no prompts; at least one is needed")
+    return loaded
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Everything that defines a TextGen episode, resolved from a task and its overrides."""
+
+    task: str
+    tokenizer: Tokenizer
+    prompts: tuple[str, ...]
+    prompt_ids: tuple[tuple[int, ...], ...]  #: each prompt's ids, starting with <bos>
+    reward: RewardModel
+    max_new_tokens: int
+    max_prompt_tokens: int
+    length_penalty: float
+
+    @property
+    def seq_len(self) -> int:
+        """Length of an observation: the prompt window plus the generation window."""
+        return self.max_prompt_tokens + self.max_new_tokens
+
+
+def make_env_config(
+    task: str = "default",
+    reward: RewardModel | RewardFn | str | Mapping[str, Any] | None = None,
+    tokenizer: Tokenizer | str | None = None,
+    prompts: Sequence[str] | str | os.PathLike[str] | None = None,
+    max_new_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
+    length_penalty: float = 0.0,
+) -> EnvConfig:
+    """Resolve the environment's keyword arguments against the task's defaults, checking each.
+
+    Prompts longer than ``max_prompt_tokens`` (counting ``<bos>``) are refused rather than cut:
+    a silently shortened prompt changes what the reward model is asked to judge. Left at
+    ``None``, ``max_prompt_tokens`` is the length of the longest prompt.
+    """
+    base = get_task(task) if isinstance(task, str) else None
+    if base is None:
+        raise TypeError(
+            f"task must be the name of a built-in task, got {type(task).__name__}: {task!r}"
+        )
+    prompt_list = base.prompts if prompts is None else load_prompts(prompts)
+
+    if tokenizer is None or isinstance(tokenizer, str):
+        kind = base.tokenizer_kind if tokenizer is None else tokenizer
+        if kind not in TOKENIZER_NAMES:
+            raise ValueError(
+                f"unknown tokenizer {kind!r}; accepted: {', '.join(TOKENIZER_NAMES)} or a Tokenizer"
+            )
+        tok = _tokenizer(kind, base.corpus, prompt_list)
+    elif isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        raise TypeError(
+            f"tokenizer must be a Tokenizer or one of {TOKENIZER_NAMES}, got {tokenizer!r}"
+        )
+
+    if max_new_tokens is None:
+        max_new_tokens = base.max_new_tokens
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if (
+        isinstance(length_penalty, bool)
+        or not isinstance(length_penalty, int | float)
+        or not math.isfinite(length_penalty)
+    ):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+
+    prompt_ids = tuple((BOS_ID, *tok.encode(p)) for p in prompt_list)
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    if max_prompt_tokens is None:
+        max_prompt_tokens = len(prompt_ids[longest])
+    if (
+        isinstance(max_prompt_tokens, bool)
+        or not isinstance(max_prompt_tokens, int)
+        or max_prompt_tokens < 1
+    ):
+        raise ValueError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
+    if len(prompt_ids[longest]) > max_prompt_tokens:
+        over = sum(len(ids) > max_prompt_tokens for ids in prompt_ids)
+        raise ValueError(
+            f"prompt {longest} ({prompt_list[longest][:60]!r}) is {len(prompt_ids[longest])} tokens "
+            f"with <bos>, over max_prompt_tokens={max_prompt_tokens} ({over} prompt(s) are too long); "
+            "prompts are never cut: raise max_prompt_tokens or leave it None to fit the longest prompt"
+        )
+    return EnvConfig(
+        task=base.name,
+        tokenizer=tok,
+        prompts=prompt_list,
+        prompt_ids=prompt_ids,
+        reward=as_reward_model(base.reward() if reward is None else reward),
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        length_penalty=float(length_penalty),
+    )

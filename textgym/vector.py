@@ -1,0 +1,322 @@
+"""The vector face of TextGen-v0: N episodes stepped as one batch of tensor operations.
+
+``gym.make_vec("TextGen-v0", num_envs=N, device=...)`` returns a :class:`TextGenVectorEnv`. It
+behaves like ``gym.make_vec("TextGen-v0", num_envs=N, vectorization_mode="sync")`` with the same
+keyword arguments: sub-env ``i`` is seeded with ``seed + i`` and draws its prompts from its own
+generator, so the same seeds and actions give the same observations, rewards and flags.
+
+Autoreset (Gymnasium 1.x, ``metadata["autoreset_mode"]``):
+
+- ``"next_step"`` (default, as ``SyncVectorEnv``): the step after an episode ends, that sub-env
+  ignores its action and returns the first observation of a new episode, with reward 0 and both
+  flags False. An agent must not train on the transition from the last observation of an episode
+  to that reset observation: mask it with the previous step's ``terminated | truncated``.
+- ``"same_step"``: an ending sub-env is reset within the step; the returned observation is the new
+  episode's first, and ``infos["final_obs"]`` / ``infos["final_info"]`` (masked by
+  ``infos["_final_obs"]``) hold the last observation and info of the episode that ended. Every
+  action is used; an agent bootstraps truncated episodes from ``final_obs``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.error import ResetNeeded
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from textgym.core import TextGenCore, resolve_device
+from textgym.env import observation_space
+from textgym.rewards import RewardFn, RewardModel
+from textgym.tasks import make_env_config
+from textgym.tokenizers import Tokenizer
+
+ARRAY_TYPES = ("numpy", "torch")
+
+
+class TextGenVectorEnv(VectorEnv):
+    """``num_envs`` TextGen-v0 episodes as one batch on the CPU or a GPU.
+
+    Takes every keyword argument of :class:`~textgym.env.TextGenEnv`, and:
+
+    :param num_envs: number of episodes in flight (>= 1).
+    :param device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; the episode state lives there.
+    :param autoreset_mode: ``"next_step"`` (default) or ``"same_step"`` (see the module docstring).
+    :param array_type: ``"numpy"`` (the Gymnasium contract) or ``"torch"``: observations, rewards
+        and flags as tensors on ``device``, so an agent on the GPU pays no copy.
+    """
+
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        task: str = "default",
+        reward: RewardModel | RewardFn | str | Mapping[str, Any] | None = None,
+        tokenizer: Tokenizer | str | None = None,
+        prompts: Sequence[str] | str | os.PathLike[str] | None = None,
+        max_new_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+        length_penalty: float = 0.0,
+        device: str | torch.device = "cpu",
+        autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        array_type: str = "numpy",
+        render_mode: str | None = None,
+    ):
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int | np.integer) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        modes = {"next_step": AutoresetMode.NEXT_STEP, "same_step": AutoresetMode.SAME_STEP}
+        modes.update({m.value: m for m in modes.values()})  # Gymnasium's spellings, "NextStep", ...
+        mode = autoreset_mode.value if isinstance(autoreset_mode, AutoresetMode) else autoreset_mode
+        if mode not in modes:
+            raise ValueError(
+                f"autoreset_mode must be 'next_step', 'same_step' or an AutoresetMode, got {autoreset_mode!r}"
+            )
+        if array_type not in ARRAY_TYPES:
+            raise ValueError(
+                f"array_type must be one of {', '.join(ARRAY_TYPES)}, got {array_type!r}"
+            )
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        self.num_envs = int(num_envs)
+        self.device = resolve_device(device)
+        self.autoreset_mode = modes[mode]
+        self.metadata = {**type(self).metadata, "autoreset_mode": self.autoreset_mode}
+        self.array_type = array_type
+        self.render_mode = render_mode
+
+        self.config = make_env_config(
+            task, reward, tokenizer, prompts, max_new_tokens, max_prompt_tokens, length_penalty
+        )
+        self.tokenizer = self.config.tokenizer
+        self._core = TextGenCore(self.config, self.num_envs, self.device)
+        self.single_observation_space = observation_space(self.config)
+        self.single_action_space = spaces.Discrete(self.tokenizer.vocab_size)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+        self._rngs: list[np.random.Generator] | None = None  # one per sub-env, as in SyncVectorEnv
+        self._autoreset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        self._ready = False  # reset() has been called and no reward model has failed since
+        self.timings = {"decode_and_reward": 0.0, "total": 0.0}  # seconds spent in step()
+
+    # ------------------------------------------------------------------------------------ reset
+    def reset(
+        self,
+        *,
+        seed: int | Sequence[int | None] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        N = self.num_envs
+        if seed is None:
+            seeds: list[int | None] = [None] * N
+        elif isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+            seeds = [int(seed) + i for i in range(N)]
+            self._np_random, self._np_random_seed = seeding.np_random(int(seed))
+        else:
+            seeds = list(seed)
+            if len(seeds) != N:
+                raise ValueError(
+                    f"seed: a list of seeds must have num_envs={N} entries, got {len(seeds)}"
+                )
+        mask = np.ones(N, dtype=bool)
+        if options and "reset_mask" in options:
+            mask = options["reset_mask"]
+            if not isinstance(mask, np.ndarray) or mask.shape != (N,) or mask.dtype != np.bool_:
+                raise ValueError(
+                    f"options['reset_mask'] must be a bool numpy array of shape ({N},), got {mask!r}"
+                )
+        if self._rngs is None:
+            self._rngs = [seeding.np_random(s)[0] for s in seeds]
+        else:
+            for i, s in enumerate(seeds):
+                if s is not None and mask[i]:
+                    self._rngs[i] = seeding.np_random(s)[0]
+        rows = np.flatnonzero(mask)
+        prompt_index = self._reset_rows(rows)
+        self._autoreset[torch.from_numpy(mask).to(self.device)] = False
+        self._ready = True
+        infos = self._prompt_infos(rows, prompt_index)
+        return self._obs(), infos
+
+    def _reset_rows(self, rows: np.ndarray) -> list[int]:
+        assert self._rngs is not None
+        prompt_index = self._core.sample_prompts([self._rngs[i] for i in rows.tolist()])
+        self._core.reset(
+            torch.as_tensor(rows, device=self.device),
+            torch.tensor(prompt_index, dtype=torch.long).to(self.device),
+        )
+        return prompt_index
+
+    # ------------------------------------------------------------------------------------- step
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        if not self._ready:
+            raise ResetNeeded(
+                "step() called before reset(), or after a reward model error; call reset() first"
+            )
+        start = time.perf_counter()
+        acts = self._check_actions(actions)
+        N = self.num_envs
+        infos: dict[str, Any] = {}
+        active = None
+        if self.autoreset_mode is AutoresetMode.NEXT_STEP and bool(self._autoreset.any()):
+            rows = self._autoreset.nonzero().squeeze(1).cpu().numpy()
+            infos = self._prompt_infos(rows, self._reset_rows(rows))
+            active = ~self._autoreset
+
+        self._ready = False  # a failing reward model leaves the batch needing a reset
+        decode_start = time.perf_counter()
+        result = self._core.step(acts, active)
+        self._ready = True
+        finished = result.finished.cpu().numpy()
+        if finished.size:
+            self.timings["decode_and_reward"] += time.perf_counter() - decode_start
+        done = result.terminated | result.truncated
+
+        if self.autoreset_mode is AutoresetMode.NEXT_STEP:
+            self._autoreset = done
+            _add(infos, self._final_infos(finished, result), finished, N)
+        elif finished.size:
+            final_obs = self._obs(rows=result.finished)
+            infos["final_obs"] = final_obs
+            infos["final_info"] = self._final_infos(finished, result)
+            infos["_final_obs"] = infos["_final_info"] = _mask(finished, N)
+            _add(infos, self._prompt_infos(finished, self._reset_rows(finished)), finished, N)
+
+        rewards, terminated, truncated = result.reward, result.terminated, result.truncated
+        if self.array_type == "numpy":
+            rewards, terminated, truncated = (
+                rewards.cpu().numpy(),
+                terminated.cpu().numpy(),
+                truncated.cpu().numpy(),
+            )
+        obs = self._obs()
+        self.timings["total"] += time.perf_counter() - start
+        return obs, rewards, terminated, truncated, infos
+
+    def _check_actions(self, actions: Any) -> torch.Tensor:
+        N, V = self.num_envs, self.tokenizer.vocab_size
+        if isinstance(actions, torch.Tensor):
+            if (
+                actions.dtype.is_floating_point
+                or actions.dtype == torch.bool
+                or actions.is_complex()
+            ):
+                raise TypeError(
+                    f"actions must be integer token ids, got a tensor of dtype {actions.dtype}"
+                )
+            acts = actions
+        else:
+            arr = np.asarray(actions)
+            if arr.dtype.kind not in "iu":
+                bad = (
+                    next(
+                        (
+                            i
+                            for i, a in enumerate(arr.reshape(-1))
+                            if not isinstance(a, int | np.integer) or isinstance(a, bool | np.bool_)
+                        ),
+                        None,
+                    )
+                    if arr.dtype == object
+                    else None
+                )
+                where = f" (sub-env {bad}: {arr.reshape(-1)[bad]!r})" if bad is not None else ""
+                raise TypeError(
+                    f"actions must be integer token ids, got an array of dtype {arr.dtype}{where}"
+                )
+            acts = torch.from_numpy(arr.astype(np.int64, copy=False))
+        if tuple(acts.shape) != (N,):
+            raise ValueError(
+                f"actions must have shape ({N},), one token id per sub-env, got {tuple(acts.shape)}"
+            )
+        acts = acts.to(device=self.device, dtype=torch.long)
+        bad = (acts < 0) | (acts >= V)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"actions[{i}] = {int(acts[i])} (sub-env {i}) is not a token id in [0, {V})"
+            )
+        return acts
+
+    # ------------------------------------------------------------------------------ observations
+    def _obs(self, rows: torch.Tensor | None = None) -> dict[str, Any]:
+        tokens, mask = self._core.tokens, self._core.mask
+        if rows is not None:  # (k,) rows, placed in a full (N, L) array with zeros elsewhere
+            tokens, mask = torch.zeros_like(tokens), torch.zeros_like(mask)
+            tokens[rows], mask[rows] = self._core.tokens[rows], self._core.mask[rows]
+        elif self.array_type == "torch" or self.device.type == "cpu":
+            tokens, mask = tokens.clone(), mask.clone()  # the core keeps writing into its own
+        if self.array_type == "numpy":
+            return {"input_ids": tokens.cpu().numpy(), "attention_mask": mask.cpu().numpy()}
+        return {"input_ids": tokens, "attention_mask": mask}
+
+    def _prompt_infos(self, rows: np.ndarray, prompt_index: Sequence[int]) -> dict[str, Any]:
+        infos: dict[str, Any] = {}
+        if len(rows):
+            prompts = np.empty(self.num_envs, dtype=object)
+            prompts[rows] = [self.config.prompts[i] for i in prompt_index]
+            infos["prompt"], infos["_prompt"] = prompts, _mask(rows, self.num_envs)
+        return infos
+
+    def _final_infos(self, rows: np.ndarray, result: Any) -> dict[str, Any]:
+        """The info a single env gives at an episode's end, as masked arrays over sub-envs."""
+        N = self.num_envs
+        if not rows.size:
+            return {}
+        prompts, completions = np.empty(N, dtype=object), np.empty(N, dtype=object)
+        prompts[rows], completions[rows] = result.prompts, result.completions
+        score, penalty = np.zeros(N), np.zeros(N)
+        score[rows] = result.scores
+        penalty[rows] = 0.0 - self.config.length_penalty * result.lengths
+        m = _mask(rows, N)
+        return {
+            "prompt": prompts,
+            "_prompt": m,
+            "completion": completions,
+            "_completion": m,
+            "reward_components": {
+                "score": score,
+                "_score": m,
+                "length_penalty": penalty,
+                "_length_penalty": m,
+            },
+            "_reward_components": m,
+        }
+
+    def render(self) -> tuple[str, ...] | None:
+        if self.render_mode != "ansi":
+            return None
+        return tuple(" | ".join(self._core.text(i)) for i in range(self.num_envs))
+
+    @property
+    def prompt_window(self) -> int:
+        """``P``: generated token t is in observation column ``P + t``."""
+        return self.config.max_prompt_tokens
+
+
+def _mask(rows: np.ndarray, n: int) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[rows] = True
+    return m
+
+
+def _add(infos: dict[str, Any], new: dict[str, Any], rows: np.ndarray, n: int) -> None:
+    """Merge masked info arrays ``new`` (entries of ``rows``) into ``infos`` in place."""
+    for key, value in new.items():
+        if key.startswith("_") or key not in infos:
+            if key.startswith("_") and key in infos:
+                infos[key] = infos[key] | value
+            else:
+                infos[key] = value
+        elif isinstance(value, dict):
+            _add(infos[key], value, rows, n)
+        else:
+            infos[key][rows] = value[rows]

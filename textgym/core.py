@@ -36,17 +36,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(
-            f"unknown device {device!r}; accepted: {', '.join(DEVICES)} or 'cuda:N'"
-        ) from None
+        raise ValueError(f"unknown device {device!r}; accepted: {', '.join(DEVICES)} or 'cuda:N'") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(
-            f"unsupported device {device!r}; accepted: {', '.join(DEVICES)} or 'cuda:N'"
-        )
+        raise ValueError(f"unsupported device {device!r}; accepted: {', '.join(DEVICES)} or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} was asked for, but CUDA is not available; use 'cpu' or 'auto'"
-        )
+        raise ValueError(f"device {device!r} was asked for, but CUDA is not available; use 'cpu' or 'auto'")
     return dev
 
 
@@ -81,9 +75,7 @@ class TextGenCore:
         self.prompt_window, self.seq_len, self.max_new_tokens = P, L, config.max_new_tokens
 
         # One ready-made row per prompt; a reset copies rows of these tables.
-        rows = torch.full(
-            (len(config.prompts), L), self.pad_id, dtype=torch.long
-        )  # (num_prompts, L)
+        rows = torch.full((len(config.prompts), L), self.pad_id, dtype=torch.long)  # (num_prompts, L)
         for i, ids in enumerate(config.prompt_ids):
             rows[i, P - len(ids) : P] = torch.tensor(ids)
         self._row_table = rows.to(device)
@@ -91,9 +83,7 @@ class TextGenCore:
         for i, ids in enumerate(config.prompt_ids):
             self._mask_table[i, P - len(ids) : P] = 1
 
-        self.tokens = torch.full(
-            (num_envs, L), self.pad_id, dtype=torch.long, device=device
-        )  # (N, L)
+        self.tokens = torch.full((num_envs, L), self.pad_id, dtype=torch.long, device=device)  # (N, L)
         self.mask = torch.zeros((num_envs, L), dtype=torch.long, device=device)  # (N, L)
         self.gen_len = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
         self.prompt_index = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
@@ -144,9 +134,7 @@ class TextGenCore:
         finished = (terminated | truncated).nonzero().squeeze(1)  # (k,)
         if finished.numel() == 0:
             empty = np.zeros(0)
-            return StepResult(
-                reward, terminated, truncated, finished, [], [], empty, empty.astype(np.int64)
-            )
+            return StepResult(reward, terminated, truncated, finished, [], [], empty, empty.astype(np.int64))
 
         # One device-to-host copy for everything the reward model needs: (k, M + 3)
         lengths = self.gen_len[finished]
@@ -174,9 +162,5 @@ class TextGenCore:
     def text(self, row: int) -> tuple[str, str]:
         """(prompt, completion so far) of one row, for rendering."""
         n = int(self.gen_len[row])
-        gen = (
-            self.tokens[row, self.prompt_window : self.prompt_window + n].cpu().numpy()[None]
-        )  # (1, n)
-        return self.config.prompts[int(self.prompt_index[row])], self.config.tokenizer.decode_batch(
-            gen
-        )[0]
+        gen = self.tokens[row, self.prompt_window : self.prompt_window + n].cpu().numpy()[None]  # (1, n)
+        return self.config.prompts[int(self.prompt_index[row])], self.config.tokenizer.decode_batch(gen)[0]

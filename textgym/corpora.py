@@ -31,13 +31,9 @@ SUBJECTS = {
 }
 NEUTRAL_ADJECTIVES = ("long", "short", "small", "big", "quiet", "busy", "simple", "old", "new")
 POSITIVE_ADJECTIVES = tuple(
-    w
-    for w in POSITIVE
-    if w not in {"enjoy", "enjoyed", "like", "liked", "love", "loved", "recommend"}
+    w for w in POSITIVE if w not in {"enjoy", "enjoyed", "like", "liked", "love", "loved", "recommend"}
 )
-NEGATIVE_ADJECTIVES = tuple(
-    w for w in NEGATIVE if w not in {"dislike", "disliked", "hate", "hated", "waste"}
-)
+NEGATIVE_ADJECTIVES = tuple(w for w in NEGATIVE if w not in {"dislike", "disliked", "hate", "hated", "waste"})
 POSITIVE_VERBS = ("loved", "liked", "enjoyed")
 NEGATIVE_VERBS = ("hated", "disliked")
 BOOSTERS = tuple(INTENSIFIERS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -113,7 +113,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     - v0: initial version.
     """
 
-    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
     def __init__(
         self,
@@ -175,9 +175,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
         info: dict[str, Any] = {}
         if terminated or truncated:
-            self._ended = (
-                "terminated: <eos> emitted" if terminated else "truncated: max_new_tokens reached"
-            )
+            self._ended = "terminated: <eos> emitted" if terminated else "truncated: max_new_tokens reached"
             n = int(result.lengths[0])
             info = {
                 "prompt": result.prompts[0],
@@ -195,9 +193,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
 
     def render(self) -> str | None:
         if self.render_mode is None:
-            gym.logger.warn(
-                "render() called without a render_mode; pass render_mode='ansi' or 'human'"
-            )
+            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' or 'human'")
             return None
         prompt, completion = self._core.text(0)
         text = f"{prompt} | {completion}"

@@ -40,9 +40,7 @@ class RewardModel(ABC):
     name: str = "reward_model"
 
     @abstractmethod
-    def score(
-        self, prompts: Sequence[str], completions: Sequence[str]
-    ) -> Sequence[float] | np.ndarray:
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Sequence[float] | np.ndarray:
         """One score per ``(prompts[i], completions[i])`` pair."""
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
@@ -62,11 +60,7 @@ class RewardModel(ABC):
 
     def _validate(self, raw: Any, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         n = len(completions)
-        if (
-            isinstance(raw, np.ndarray)
-            and np.issubdtype(raw.dtype, np.number)
-            and raw.dtype != np.bool_
-        ):
+        if isinstance(raw, np.ndarray) and np.issubdtype(raw.dtype, np.number) and raw.dtype != np.bool_:
             scores = raw.astype(np.float64, copy=False).reshape(-1) if raw.size == n else None
         else:
             try:
@@ -109,9 +103,7 @@ class FunctionReward(RewardModel):
     :param name: name in errors and logs; defaults to the function's ``__name__``.
     """
 
-    def __init__(
-        self, fn: RewardFn | BatchRewardFn, batched: bool = False, name: str | None = None
-    ):
+    def __init__(self, fn: RewardFn | BatchRewardFn, batched: bool = False, name: str | None = None):
         if not callable(fn):
             raise TypeError(f"reward function must be callable, got {type(fn).__name__}: {fn!r}")
         self.fn = fn
@@ -168,9 +160,7 @@ class RegexReward(RewardModel):
         try:
             self.pattern = re.compile(pattern)
         except (re.error, TypeError) as exc:
-            raise ValueError(
-                f"pattern {pattern!r} is not a valid regular expression: {exc}"
-            ) from None
+            raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from None
         self.fullmatch = fullmatch
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
@@ -223,9 +213,7 @@ class ExactMatchReward(RewardModel):
 
     def __init__(self, answers: Mapping[str, str] | Callable[[str], str] = arithmetic_answer):
         if not (callable(answers) or isinstance(answers, Mapping)):
-            raise TypeError(
-                f"answers must be a mapping or a function, got {type(answers).__name__}"
-            )
+            raise TypeError(f"answers must be a mapping or a function, got {type(answers).__name__}")
         self.answers = answers
 
     def answer(self, prompt: str) -> str:
@@ -237,9 +225,7 @@ class ExactMatchReward(RewardModel):
         return self.answers(prompt)
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        return [
-            float(c.strip() == self.answer(p)) for p, c in zip(prompts, completions, strict=True)
-        ]
+        return [float(c.strip() == self.answer(p)) for p, c in zip(prompts, completions, strict=True)]
 
 
 REWARD_MODELS: dict[str, type[RewardModel]] = {

@@ -92,16 +92,11 @@ class SB3VecEnv(VecEnv):
 
     # Every sub-env shares one configuration, so per-env attributes are the vector env's own.
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        if attr_name == "render_mode":
-            value = None
-        else:
-            value = getattr(self.venv, attr_name)
+        value = None if attr_name == "render_mode" else getattr(self.venv, attr_name)
         return [value for _ in self._indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        raise AttributeError(
-            f"SB3VecEnv sub-envs share one configuration; cannot set {attr_name!r} per env"
-        )
+        raise AttributeError(f"SB3VecEnv sub-envs share one configuration; cannot set {attr_name!r} per env")
 
     def env_method(
         self,
@@ -113,9 +108,7 @@ class SB3VecEnv(VecEnv):
         method = getattr(self.venv, method_name)
         return [method(*method_args, **method_kwargs) for _ in self._indices(indices)]
 
-    def env_is_wrapped(
-        self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None
-    ) -> list[bool]:
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         return [False for _ in self._indices(indices)]
 
     def get_images(self) -> Sequence[np.ndarray | None]:

@@ -41,9 +41,7 @@ class Task:
 
     name: str
     description: str
-    tokenizer_kind: (
-        str  #: "byte", "char" or "word"; char/word vocabularies come from corpus + prompts
-    )
+    tokenizer_kind: str  #: "byte", "char" or "word"; char/word vocabularies come from corpus + prompts
     prompts: tuple[str, ...]
     corpus: tuple[str, ...]  #: in-domain text: the vocabulary's source, and pretraining data
     reward: Callable[[], RewardModel]
@@ -173,9 +171,7 @@ def make_env_config(
     """
     base = get_task(task) if isinstance(task, str) else None
     if base is None:
-        raise TypeError(
-            f"task must be the name of a built-in task, got {type(task).__name__}: {task!r}"
-        )
+        raise TypeError(f"task must be the name of a built-in task, got {type(task).__name__}: {task!r}")
     prompt_list = base.prompts if prompts is None else load_prompts(prompts)
 
     if tokenizer is None or isinstance(tokenizer, str):
@@ -188,17 +184,11 @@ def make_env_config(
     elif isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
-        raise TypeError(
-            f"tokenizer must be a Tokenizer or one of {TOKENIZER_NAMES}, got {tokenizer!r}"
-        )
+        raise TypeError(f"tokenizer must be a Tokenizer or one of {TOKENIZER_NAMES}, got {tokenizer!r}")
 
     if max_new_tokens is None:
         max_new_tokens = base.max_new_tokens
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if (
         isinstance(length_penalty, bool)
@@ -211,11 +201,7 @@ def make_env_config(
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     if max_prompt_tokens is None:
         max_prompt_tokens = len(prompt_ids[longest])
-    if (
-        isinstance(max_prompt_tokens, bool)
-        or not isinstance(max_prompt_tokens, int)
-        or max_prompt_tokens < 1
-    ):
+    if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
     if len(prompt_ids[longest]) > max_prompt_tokens:
         over = sum(len(ids) > max_prompt_tokens for ids in prompt_ids)

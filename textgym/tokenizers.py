@@ -65,13 +65,10 @@ class Tokenizer(ABC):
     def _check_ids(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(
-                f"ids must be a 2-D integer array, got shape {ids.shape} of {ids.dtype}"
-            )
+            raise ValueError(f"ids must be a 2-D integer array, got shape {ids.shape} of {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(
-                f"token ids must lie in [0, {self.vocab_size}), got values in "
-                f"[{ids.min()}, {ids.max()}]"
+                f"token ids must lie in [0, {self.vocab_size}), got values in [{ids.min()}, {ids.max()}]"
             )
         return ids
 
@@ -93,9 +90,7 @@ class ByteTokenizer(Tokenizer):
         return 256 + NUM_SPECIAL
 
     def encode(self, text: str) -> list[int]:
-        return (
-            np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + NUM_SPECIAL
-        ).tolist()
+        return (np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + NUM_SPECIAL).tolist()
 
     def decode_batch(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> list[str]:
         ids = self._check_ids(ids)
@@ -215,9 +210,7 @@ class WordTokenizer(_TableTokenizer):
         counts = Counter(
             tok for text in texts for tok in _WORD_RE.findall(text.lower() if lowercase else text)
         )
-        ranked = sorted(
-            (w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w)
-        )
+        ranked = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
         return cls(ranked[:max_size], lowercase=lowercase)
 
     def tokenize(self, text: str) -> list[str]:
@@ -241,9 +234,7 @@ def make_tokenizer(name: str, corpus: Iterable[str] = ()) -> Tokenizer:
         return ByteTokenizer()
     texts = list(corpus)
     if name in ("char", "word") and not texts:
-        raise ValueError(
-            f"tokenizer {name!r} builds its vocabulary from a corpus, and none was given"
-        )
+        raise ValueError(f"tokenizer {name!r} builds its vocabulary from a corpus, and none was given")
     if name == "char":
         return CharTokenizer.from_corpus(texts)
     if name == "word":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class TextGenVectorEnv(VectorEnv):
         and flags as tensors on ``device``, so an agent on the GPU pays no copy.
     """
 
-    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(
         self,
@@ -80,9 +80,7 @@ class TextGenVectorEnv(VectorEnv):
                 f"autoreset_mode must be 'next_step', 'same_step' or an AutoresetMode, got {autoreset_mode!r}"
             )
         if array_type not in ARRAY_TYPES:
-            raise ValueError(
-                f"array_type must be one of {', '.join(ARRAY_TYPES)}, got {array_type!r}"
-            )
+            raise ValueError(f"array_type must be one of {', '.join(ARRAY_TYPES)}, got {array_type!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.num_envs = int(num_envs)
@@ -123,9 +121,7 @@ class TextGenVectorEnv(VectorEnv):
         else:
             seeds = list(seed)
             if len(seeds) != N:
-                raise ValueError(
-                    f"seed: a list of seeds must have num_envs={N} entries, got {len(seeds)}"
-                )
+                raise ValueError(f"seed: a list of seeds must have num_envs={N} entries, got {len(seeds)}")
         mask = np.ones(N, dtype=bool)
         if options and "reset_mask" in options:
             mask = options["reset_mask"]
@@ -204,14 +200,8 @@ class TextGenVectorEnv(VectorEnv):
     def _check_actions(self, actions: Any) -> torch.Tensor:
         N, V = self.num_envs, self.tokenizer.vocab_size
         if isinstance(actions, torch.Tensor):
-            if (
-                actions.dtype.is_floating_point
-                or actions.dtype == torch.bool
-                or actions.is_complex()
-            ):
-                raise TypeError(
-                    f"actions must be integer token ids, got a tensor of dtype {actions.dtype}"
-                )
+            if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
+                raise TypeError(f"actions must be integer token ids, got a tensor of dtype {actions.dtype}")
             acts = actions
         else:
             arr = np.asarray(actions)
@@ -241,9 +231,7 @@ class TextGenVectorEnv(VectorEnv):
         bad = (acts < 0) | (acts >= V)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"actions[{i}] = {int(acts[i])} (sub-env {i}) is not a token id in [0, {V})"
-            )
+            raise ValueError(f"actions[{i}] = {int(acts[i])} (sub-env {i}) is not a token id in [0, {V})")
         return acts
 
     # ------------------------------------------------------------------------------ observations

@@ -18,6 +18,7 @@ its slot in an agent's KV cache.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -88,6 +89,8 @@ class TextGenCore:
         self.gen_len = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
         self.prompt_index = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
         self._all_rows = torch.arange(num_envs, device=device)
+        # Seconds spent turning finished rows into text and in the reward model, for benchmarks.
+        self.timings = {"decode": 0.0, "reward": 0.0}
 
     @property
     def num_prompts(self) -> int:
@@ -151,9 +154,13 @@ class TextGenCore:
             .cpu()
             .numpy()
         )
+        start = time.perf_counter()
         completions = self.config.tokenizer.decode_batch(packed[:, :M], packed[:, M])
         prompts = [self.config.prompts[i] for i in packed[:, M + 2].tolist()]
+        decoded = time.perf_counter()
         scores = self.config.reward(prompts, completions)
+        self.timings["decode"] += decoded - start
+        self.timings["reward"] += time.perf_counter() - decoded
         reward[finished] += torch.as_tensor(scores, dtype=torch.float64).to(self.device)
         return StepResult(
             reward, terminated, truncated, finished, prompts, completions, scores, packed[:, M + 1]

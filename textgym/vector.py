@@ -103,7 +103,7 @@ class TextGenVectorEnv(VectorEnv):
         self._rngs: list[np.random.Generator] | None = None  # one per sub-env, as in SyncVectorEnv
         self._autoreset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         self._ready = False  # reset() has been called and no reward model has failed since
-        self.timings = {"decode_and_reward": 0.0, "total": 0.0}  # seconds spent in step()
+        self._step_seconds = 0.0
 
     # ------------------------------------------------------------------------------------ reset
     def reset(
@@ -168,12 +168,9 @@ class TextGenVectorEnv(VectorEnv):
             active = ~self._autoreset
 
         self._ready = False  # a failing reward model leaves the batch needing a reset
-        decode_start = time.perf_counter()
         result = self._core.step(acts, active)
         self._ready = True
         finished = result.finished.cpu().numpy()
-        if finished.size:
-            self.timings["decode_and_reward"] += time.perf_counter() - decode_start
         done = result.terminated | result.truncated
 
         if self.autoreset_mode is AutoresetMode.NEXT_STEP:
@@ -194,7 +191,7 @@ class TextGenVectorEnv(VectorEnv):
                 truncated.cpu().numpy(),
             )
         obs = self._obs()
-        self.timings["total"] += time.perf_counter() - start
+        self._step_seconds += time.perf_counter() - start
         return obs, rewards, terminated, truncated, infos
 
     def _check_actions(self, actions: Any) -> torch.Tensor:
@@ -278,6 +275,11 @@ class TextGenVectorEnv(VectorEnv):
             },
             "_reward_components": m,
         }
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent so far: in ``step`` in all, and within it decoding text and in the reward model."""
+        return {"step": self._step_seconds, **self._core.timings}
 
     def render(self) -> tuple[str, ...] | None:
         if self.render_mode != "ansi":

@@ -124,7 +124,8 @@ def sentiment_score(text: str) -> float:
             valences.append(0.0)
             continue
         if i > 0 and words[i - 1] in INTENSIFIERS:
-            valence += math.copysign(INTENSIFIERS[words[i - 1]], valence)
+            # A booster adds to the word's magnitude, a dampener (negative entry) takes from it.
+            valence += math.copysign(1.0, valence) * INTENSIFIERS[words[i - 1]]
         window = words[max(0, i - NEGATION_WINDOW) : i]
         if any(w in NEGATIONS or w.endswith("n't") for w in window):
             valence *= NEGATION_SCALE

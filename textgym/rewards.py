@@ -54,14 +54,16 @@ class RewardModel(ABC):
         except Exception as exc:
             raise RewardModelError(
                 f"reward model {self.name!r} raised {type(exc).__name__}: {exc} "
-                f"(while scoring {n} completion(s), the first {completions[0]!r} for prompt {prompts[0]!r})"
+                f"(while scoring {n} completion(s){_first(prompts, completions)})"
             ) from exc
         return self._validate(raw, prompts, completions)
 
     def _validate(self, raw: Any, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         n = len(completions)
-        if isinstance(raw, np.ndarray) and np.issubdtype(raw.dtype, np.number) and raw.dtype != np.bool_:
+        count: int
+        if isinstance(raw, np.ndarray) and raw.dtype.kind in "iuf":
             scores = raw.astype(np.float64, copy=False).reshape(-1) if raw.size == n else None
+            count = raw.size
         else:
             try:
                 values = list(raw)
@@ -71,16 +73,21 @@ class RewardModel(ABC):
                     f"got {type(raw).__name__}: {raw!r}"
                 ) from None
             for i, v in enumerate(values):
-                if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real):
                     raise RewardModelError(
                         f"reward model {self.name!r} returned {v!r} ({type(v).__name__}) for completion "
                         f"{completions[i] if i < n else '?'!r}; a reward must be a real number (int or float)"
                     )
-            scores = np.asarray(values, dtype=np.float64) if len(values) == n else None
+            count = len(values)
+            try:
+                scores = np.asarray(values, dtype=np.float64) if count == n else None
+            except OverflowError:
+                big = next(v for v in values if not _fits_float(v))
+                raise RewardModelError(
+                    f"reward model {self.name!r} returned {big!r}, too large for a float; rewards must be finite"
+                ) from None
         if scores is None:
-            raise RewardModelError(
-                f"reward model {self.name!r} returned {np.size(raw)} scores for {n} completions"
-            )
+            raise RewardModelError(f"reward model {self.name!r} returned {count} scores for {n} completions")
         bad = np.flatnonzero(~np.isfinite(scores))
         if bad.size:
             i = int(bad[0])
@@ -92,6 +99,18 @@ class RewardModel(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _fits_float(value: numbers.Real) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _first(prompts: Sequence[str], completions: Sequence[str]) -> str:
+    return f", the first {completions[0]!r} for prompt {prompts[0]!r}" if completions else ""
 
 
 class FunctionReward(RewardModel):
@@ -179,7 +198,7 @@ class LengthReward(RewardModel):
     name = "length"
 
     def __init__(self, target: int = 8, unit: str = "words"):
-        if not isinstance(target, int) or target < 1:
+        if isinstance(target, bool) or not isinstance(target, int) or target < 1:
             raise ValueError(f"target must be a positive integer, got {target!r}")
         if unit not in ("words", "chars"):
             raise ValueError(f"unit must be 'words' or 'chars', got {unit!r}")
@@ -246,6 +265,10 @@ def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> R
     """
     if isinstance(spec, RewardModel):
         return spec
+    if isinstance(spec, type) and issubclass(spec, RewardModel):
+        raise TypeError(
+            f"reward: pass an instance of {spec.__name__}, e.g. reward={spec.__name__}(...), not the class"
+        )
     if isinstance(spec, str | Mapping):
         args = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
         name = args.pop("name", None)

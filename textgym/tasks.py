@@ -116,7 +116,7 @@ def load_prompts(prompts: Sequence[str] | str | os.PathLike[str]) -> tuple[str, 
                 f"prompts: no file {str(path)!r}; pass a path to a text file (one prompt a line) "
                 "or a list of strings"
             )
-        loaded = tuple(line.rstrip("\r\n") for line in path.read_text("utf-8").splitlines())
+        loaded = tuple(line.rstrip("\r\n") for line in path.read_text("utf-8-sig").splitlines())
         loaded = tuple(p for p in loaded if p.strip())
         where = f"file {str(path)!r}"
     else:

@@ -72,6 +72,16 @@ class Tokenizer(ABC):
             )
         return ids
 
+    def _identity(self) -> tuple[object, ...]:
+        """What makes two tokenizers of one class encode and decode alike."""
+        return ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._identity() == self._identity()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._identity()))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 
@@ -79,7 +89,14 @@ class Tokenizer(ABC):
 def _rows(ids: np.ndarray, lengths: np.ndarray | None) -> Iterable[np.ndarray]:
     if lengths is None:
         return iter(ids)
-    return (row[:n] for row, n in zip(ids, np.asarray(lengths).tolist(), strict=True))
+    lengths = np.asarray(lengths)
+    if lengths.shape != (len(ids),) or not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths must be {len(ids)} integers, one per row, got {lengths!r}")
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > ids.shape[1]):
+        raise ValueError(
+            f"lengths must lie in [0, {ids.shape[1]}], got values in [{lengths.min()}, {lengths.max()}]"
+        )
+    return (row[:n] for row, n in zip(ids, lengths.tolist(), strict=True))
 
 
 class ByteTokenizer(Tokenizer):
@@ -140,11 +157,8 @@ class _TableTokenizer(Tokenizer):
     def _join(self, pieces: np.ndarray) -> str:
         return "".join(pieces)
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other._tokens == self._tokens  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self._tokens))
+    def _identity(self) -> tuple[object, ...]:
+        return self._tokens
 
 
 class CharTokenizer(_TableTokenizer):
@@ -212,6 +226,9 @@ class WordTokenizer(_TableTokenizer):
         )
         ranked = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
         return cls(ranked[:max_size], lowercase=lowercase)
+
+    def _identity(self) -> tuple[object, ...]:
+        return (self._tokens, self.lowercase)
 
     def tokenize(self, text: str) -> list[str]:
         """The word and punctuation strings that ``encode`` maps to ids."""

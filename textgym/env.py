@@ -29,6 +29,19 @@ def observation_space(config: EnvConfig) -> spaces.Dict:
     )
 
 
+class RenderModeError(ValueError, TypeError):
+    """A ``render_mode`` the environment does not offer.
+
+    Also a ``TypeError`` because Stable-Baselines3's ``make_vec_env`` asks every env for
+    ``render_mode="rgb_array"`` and falls back to no render mode only on ``TypeError``.
+    """
+
+
+def check_render_mode(render_mode: str | None, accepted: list[str]) -> None:
+    if render_mode is not None and render_mode not in accepted:
+        raise RenderModeError(f"render_mode must be None or one of {accepted}, got {render_mode!r}")
+
+
 def check_action(action: Any, vocab_size: int, where: str = "action") -> int:
     """``action`` as a Python int, or a clear error naming what was wrong and what is accepted."""
     if isinstance(action, np.ndarray) and action.ndim == 0:
@@ -126,8 +139,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         length_penalty: float = 0.0,
         render_mode: str | None = None,
     ):
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None, 'ansi' or 'human', got {render_mode!r}")
+        check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
         self.config = make_env_config(
             task, reward, tokenizer, prompts, max_new_tokens, max_prompt_tokens, length_penalty

@@ -33,7 +33,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from textgym.core import TextGenCore, resolve_device
-from textgym.env import observation_space
+from textgym.env import check_render_mode, observation_space
 from textgym.rewards import RewardFn, RewardModel
 from textgym.tasks import make_env_config
 from textgym.tokenizers import Tokenizer
@@ -81,8 +81,7 @@ class TextGenVectorEnv(VectorEnv):
             )
         if array_type not in ARRAY_TYPES:
             raise ValueError(f"array_type must be one of {', '.join(ARRAY_TYPES)}, got {array_type!r}")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
+        check_render_mode(render_mode, self.metadata["render_modes"])
         self.num_envs = int(num_envs)
         self.device = resolve_device(device)
         self.autoreset_mode = modes[mode]

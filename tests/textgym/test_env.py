@@ -691,13 +691,7 @@ def test_sb3_ppo_trains_on_a_dummy_vec_env():
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    # render_mode=None: make_vec_env otherwise asks for render_mode="rgb_array" (see the xfail below)
-    venv = make_vec_env(
-        "TextGen-v0",
-        n_envs=4,
-        seed=0,
-        env_kwargs={"task": "sentiment", "max_new_tokens": 8, "render_mode": None},
-    )
+    venv = make_vec_env("TextGen-v0", n_envs=4, seed=0, env_kwargs={"task": "sentiment", "max_new_tokens": 8})
     assert isinstance(venv, DummyVecEnv)
     model = PPO("MultiInputPolicy", venv, n_steps=32, batch_size=64, n_epochs=2, seed=0, device="cpu")
     model.learn(total_timesteps=1024)

@@ -105,8 +105,9 @@ class SB3VecEnv(VecEnv):
         indices: VecEnvIndices = None,
         **method_kwargs: Any,
     ) -> list[Any]:
-        method = getattr(self.venv, method_name)
-        return [method(*method_args, **method_kwargs) for _ in self._indices(indices)]
+        # One call on the shared vector env, its result reported for each index asked about.
+        result = getattr(self.venv, method_name)(*method_args, **method_kwargs)
+        return [result for _ in self._indices(indices)]
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         return [False for _ in self._indices(indices)]

@@ -14,7 +14,9 @@ Autoreset (Gymnasium 1.x, ``metadata["autoreset_mode"]``):
 - ``"same_step"``: an ending sub-env is reset within the step; the returned observation is the new
   episode's first, and ``infos["final_obs"]`` / ``infos["final_info"]`` (masked by
   ``infos["_final_obs"]``) hold the last observation and info of the episode that ended. Every
-  action is used; an agent bootstraps truncated episodes from ``final_obs``.
+  action is used; an agent bootstraps truncated episodes from ``final_obs``. Unlike
+  ``SyncVectorEnv``'s object array of per-env dicts, ``final_obs`` is one dict of (N, L) arrays
+  (zero rows for sub-envs that did not finish), so it stays a tensor on the device.
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ class TextGenVectorEnv(VectorEnv):
 
         self._rngs: list[np.random.Generator] | None = None  # one per sub-env, as in SyncVectorEnv
         self._autoreset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
-        self._ready = False  # reset() has been called and no reward model has failed since
+        # Rows that must be reset before they are stepped: all before the first reset(), and all
+        # after a reward model failed (the failed step may have ended any of them).
+        self._needs_reset = np.ones(self.num_envs, dtype=bool)
         self._step_seconds = 0.0
 
     # ------------------------------------------------------------------------------------ reset
@@ -117,10 +121,15 @@ class TextGenVectorEnv(VectorEnv):
         elif isinstance(seed, int | np.integer) and not isinstance(seed, bool):
             seeds = [int(seed) + i for i in range(N)]
             self._np_random, self._np_random_seed = seeding.np_random(int(seed))
-        else:
+        elif isinstance(seed, Sequence) and not isinstance(seed, str):
             seeds = list(seed)
             if len(seeds) != N:
                 raise ValueError(f"seed: a list of seeds must have num_envs={N} entries, got {len(seeds)}")
+        else:
+            raise TypeError(f"seed must be None, an int or a list of {N} ints/None, got {seed!r}")
+        unknown = sorted(set(options or {}) - {"reset_mask"})
+        if unknown:
+            raise ValueError(f"unsupported reset options {unknown}; the vector env accepts only 'reset_mask'")
         mask = np.ones(N, dtype=bool)
         if options and "reset_mask" in options:
             mask = options["reset_mask"]
@@ -137,7 +146,7 @@ class TextGenVectorEnv(VectorEnv):
         rows = np.flatnonzero(mask)
         prompt_index = self._reset_rows(rows)
         self._autoreset[torch.from_numpy(mask).to(self.device)] = False
-        self._ready = True
+        self._needs_reset[mask] = False
         infos = self._prompt_infos(rows, prompt_index)
         return self._obs(), infos
 
@@ -152,9 +161,11 @@ class TextGenVectorEnv(VectorEnv):
 
     # ------------------------------------------------------------------------------------- step
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-        if not self._ready:
+        if self._needs_reset.any():
+            rows = np.flatnonzero(self._needs_reset)
             raise ResetNeeded(
-                "step() called before reset(), or after a reward model error; call reset() first"
+                f"sub-envs {rows[:8].tolist()}{' ...' if len(rows) > 8 else ''} have not been reset since "
+                "construction or since a reward model error; call reset() (all of them, or with a reset_mask)"
             )
         start = time.perf_counter()
         acts = self._check_actions(actions)
@@ -166,9 +177,11 @@ class TextGenVectorEnv(VectorEnv):
             infos = self._prompt_infos(rows, self._reset_rows(rows))
             active = ~self._autoreset
 
-        self._ready = False  # a failing reward model leaves the batch needing a reset
-        result = self._core.step(acts, active)
-        self._ready = True
+        try:
+            result = self._core.step(acts, active)
+        except Exception:
+            self._needs_reset[:] = True
+            raise
         finished = result.finished.cpu().numpy()
         done = result.terminated | result.truncated
 
@@ -198,37 +211,36 @@ class TextGenVectorEnv(VectorEnv):
         if isinstance(actions, torch.Tensor):
             if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
                 raise TypeError(f"actions must be integer token ids, got a tensor of dtype {actions.dtype}")
-            acts = actions
+            values: torch.Tensor | np.ndarray = actions
         else:
-            arr = np.asarray(actions)
-            if arr.dtype.kind not in "iu":
-                bad = (
-                    next(
-                        (
-                            i
-                            for i, a in enumerate(arr.reshape(-1))
-                            if not isinstance(a, int | np.integer) or isinstance(a, bool | np.bool_)
-                        ),
-                        None,
-                    )
-                    if arr.dtype == object
-                    else None
+            values = np.asarray(actions)
+            if values.dtype == object:  # e.g. a list mixing ints and other things
+                flat = values.reshape(-1)
+                bad = next(
+                    (
+                        i
+                        for i, a in enumerate(flat)
+                        if isinstance(a, bool | np.bool_) or not isinstance(a, int | np.integer)
+                    ),
+                    None,
                 )
-                where = f" (sub-env {bad}: {arr.reshape(-1)[bad]!r})" if bad is not None else ""
-                raise TypeError(
-                    f"actions must be integer token ids, got an array of dtype {arr.dtype}{where}"
-                )
-            acts = torch.from_numpy(arr.astype(np.int64, copy=False))
-        if tuple(acts.shape) != (N,):
+                if bad is not None:
+                    raise TypeError(f"actions must be integer token ids (sub-env {bad}: {flat[bad]!r})")
+                values = values.astype(np.int64)
+            elif values.dtype.kind not in "iu":
+                raise TypeError(f"actions must be integer token ids, got an array of dtype {values.dtype}")
+        if tuple(values.shape) != (N,):
             raise ValueError(
-                f"actions must have shape ({N},), one token id per sub-env, got {tuple(acts.shape)}"
+                f"actions must have shape ({N},), one token id per sub-env, got {tuple(values.shape)}"
             )
-        acts = acts.to(device=self.device, dtype=torch.long)
-        bad = (acts < 0) | (acts >= V)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"actions[{i}] = {int(acts[i])} (sub-env {i}) is not a token id in [0, {V})")
-        return acts
+        # Range checked before any cast, so a huge unsigned id is reported as given.
+        out_of_range = (values < 0) | (values >= V)
+        if bool(out_of_range.any()):
+            i = int(out_of_range.nonzero()[0][0])
+            raise ValueError(f"actions[{i}] = {int(values[i])} (sub-env {i}) is not a token id in [0, {V})")
+        if isinstance(values, np.ndarray):
+            values = torch.from_numpy(values.astype(np.int64, copy=False))
+        return values.to(device=self.device, dtype=torch.long)
 
     # ------------------------------------------------------------------------------ observations
     def _obs(self, rows: torch.Tensor | None = None) -> dict[str, Any]:

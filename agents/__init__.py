@@ -1,9 +1,21 @@
-"""Agents for TextGen-v0: Stable-Baselines3 baselines and evaluation helpers.
+"""Agents for TextGen-v0: the custom PPO with a Transformer policy, and Stable-Baselines3 baselines.
 
-The custom PPO agent with a Transformer policy lands here as ``agents.PPO`` (see the README's
-roadmap); until then :mod:`agents.baselines` trains SB3 agents on the batched environment.
+from agents import PPO, PPOConfig
+model = PPO("TextGen-v0", config=PPOConfig(), num_envs=64, device="auto", seed=0)
+model.learn(total_timesteps=50_000)
 """
 
 from agents.baselines import SB3_AGENTS, evaluate, make_sb3_model
+from agents.policy import KVCache, PolicyConfig, TransformerPolicy
+from agents.ppo import PPO, PPOConfig
 
-__all__ = ["SB3_AGENTS", "evaluate", "make_sb3_model"]
+__all__ = [
+    "PPO",
+    "SB3_AGENTS",
+    "KVCache",
+    "PPOConfig",
+    "PolicyConfig",
+    "TransformerPolicy",
+    "evaluate",
+    "make_sb3_model",
+]

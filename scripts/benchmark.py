@@ -2,11 +2,16 @@
 
     python scripts/benchmark.py env                    # env steps/s: single, sync, async, batched
     python scripts/benchmark.py env --sizes 16 256 1024 --seconds 3 --out benchmarks/env.json
+    python scripts/benchmark.py rollout                # KV cache vs full recompute, 64 new tokens
+    python scripts/benchmark.py train                  # PPO training env steps/s
 
 ``env`` drives every face of TextGen-v0 with the same random policy and the same reward (by
 default the cheap built-in ``length`` reward on the default task) and prints env steps per second,
 the ratio of the batched env to SyncVectorEnv at each N, and the share of time spent decoding
-finished episodes and in the reward model. The report is saved as JSON.
+finished episodes and in the reward model. ``rollout`` samples episodes of 64 new tokens with the
+Transformer policy, acting through its KV cache and, as the baseline, recomputing the whole
+sequence every step. ``train`` measures the custom PPO's training throughput and how its time
+splits between rollouts and updates. Each report is saved as JSON.
 """
 
 from __future__ import annotations
@@ -38,7 +43,22 @@ def main(argv: list[str] | None = None) -> int:
         help='JSON keyword arguments of the env (default: {"reward": {"name": "length"}})',
     )
     env.add_argument("--out", default="benchmarks/env.json", help="where to save the JSON report")
+    roll = sub.add_parser("rollout", help="KV cache vs full recompute when acting")
+    roll.add_argument("--num-envs", type=int, default=64)
+    roll.add_argument("--max-new-tokens", type=int, default=64)
+    roll.add_argument("--episodes", type=int, default=2, help="episodes per env and mode")
+    roll.add_argument("--device", default="cpu")
+    roll.add_argument("--out", default="benchmarks/rollout.json")
+    train = sub.add_parser("train", help="PPO training env steps per second")
+    train.add_argument("--total-timesteps", type=int, default=16_384)
+    train.add_argument("--num-envs", type=int, default=64)
+    train.add_argument("--task", default="default")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--out", default="benchmarks/train.json")
     args = parser.parse_args(argv)
+    for name in ("num_envs", "max_new_tokens", "episodes", "total_timesteps"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     if args.command == "env":
         if any(n < 1 for n in args.sizes):
@@ -47,6 +67,24 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_env_table(report))
         print(f"\nsaved {save_report(report, args.out)}")
+    elif args.command == "rollout":
+        from agents.benchmark import rollout_speed
+
+        report = rollout_speed(args.num_envs, args.max_new_tokens, args.episodes, args.device)
+        print(f"rollout, {args.num_envs} envs x {args.max_new_tokens} new tokens on {report['device']}:")
+        print(f"  full recompute {report['recompute']:>10,.0f} env steps/s")
+        print(f"  KV cache       {report['kv_cache']:>10,.0f} env steps/s   ({report['speedup']:.1f}x)")
+        print(f"saved {save_report(report, args.out)}")
+    else:
+        from agents.benchmark import training_speed
+
+        report = training_speed(args.total_timesteps, args.num_envs, args.device, args.task)
+        print(
+            f"PPO training on {report['device']}: {report['env_steps_per_second']:,.0f} env steps/s "
+            f"(rollouts {report['rollout_share']:.0%}, updates {report['update_share']:.0%}); "
+            f"final ep_rew_mean {report['final_ep_rew_mean']:.3f}"
+        )
+        print(f"saved {save_report(report, args.out)}")
     return 0
 
 

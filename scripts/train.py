@@ -1,18 +1,22 @@
 """Train an agent on TextGen-v0 and print what it generates.
 
-    python scripts/train.py --agent sb3-ppo                       # default task, 30k env steps
-    python scripts/train.py --agent sb3-a2c --task keyword --total-timesteps 50000
+    python scripts/train.py                                   # custom PPO, default task, 50k env steps
+    python scripts/train.py --agent ppo --task keyword --total-timesteps 100000 --device cuda
     python scripts/train.py --agent sb3-ppo --env-kwargs '{"reward": {"name": "length", "target": 4}}'
+    python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
     tensorboard --logdir runs
 
 Each run writes into ``<logdir>/<agent>_<task>_s<seed>_<time>/``: ``config.json`` (every setting of
-the run), the TensorBoard events (``rollout/ep_rew_mean``, ``train/...``, x axis = env steps) and the
-trained model (``model.zip``, written atomically). Before training it measures the random policy's
-mean episode reward, and afterwards the trained agent's, on the same evaluation episodes, and
-prints sample generations. Ctrl-C stops training early and still saves the model.
+the run), TensorBoard events under Stable-Baselines3's tags (``rollout/ep_rew_mean``,
+``train/approx_kl``, ...; x axis = env steps; the custom PPO also logs text samples and its
+config), and the model, written atomically: ``checkpoint.pt`` for ``ppo`` (model, optimizer,
+config, step, RNG and environment state), ``model.zip`` for SB3 agents. Before training the script
+measures the random policy's mean episode reward and afterwards the trained agent's greedy one, on
+the same evaluation episodes, and prints sample generations.
 
-Agents: ``sb3-ppo`` and ``sb3-a2c`` (Stable-Baselines3 on the batched env). The custom PPO with a
-Transformer policy (``--agent ppo``) is on the roadmap in the README.
+Ctrl-C stops training, saves a checkpoint (``ppo``) or the model (SB3) and flushes the logs.
+``--resume CHECKPOINT`` continues a ``ppo`` run where its checkpoint left it, in the same run
+directory and TensorBoard run, to the same ``--total-timesteps``.
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import textgym  # noqa: F401  (registers TextGen-v0)
 from agents.baselines import SB3_AGENTS, evaluate, make_sb3_model
+from agents.ppo import PPO, PPOConfig
+
+AGENTS = ("ppo", *SB3_AGENTS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--agent", choices=sorted(SB3_AGENTS), default="sb3-ppo", help="which agent to train")
+    parser.add_argument("--agent", choices=AGENTS, default="ppo", help="which agent to train (default: ppo)")
     parser.add_argument(
         "--task", default="default", help="built-in task: default, sentiment, arithmetic, keyword"
     )
@@ -44,57 +52,133 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default={},
         help="JSON object of further environment arguments, e.g. '{\"max_new_tokens\": 12}'",
     )
-    parser.add_argument("--total-timesteps", type=int, default=30_000, help="env steps (tokens) to train for")
+    parser.add_argument(
+        "--ppo-config",
+        type=json.loads,
+        default={},
+        help="JSON object of PPOConfig fields for --agent ppo, e.g. '{\"n_steps\": 64}'",
+    )
+    parser.add_argument("--total-timesteps", type=int, default=50_000, help="env steps (tokens) to train for")
     parser.add_argument("--num-envs", type=int, default=64, help="episodes in flight in the batched env")
     parser.add_argument("--seed", type=int, default=0, help="seed of the agent and the environment")
     parser.add_argument("--logdir", default="runs", help="parent directory of the run directory")
     parser.add_argument("--device", default="auto", help="torch device of the agent: auto, cpu, cuda")
+    parser.add_argument("--resume", default=None, help="checkpoint.pt of an interrupted ppo run to continue")
+    parser.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=10,
+        help="ppo: also save the checkpoint every this many updates (0: only at the end)",
+    )
     parser.add_argument("--eval-episodes", type=int, default=256, help="episodes of each evaluation")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    if not isinstance(args.env_kwargs, dict):
-        parser.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
+    for name in ("env_kwargs", "ppo_config"):
+        if not isinstance(getattr(args, name), dict):
+            parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
     if "task" in args.env_kwargs:
         parser.error("give the task with --task, not inside --env-kwargs")
     for name in ("total_timesteps", "num_envs", "eval_episodes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.resume is not None and not Path(args.resume).is_file():
+        parser.error(f"--resume: no checkpoint file at {args.resume!r}")
+    if args.ppo_config and args.agent != "ppo":
+        parser.error("--ppo-config applies to --agent ppo only")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    env_kwargs = {"task": args.task, **args.env_kwargs}
+def make_run_dir(args: argparse.Namespace) -> Path:
     run_dir = Path(args.logdir) / f"{args.agent}_{args.task}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=False)
-    config = {k: v for k, v in vars(args).items() if k != "no_progress"} | {"run_dir": str(run_dir)}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=repr) + "\n")
-    print("config:", json.dumps(config, default=repr))
+    return run_dir
 
-    model = make_sb3_model(args.agent, env_kwargs, args.num_envs, args.seed, args.device, str(run_dir))
-    random_level = evaluate(None, env_kwargs, args.eval_episodes, args.num_envs)
-    print(f"random policy: mean episode reward {random_level['mean']:.3f} ± {random_level['std']:.3f}")
 
-    start = time.perf_counter()
-    try:
-        model.learn(args.total_timesteps, tb_log_name="tb", progress_bar=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at {model.num_timesteps} env steps; saving the model")
-    seconds = time.perf_counter() - start
-    tmp = run_dir / "model.tmp.zip"
-    model.save(tmp)
-    os.replace(tmp, run_dir / "model.zip")
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=repr) + "\n")
+    os.replace(tmp, path)
+
+
+def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> tuple[Any, Any]:
+    checkpoint = run_dir / "checkpoint.pt"
+    if args.resume:
+        model = PPO.load(args.resume, device=args.device, tensorboard_log=run_dir)
+        remaining = max(model._target_timesteps - model.num_timesteps, 0)
+        print(f"resuming at {model.num_timesteps} env steps; {remaining} to go")
+        reset = False
+    else:
+        try:
+            config = PPOConfig.from_dict(args.ppo_config)
+        except (TypeError, ValueError) as exc:
+            sys.exit(f"--ppo-config: {exc}")
+        model = PPO(
+            "TextGen-v0", config, args.num_envs, env_kwargs, args.device, args.seed, run_dir, verbose=1
+        )
+        remaining, reset = args.total_timesteps, True
+    if remaining:
+        model.learn(
+            remaining,
+            progress_bar=not args.no_progress,
+            reset_num_timesteps=reset,
+            checkpoint_path=checkpoint,
+            checkpoint_interval=args.checkpoint_interval,
+        )
 
     def policy(obs: dict[str, np.ndarray]) -> np.ndarray:
         return model.predict(obs, deterministic=True)[0]
 
+    return model, policy
+
+
+def train_sb3(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> tuple[Any, Any]:
+    model = make_sb3_model(args.agent, env_kwargs, args.num_envs, args.seed, args.device, str(run_dir))
+    try:
+        model.learn(args.total_timesteps, tb_log_name="tb", progress_bar=not args.no_progress)
+    finally:  # also on Ctrl-C: keep what was learned
+        tmp = run_dir / "model.tmp.zip"
+        model.save(tmp)
+        os.replace(tmp, run_dir / "model.zip")
+
+    def policy(obs: dict[str, np.ndarray]) -> np.ndarray:
+        return model.predict(obs, deterministic=True)[0]
+
+    return model, policy
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.resume:
+        run_dir = Path(args.resume).resolve().parent
+        saved = json.loads((run_dir / "config.json").read_text())
+        args.agent, args.task, args.env_kwargs = saved["agent"], saved["task"], saved["env_kwargs"]
+    else:
+        run_dir = make_run_dir(args)
+        write_json(
+            run_dir / "config.json",
+            {k: v for k, v in vars(args).items() if k != "no_progress"} | {"run_dir": str(run_dir)},
+        )
+    env_kwargs = {"task": args.task, **args.env_kwargs}
+    print("run:", json.dumps({k: v for k, v in vars(args).items() if k != "no_progress"}, default=repr))
+
+    random_level = evaluate(None, env_kwargs, args.eval_episodes, args.num_envs)
+    print(f"random policy: mean episode reward {random_level['mean']:.3f} ± {random_level['std']:.3f}")
+    start = time.perf_counter()
+    try:
+        model, policy = (train_ppo if args.agent == "ppo" else train_sb3)(args, env_kwargs, run_dir)
+    except KeyboardInterrupt:
+        saved_as = "checkpoint.pt" if args.agent == "ppo" else "model.zip"
+        print(f"\ninterrupted: saved {run_dir / saved_as}; logs flushed")
+        return 130
+    seconds = time.perf_counter() - start
+
     trained = evaluate(policy, env_kwargs, args.eval_episodes, args.num_envs)
     print(
         f"\ntrained {args.agent}: {model.num_timesteps} env steps in {seconds:.0f} s "
-        f"({model.num_timesteps / seconds:,.0f} env steps/s)"
+        f"({model.num_timesteps / seconds:,.0f} env steps/s, evaluation excluded)"
     )
     print(
-        f"mean episode reward: random {random_level['mean']:.3f} -> trained {trained['mean']:.3f} "
+        f"mean episode reward (greedy): random {random_level['mean']:.3f} -> trained {trained['mean']:.3f} "
         f"± {trained['std']:.3f} ({trained['episodes']} episodes)"
     )
     print("\nsample generations (prompt | completion  -> reward):")

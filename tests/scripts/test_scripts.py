@@ -81,3 +81,33 @@ def test_benchmark_env_reports_every_face(tmp_path):
     assert all(r["env_steps_per_second"] > 0 for r in report["results"])
     assert report["ratios"]["4"]["batched_over_sync"] > 0
     assert "| batched | 4 |" in out
+
+
+def test_benchmark_rollout_and_train(tmp_path):
+    run(
+        "scripts/benchmark.py",
+        "rollout",
+        "--num-envs",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--episodes",
+        "1",
+        "--out",
+        str(tmp_path / "rollout.json"),
+    )
+    rollout = json.loads((tmp_path / "rollout.json").read_text())
+    assert rollout["kv_cache"] > 0 and rollout["recompute"] > 0
+    assert rollout["speedup"] == pytest.approx(rollout["kv_cache"] / rollout["recompute"])
+    run(
+        "scripts/benchmark.py",
+        "train",
+        "--total-timesteps",
+        "512",
+        "--num-envs",
+        "8",
+        "--out",
+        str(tmp_path / "train.json"),
+    )
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert train["env_steps"] >= 512 and 0 < train["rollout_share"] + train["update_share"] <= 1

@@ -1,0 +1,111 @@
+"""Agent benchmarks, each against its baseline in the same run.
+
+- :func:`rollout_speed`: acting through the KV cache versus recomputing the whole sequence at every
+  step, on the batched env with ``max_new_tokens`` generated tokens per episode (``<eos>`` is
+  masked out so every episode runs to full length).
+- :func:`training_speed`: env steps per second of :class:`agents.ppo.PPO` training, with the split
+  between collecting rollouts and updating.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
+from agents.ppo import PPO, PPOConfig
+from textgym.core import resolve_device
+from textgym.vector import TextGenVectorEnv
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def rollout_speed(
+    num_envs: int = 64,
+    max_new_tokens: int = 64,
+    episodes: int = 2,
+    device: str = "cpu",
+    task: str = "default",
+) -> dict[str, Any]:
+    """Env steps per second of sampling rollouts with the KV cache and with full recompute."""
+    dev = resolve_device(device)
+    env_kwargs = {"task": task, "max_new_tokens": max_new_tokens, "reward": {"name": "length"}}
+    results: dict[str, Any] = {"num_envs": num_envs, "max_new_tokens": max_new_tokens, "device": str(dev)}
+    for mode in ("recompute", "kv_cache"):
+        env = TextGenVectorEnv(
+            num_envs, device=dev, autoreset_mode="same_step", array_type="torch", **env_kwargs
+        )
+        torch.manual_seed(0)
+        policy = (
+            TransformerPolicy(env.single_action_space.n, env.config.seq_len, PolicyConfig()).to(dev).eval()
+        )
+        cache = KVCache(policy, num_envs, dev)
+        eos, P = env.tokenizer.eos_id, env.prompt_window
+        obs, _ = env.reset(seed=0)
+        rows = torch.arange(num_envs, device=dev)
+        steps = episodes * max_new_tokens
+        _sync(dev)
+        start = time.perf_counter()
+        for _ in range(steps):
+            if mode == "kv_cache":
+                logits, _ = cache.step(obs["input_ids"], obs["attention_mask"], P)
+            else:
+                full, _ = policy(obs["input_ids"], obs["attention_mask"])  # (N, L, V)
+                logits = full[rows, last_real_column(obs["attention_mask"])]
+            logits[:, eos] = float("-inf")  # every episode runs its full max_new_tokens
+            action = torch.distributions.Categorical(logits=logits).sample()
+            obs, *_ = env.step(action)
+        _sync(dev)
+        results[mode] = steps * num_envs / (time.perf_counter() - start)
+    results["speedup"] = results["kv_cache"] / results["recompute"]
+    return results
+
+
+def training_speed(
+    total_timesteps: int = 16_384,
+    num_envs: int = 64,
+    device: str = "cpu",
+    task: str = "default",
+    config: PPOConfig | None = None,
+) -> dict[str, Any]:
+    """Env steps per second of PPO training (rollouts and updates) on ``task``."""
+    model = PPO("TextGen-v0", config or PPOConfig(), num_envs, {"task": task}, device, seed=0)
+    rollout_s = update_s = 0.0
+    collect, update = model.collect_rollout, model.update
+
+    def timed_collect() -> Any:
+        nonlocal rollout_s
+        start = time.perf_counter()
+        out = collect()
+        _sync(model.device)
+        rollout_s += time.perf_counter() - start
+        return out
+
+    def timed_update(*args: Any) -> Any:
+        nonlocal update_s
+        start = time.perf_counter()
+        out = update(*args)
+        _sync(model.device)
+        update_s += time.perf_counter() - start
+        return out
+
+    model.collect_rollout, model.update = timed_collect, timed_update  # type: ignore[method-assign]
+    start = time.perf_counter()
+    model.learn(total_timesteps)
+    seconds = time.perf_counter() - start
+    return {
+        "num_envs": num_envs,
+        "device": str(model.device),
+        "env_steps": model.num_timesteps,
+        "seconds": seconds,
+        "env_steps_per_second": model.num_timesteps / seconds,
+        "rollout_share": rollout_s / seconds,
+        "update_share": update_s / seconds,
+        "final_ep_rew_mean": model.last_stats.get("rollout/ep_rew_mean"),
+    }

@@ -1,0 +1,204 @@
+"""Text generation with a trained policy: greedy, sampling (temperature, top-k, top-p), beam search.
+
+Prompts are laid out exactly as TextGen-v0 lays them out (``<bos>`` + prompt, left-padded into the
+prompt window), so the policy sees what it saw in training. Greedy and sampling decode through the
+KV cache; beam search rescores whole sequences each step, which is simple and exact at these
+lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from agents.policy import KVCache, TransformerPolicy, last_real_column
+from textgym.tokenizers import Tokenizer
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+def encode_prompts(
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    prompt_window: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observation-shaped ``(input_ids, attention_mask)`` (B, P + M) for ``prompts``."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    P, L = prompt_window, prompt_window + max_new_tokens
+    ids = torch.full((len(prompts), L), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        tokens = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        if len(tokens) > P:
+            raise ValueError(
+                f"prompt {i} ({prompt[:60]!r}) is {len(tokens)} tokens with <bos>; the policy's prompt window is {P}"
+            )
+        ids[i, P - len(tokens) : P] = torch.tensor(tokens)
+        mask[i, P - len(tokens) : P] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Logits (B, V) with everything outside the top-k and the top-p nucleus set to -inf."""
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    policy: TransformerPolicy,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    prompt_window: int,
+    max_new_tokens: int,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int = 4,
+    seed: int | None = None,
+) -> list[str]:
+    """Complete each prompt with up to ``max_new_tokens`` tokens, stopping at ``<eos>``.
+
+    :param strategy: ``"greedy"``, ``"sample"`` or ``"beam"``.
+    :param temperature: divides the logits before sampling (``"sample"`` only).
+    :param top_k: sample among the k most likely tokens only.
+    :param top_p: sample from the smallest set of tokens holding this much probability.
+    :param num_beams: beams kept per prompt (``"beam"``), ranked by total log-probability.
+    :param seed: seeds a private generator for ``"sample"``; the global RNG is left alone.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if max_new_tokens + prompt_window > policy.max_len:
+        raise ValueError(
+            f"prompt window + max_new_tokens = {prompt_window + max_new_tokens} exceeds the policy's {policy.max_len}"
+        )
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    try:
+        ids, mask = encode_prompts(tokenizer, prompts, prompt_window, max_new_tokens, device)
+        if strategy == "beam":
+            tokens = _beam_search(
+                policy, ids, mask, prompt_window, max_new_tokens, tokenizer.eos_id, num_beams
+            )
+        else:
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=device).manual_seed(seed)
+            tokens = _decode(
+                policy,
+                ids,
+                mask,
+                prompt_window,
+                max_new_tokens,
+                tokenizer.eos_id,
+                strategy,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+            )
+    finally:
+        policy.train(was_training)
+    return [tokenizer.decode(row) for row in tokens]
+
+
+def _decode(
+    policy: TransformerPolicy,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    P: int,
+    M: int,
+    eos: int,
+    strategy: str,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> list[list[int]]:
+    B = ids.shape[0]
+    cache = KVCache(policy, B, ids.device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    logits, _ = cache.step(ids, mask, P)
+    for t in range(M):
+        if strategy == "greedy":
+            token = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        for i in (~finished).nonzero().squeeze(1).tolist():
+            if int(token[i]) != eos:
+                out[i].append(int(token[i]))
+        finished |= token == eos
+        if bool(finished.all()) or t == M - 1:
+            break
+        ids[:, P + t], mask[:, P + t] = token, 1
+        logits, _ = cache.step(ids, mask, P)
+    return out
+
+
+def _beam_search(
+    policy: TransformerPolicy, ids: torch.Tensor, mask: torch.Tensor, P: int, M: int, eos: int, num_beams: int
+) -> list[list[int]]:
+    """Keep the ``num_beams`` highest-scoring continuations per prompt; a beam that emits
+    ``<eos>`` is finished and keeps its score. Returns the best finished-or-running beam."""
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+    B, L = ids.shape
+    K = num_beams
+    beams = ids.repeat_interleave(K, 0)  # (B*K, L)
+    beam_mask = mask.repeat_interleave(K, 0)
+    scores = torch.full((B, K), float("-inf"), device=ids.device)
+    scores[:, 0] = 0.0  # all beams start equal: keep one so the first step does not pick duplicates
+    done = torch.zeros(B, K, dtype=torch.bool, device=ids.device)
+    rows = torch.arange(B * K, device=ids.device)
+    for t in range(M):
+        logits, _ = policy(beams, beam_mask)
+        logp = F.log_softmax(logits[rows, last_real_column(beam_mask)], -1)  # (B*K, V)
+        V = logp.shape[-1]
+        logp = logp.view(B, K, V)
+        # A finished beam continues only as itself, at no cost, through a single placeholder token.
+        frozen = torch.full_like(logp[0, 0], float("-inf"))
+        frozen[eos] = 0.0
+        logp = torch.where(done.unsqueeze(-1), frozen, logp)
+        total = (scores.unsqueeze(-1) + logp).view(B, K * V)  # (B, K*V)
+        scores, flat = total.topk(K, dim=-1)  # (B, K)
+        parent, token = flat // V, flat % V
+        pick = (parent + torch.arange(B, device=ids.device).unsqueeze(1) * K).view(-1)  # (B*K,)
+        beams, beam_mask, done = beams[pick].clone(), beam_mask[pick].clone(), done.view(-1)[pick].view(B, K)
+        was_done = done.clone()
+        done = done | (token == eos)
+        write = (~was_done).view(-1)
+        beams[write, P + t] = token.view(-1)[write]
+        beam_mask[write, P + t] = 1
+        if bool(done.all()):
+            break
+    best = scores.argmax(-1)  # (B,)
+    chosen = beams.view(B, K, L)[torch.arange(B), best]  # (B, L)
+    lengths = beam_mask.view(B, K, L)[torch.arange(B), best][:, P:].sum(-1)
+    out = []
+    for row, n in zip(chosen[:, P:].tolist(), lengths.tolist(), strict=True):
+        out.append([tok for tok in row[:n] if tok != eos])
+    return out

@@ -1,0 +1,252 @@
+"""A decoder-only Transformer policy with a value head, and the key/value cache that lets it act.
+
+The policy reads TextGen-v0 observations directly: ``input_ids`` and ``attention_mask`` of shape
+``(B, L)``, prompts left-padded into the first ``P`` columns, generated tokens from column ``P``.
+Positions count real tokens only (``cumsum(mask) - 1``), so a prompt means the same thing
+whatever its padding. Attention is causal and never looks at padding.
+
+Acting with a cache (:class:`KVCache`): the environment's transition only appends the agent's
+own token, so the keys and values of every earlier token stay valid. The cache has one slot per
+observation column, per env; a new episode's row is filled by one forward pass over its prompt
+window (prefill), and each later step feeds only the newest token (decode). The logits equal
+those of a full forward pass over the observation (tested against recompute).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Size and shape of the Transformer policy."""
+
+    d_model: int = 64
+    """Width of the residual stream."""
+    n_layers: int = 2
+    """Number of Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads per block; must divide ``d_model``."""
+    mlp_ratio: int = 4
+    """Hidden width of each MLP as a multiple of ``d_model``."""
+    positional: str = "learned"
+    """``"learned"`` position embeddings or fixed ``"sinusoidal"`` encodings."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.positional not in ("learned", "sinusoidal"):
+            raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {self.positional!r}")
+
+
+def sinusoidal_encoding(length: int, dim: int) -> torch.Tensor:
+    """Fixed sine/cosine position encodings (Vaswani et al. 2017, section 3.5): (length, dim)."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (length, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10_000.0) / dim))
+    enc = torch.zeros(length, dim)
+    enc[:, 0::2] = torch.sin(position * freq)
+    enc[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    return enc
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: causal self-attention, then a GELU MLP, each around a residual."""
+
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``x`` (B, T, C); ``attn_mask`` (B, 1, T, S) bool, True where attention is allowed.
+
+        With ``cache = (k_cache, v_cache, rows, cols)`` the new keys/values of ``x`` are written
+        into ``k_cache[rows, :, cols]`` and attention runs over all S cached slots of those rows.
+        """
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k_cache, v_cache, rows, cols = cache  # caches (N, nh, S, hs); rows (B,), cols (B, T)
+            k_cache[rows.unsqueeze(1), :, cols] = k.transpose(1, 2)  # (B, T, nh, hs) into slots
+            v_cache[rows.unsqueeze(1), :, cols] = v.transpose(1, 2)
+            k, v = k_cache[rows], v_cache[rows]  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        x = x + self.proj(y)
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerPolicy(nn.Module):
+    """Token embedding + positions, pre-LN causal blocks, a policy head and a value head.
+
+    :param vocab_size: number of token ids (the env's ``Discrete`` action space).
+    :param max_len: longest sequence (observation length ``P + M``).
+    :param cfg: the architecture.
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, cfg: PolicyConfig = PolicyConfig()):
+        super().__init__()
+        self.cfg, self.vocab_size, self.max_len = cfg, vocab_size, max_len
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        if cfg.positional == "learned":
+            self.pos_emb = nn.Embedding(max_len, cfg.d_model)
+        else:
+            self.register_buffer("pos_table", sinusoidal_encoding(max_len, cfg.d_model), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.policy_head = nn.Linear(cfg.d_model, vocab_size)
+        self.value_head = nn.Linear(cfg.d_model, 1)
+        self.apply(self._init_weights)
+        # Small policy logits start the agent near uniform; a small value head near zero.
+        nn.init.normal_(self.policy_head.weight, std=0.01 / math.sqrt(cfg.d_model))
+        nn.init.zeros_(self.value_head.weight)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        pos = self.pos_emb(positions) if self.cfg.positional == "learned" else self.pos_table[positions]
+        return self.tok_emb(ids) + pos  # (B, T, C)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) at every column of ``input_ids`` (B, T).
+
+        Column ``j`` gives the next-token distribution and the value of the state whose last
+        token is in column ``j``. Padding columns give finite but meaningless outputs.
+        """
+        return self.heads(self.hidden(input_ids, attention_mask))
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (..., V) and values (...) from final hidden states (..., C)."""
+        return self.policy_head(hidden), self.value_head(hidden).squeeze(-1)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final (layer-normed) hidden states (B, T, C) of a full causal pass."""
+        mask = attention_mask.bool()  # (B, T)
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        T = input_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        allowed = causal & mask[:, None, :]  # (B, T, T): causal, and never attend to padding
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # pads see themselves
+        x = self._embed(input_ids, positions)
+        for block in self.blocks:
+            x = block(x, allowed.unsqueeze(1))
+        return self.ln_f(x)
+
+
+def last_real_column(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) column of the last real token of each row of a TextGen observation mask (B, L)."""
+    L = attention_mask.shape[1]
+    cols = torch.arange(L, device=attention_mask.device)
+    return torch.where(attention_mask.bool(), cols, -1).max(dim=1).values
+
+
+class KVCache:
+    """Per-env keys and values of every layer, one slot per observation column.
+
+    :param policy: the policy whose keys and values are cached.
+    :param num_envs: rows of the cache.
+    """
+
+    def __init__(self, policy: TransformerPolicy, num_envs: int, device: torch.device | str):
+        cfg, S = policy.cfg, policy.max_len
+        shape = (num_envs, cfg.n_heads, S, cfg.d_model // cfg.n_heads)  # (N, nh, S, hs)
+        dtype = next(policy.parameters()).dtype
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.policy = policy
+
+    @torch.no_grad()
+    def rebuild(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refill every row from full observations (N, L), e.g. after the policy's weights changed.
+
+        Returns the next-token logits (N, V) and values (N,) at each row's last real token.
+        """
+        N, L = input_ids.shape
+        rows = torch.arange(N, device=input_ids.device)
+        logits, values = self._run(rows, input_ids, attention_mask, torch.arange(L, device=input_ids.device))
+        last = last_real_column(attention_mask)  # (N,)
+        return logits[rows, last], values[rows, last]
+
+    @torch.no_grad()
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits (N, V) and values (N,) for the current observations (N, L).
+
+        Rows with no generated token yet are prefilled over the prompt window; every other row
+        feeds only its newest token, which must be the one appended since the previous call.
+        """
+        P = prompt_window
+        N = input_ids.shape[0]
+        generated = attention_mask[:, P:].sum(1)  # (N,) tokens generated so far
+        logits = torch.empty(N, self.policy.vocab_size, device=input_ids.device)
+        values = torch.empty(N, device=input_ids.device)
+        new = (generated == 0).nonzero().squeeze(1)
+        old = (generated > 0).nonzero().squeeze(1)
+        if new.numel():
+            lg, val = self._run(
+                new, input_ids[new, :P], attention_mask[new, :P], torch.arange(P, device=input_ids.device)
+            )
+            logits[new], values[new] = lg[:, -1], val[:, -1]
+        if old.numel():
+            col = (P - 1 + generated[old]).unsqueeze(1)  # (n, 1): the newest token's column
+            lg, val = self._run(old, input_ids[old].gather(1, col), attention_mask[old], col)
+            logits[old], values[old] = lg[:, -1], val[:, -1]
+        return logits, values
+
+    def _run(
+        self, rows: torch.Tensor, ids: torch.Tensor, full_mask: torch.Tensor, cols: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``ids`` (n, T) of ``rows`` at columns ``cols`` ((T,) or (n, T)) through the cache."""
+        policy = self.policy
+        n, T = ids.shape
+        S = policy.max_len
+        cols = cols.expand(n, T)  # (n, T)
+        mask = full_mask.bool()
+        # Positions count the real tokens up to and including each column.
+        counts = full_mask.long().cumsum(1)  # (n, width of full_mask)
+        positions = (counts.gather(1, cols.clamp(max=full_mask.shape[1] - 1)) - 1).clamp(min=0)  # (n, T)
+        key_mask = torch.zeros(n, S, dtype=torch.bool, device=ids.device)
+        key_mask[:, : mask.shape[1]] = mask  # (n, S): slots holding real tokens of these rows
+        slots = torch.arange(S, device=ids.device)
+        allowed = key_mask[:, None, :] & (slots[None, None, :] <= cols[:, :, None])  # (n, T, S)
+        allowed[torch.arange(n).unsqueeze(1), torch.arange(T), cols] = True  # pads see themselves
+        x = policy._embed(ids, positions)
+        for layer, block in enumerate(policy.blocks):
+            x = block(x, allowed.unsqueeze(1), (self.keys[layer], self.values[layer], rows, cols))
+        return policy.heads(policy.ln_f(x))

@@ -1,0 +1,645 @@
+"""PPO with a Transformer policy on the batched TextGen-v0, everything on the agent's device.
+
+One update reads top to bottom in :meth:`PPO.learn`: a rollout of ``n_steps`` on all envs (acting
+through a KV cache, one new token per env per step), GAE (:func:`agents.buffer.compute_gae`), then
+``n_epochs`` passes over minibatches of whole sequences with the clipped surrogate objective
+(Schulman et al. 2017, eq. 7), an optionally clipped value loss, an entropy bonus, global
+gradient-norm clipping, Adam (eps 1e-5), linear learning-rate annealing and early stopping on
+``target_kl``; then logging under Stable-Baselines3's TensorBoard tags.
+
+Where it departs from the textbook: the update groups transitions by episode and computes the
+log-probs, values and entropies of all actions of an episode in one causal forward pass over its
+last observation (:func:`agents.buffer.segments`), so minibatches are sets of sequences; and a
+truncated episode is not bootstrapped by default (``PPOConfig.bootstrap_truncated``), because
+TextGen-v0 delivers the reward model's score when it truncates at ``max_new_tokens``: the return
+is complete and there is no future to estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical
+
+from agents.buffer import Rollout, compute_gae, segments
+from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
+from textgym.core import resolve_device
+from textgym.vector import TextGenVectorEnv
+
+CHECKPOINT_SCHEMA = 1
+ENV_IDS = ("TextGen-v0", "textgym:TextGen-v0")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Hyperparameters of :class:`PPO`; saved as ``config.json`` and inside every checkpoint."""
+
+    n_steps: int = 32
+    """Env steps per env in each rollout; a rollout holds ``n_steps * num_envs`` transitions."""
+    n_epochs: int = 4
+    """Passes over each rollout."""
+    num_minibatches: int = 4
+    """Minibatches per epoch; each is a set of whole sequences (episode pieces)."""
+    learning_rate: float = 1e-3
+    """Adam step size at the start of training."""
+    anneal_lr: bool = True
+    """Decay the learning rate linearly to 0 over ``total_timesteps``."""
+    adam_eps: float = 1e-5
+    """Adam's epsilon (1e-5 rather than torch's 1e-8, as in the reference PPO implementations)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE's bias/variance trade-off."""
+    clip_range: float = 0.2
+    """Clip of the probability ratio in the surrogate objective."""
+    clip_range_vf: float | None = None
+    """Clip of the value change around the rollout's values; None: unclipped value loss."""
+    normalize_advantage: bool = True
+    """Normalise advantages to mean 0, std 1 within each minibatch."""
+    ent_coef: float = 0.01
+    """Weight of the entropy bonus."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    target_kl: float | None = None
+    """Stop the epochs of an update once approx-KL exceeds 1.5 × this (SB3's rule); None: never."""
+    bootstrap_truncated: bool = False
+    """Add γ·V(final observation) to the reward of truncated episodes (SB3 semantics). Off by
+    default: TextGen-v0 scores the completion when it truncates, so the return is complete."""
+    sample_interval: int = 10
+    """Write generated text samples to TensorBoard every this many updates."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """Architecture of the Transformer policy."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_steps", "n_epochs", "num_minibatches", "sample_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("learning_rate", "adam_eps", "clip_range", "max_grad_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"PPOConfig.{name} must be a positive number, got {value!r}")
+        for name in ("gamma", "gae_lambda"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {value!r}")
+        for name in ("ent_coef", "vf_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"PPOConfig.{name} must be >= 0, got {value!r}")
+        for name in ("clip_range_vf", "target_kl"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or not value > 0):
+                raise ValueError(f"PPOConfig.{name} must be None or a positive number, got {value!r}")
+        if isinstance(self.policy, Mapping):  # from a checkpoint or config.json
+            object.__setattr__(self, "policy", PolicyConfig(**self.policy))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PPOConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown PPOConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class PPO:
+    """PPO with a Transformer policy on ``TextGen-v0`` (API modelled on Stable-Baselines3).
+
+    :param env: ``"TextGen-v0"``, or a :class:`~textgym.vector.TextGenVectorEnv` made with
+        ``autoreset_mode="same_step", array_type="torch"`` on the agent's device.
+    :param config: hyperparameters.
+    :param num_envs: episodes in flight (when ``env`` is an id).
+    :param env_kwargs: keyword arguments of the environment (task, reward, ...).
+    :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    :param seed: seeds torch, the policy's initial weights and the environment.
+    :param tensorboard_log: directory of TensorBoard runs; None disables logging.
+    :param verbose: 0 silent, 1 prints the config at the start of ``learn``.
+    """
+
+    def __init__(
+        self,
+        env: str | TextGenVectorEnv = "TextGen-v0",
+        config: PPOConfig | None = None,
+        num_envs: int = 64,
+        env_kwargs: Mapping[str, Any] | None = None,
+        device: str | torch.device = "auto",
+        seed: int | None = None,
+        tensorboard_log: str | os.PathLike[str] | None = None,
+        verbose: int = 0,
+    ):
+        self.config = config if config is not None else PPOConfig()
+        if not isinstance(self.config, PPOConfig):
+            raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+        self.device = resolve_device(device)
+        self.seed, self.verbose = seed, verbose
+        self.tensorboard_log = None if tensorboard_log is None else Path(tensorboard_log)
+        self.env_kwargs = dict(env_kwargs or {})
+        if seed is not None:
+            torch.manual_seed(seed)
+        if isinstance(env, str):
+            if env not in ENV_IDS:
+                raise ValueError(f"env must be one of {ENV_IDS} or a TextGenVectorEnv, got {env!r}")
+            env = TextGenVectorEnv(
+                num_envs,
+                device=self.device,
+                autoreset_mode="same_step",
+                array_type="torch",
+                **self.env_kwargs,
+            )
+        elif not isinstance(env, TextGenVectorEnv):
+            raise TypeError(f"env must be 'TextGen-v0' or a TextGenVectorEnv, got {type(env).__name__}")
+        if env.autoreset_mode.value != "SameStep" or env.array_type != "torch" or env.device != self.device:
+            raise ValueError(
+                "PPO needs TextGenVectorEnv(autoreset_mode='same_step', array_type='torch') on the agent's "
+                f"device {self.device}, got {env.autoreset_mode.value}, {env.array_type}, {env.device}"
+            )
+        self.env = env
+        self.num_envs = env.num_envs
+        self.prompt_window = env.prompt_window
+        self.seq_len = env.config.seq_len
+        self.tokenizer = env.tokenizer
+        self.policy = TransformerPolicy(env.single_action_space.n, self.seq_len, self.config.policy).to(
+            self.device
+        )
+        self.optimizer = torch.optim.Adam(
+            self.policy.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps
+        )
+        self.num_timesteps = 0
+        self.n_updates = 0
+        self.ep_info_buffer: deque[dict[str, float]] = deque(maxlen=100)  # as SB3: the last 100
+        self._target_timesteps = 0
+        self._obs: dict[str, torch.Tensor] | None = None
+        self._episode_return = torch.zeros(self.num_envs, dtype=torch.float64, device=self.device)
+        self._episode_length = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        self._samples: deque[tuple[str, str, float]] = deque(maxlen=8)
+        self._cache = KVCache(self.policy, self.num_envs, self.device)
+        self._writer: Any = None
+        self._tb_dir: Path | None = None
+
+    # ------------------------------------------------------------------------------------ learn
+    def learn(
+        self,
+        total_timesteps: int,
+        progress_bar: bool = False,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "ppo",
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        checkpoint_interval: int = 0,
+    ) -> PPO:
+        """Train for ``total_timesteps`` env steps (counted from 0, or added to the current count
+        with ``reset_num_timesteps=False``, which also continues the TensorBoard run).
+
+        :param progress_bar: show a tqdm bar of env steps.
+        :param checkpoint_path: where :meth:`save` writes; on Ctrl-C a checkpoint is written there
+            and the logs are flushed before ``KeyboardInterrupt`` propagates.
+        :param checkpoint_interval: also save every this many updates (0: only at the end of
+            ``learn`` and on Ctrl-C).
+        """
+        if isinstance(total_timesteps, bool) or not isinstance(total_timesteps, int) or total_timesteps < 1:
+            raise ValueError(f"total_timesteps must be a positive integer, got {total_timesteps!r}")
+        cfg = self.config
+        if reset_num_timesteps or self._obs is None:
+            if reset_num_timesteps:
+                self.num_timesteps, self.n_updates = 0, 0
+                self.ep_info_buffer.clear()
+            obs, _ = self.env.reset(seed=self.seed)
+            self._obs = obs
+            self._episode_return.zero_()
+            self._episode_length.zero_()
+        self._target_timesteps = (0 if reset_num_timesteps else self.num_timesteps) + total_timesteps
+        self._open_writer(tb_log_name, new_run=reset_num_timesteps)
+        if self.verbose:
+            print(f"PPOConfig: {json.dumps(cfg.to_dict())}")
+        start_steps, start_time = self.num_timesteps, time.perf_counter()
+        bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self._target_timesteps, initial=self.num_timesteps, unit="step", dynamic_ncols=True
+            )
+        try:
+            while self.num_timesteps < self._target_timesteps:
+                if cfg.anneal_lr:
+                    frac = 1.0 - self.num_timesteps / self._target_timesteps
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = frac * cfg.learning_rate
+                rollout, last_values, last_dones = self.collect_rollout()
+                stats = self.update(rollout, last_values, last_dones)
+                self.n_updates += 1
+                fps = (self.num_timesteps - start_steps) / (time.perf_counter() - start_time)
+                self._log(stats, fps)
+                if bar is not None:
+                    bar.update(self.num_timesteps - bar.n)
+                    if self.ep_info_buffer:
+                        bar.set_postfix(ep_rew_mean=f"{np.mean([e['r'] for e in self.ep_info_buffer]):.3f}")
+                if (
+                    checkpoint_path is not None
+                    and checkpoint_interval
+                    and self.n_updates % checkpoint_interval == 0
+                ):
+                    self.save(checkpoint_path)
+        except KeyboardInterrupt:
+            if checkpoint_path is not None:
+                self.save(checkpoint_path)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._writer is not None:
+                self._writer.flush()
+        if checkpoint_path is not None:
+            self.save(checkpoint_path)
+        return self
+
+    @torch.no_grad()
+    def collect_rollout(self) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """Run the policy for ``n_steps`` on every env; returns the rollout, the values of the
+        observations after it (N,) and whether its last step ended each episode (N,)."""
+        assert self._obs is not None
+        T, N, cfg = self.config.n_steps, self.num_envs, self.config
+        L, dev = self.seq_len, self.device
+        ids = torch.empty(T, N, L, dtype=torch.long, device=dev)
+        masks = torch.empty_like(ids)
+        actions = torch.empty(T, N, dtype=torch.long, device=dev)
+        logprobs, values, rewards = (torch.empty(T, N, device=dev) for _ in range(3))
+        starts, dones = torch.empty(T, N, device=dev), torch.empty(T, N, device=dev)
+        self.policy.eval()
+        obs = self._obs
+        # The weights changed in the last update: recompute every cached key and value.
+        logits, value = self._cache.rebuild(obs["input_ids"], obs["attention_mask"])
+        for t in range(T):
+            ids[t], masks[t] = obs["input_ids"], obs["attention_mask"]
+            starts[t] = (obs["attention_mask"][:, self.prompt_window :].sum(1) == 0).float()
+            dist = Categorical(logits=logits)
+            action = dist.sample()
+            actions[t], logprobs[t], values[t] = action, dist.log_prob(action), value
+            obs, reward, terminated, truncated, infos = self.env.step(action)
+            done = terminated | truncated
+            if cfg.bootstrap_truncated and bool(truncated.any()):
+                rows = truncated.nonzero().squeeze(1)
+                final_ids, final_mask = (
+                    infos["final_obs"]["input_ids"][rows],
+                    infos["final_obs"]["attention_mask"][rows],
+                )
+                _, final_values = self.policy(final_ids, final_mask)  # (k, L)
+                last = final_values[torch.arange(len(rows), device=dev), last_real_column(final_mask)]
+                reward = reward.clone()
+                reward[rows] += cfg.gamma * last.double()
+            rewards[t], dones[t] = reward.float(), done.float()
+            self._track_episodes(reward, done, infos)
+            if t + 1 < T:
+                logits, value = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
+        self._obs = obs
+        self.num_timesteps += T * N
+        _, last_values = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
+        rollout = Rollout(ids, masks, actions, logprobs, values, rewards, starts, dones)
+        return rollout, last_values, dones[-1]
+
+    def _track_episodes(self, reward: torch.Tensor, done: torch.Tensor, infos: dict[str, Any]) -> None:
+        self._episode_return += reward
+        self._episode_length += 1
+        if bool(done.any()):
+            rows = done.nonzero().squeeze(1)
+            for i, r, n in zip(
+                rows.tolist(),
+                self._episode_return[rows].tolist(),
+                self._episode_length[rows].tolist(),
+                strict=True,
+            ):
+                self.ep_info_buffer.append({"r": r, "l": n})
+                final = infos["final_info"]
+                self._samples.append((final["prompt"][i], final["completion"][i], r))
+            self._episode_return[rows] = 0.0
+            self._episode_length[rows] = 0
+
+    def update(
+        self, rollout: Rollout, last_values: torch.Tensor, last_dones: torch.Tensor
+    ) -> dict[str, float]:
+        """``n_epochs`` of clipped-PPO minibatch steps on whole sequences of ``rollout``.
+
+        Returns the update's metrics under Stable-Baselines3's tags: means over its minibatches,
+        except ``train/loss`` (the last minibatch's, as SB3 logs it).
+        """
+        cfg = self.config
+        advantages, returns = compute_gae(
+            rollout.rewards,
+            rollout.values,
+            rollout.episode_starts,
+            last_values,
+            last_dones,
+            cfg.gamma,
+            cfg.gae_lambda,
+        )
+        seg = segments(rollout, self.prompt_window)
+        # Transitions flattened in (T, N) order: (T*N,)
+        actions, old_logprobs = rollout.actions.reshape(-1), rollout.logprobs.reshape(-1)
+        old_values, advantages, returns = (
+            rollout.values.reshape(-1),
+            advantages.reshape(-1),
+            returns.reshape(-1),
+        )
+        num_segments = seg.input_ids.shape[0]
+        self.policy.train()
+        pg_losses, value_losses, entropy_losses, approx_kls, clip_fractions = [], [], [], [], []
+        loss = torch.zeros(())
+        continue_training, epochs = True, 0
+        for _ in range(cfg.n_epochs):
+            epochs += 1
+            order = torch.randperm(num_segments, device=self.device)
+            for batch in order.chunk(cfg.num_minibatches):
+                in_batch = torch.zeros(num_segments, dtype=torch.bool, device=self.device)
+                in_batch[batch] = True
+                local = torch.empty(num_segments, dtype=torch.long, device=self.device)
+                local[batch] = torch.arange(len(batch), device=self.device)
+                sel = in_batch[seg.segment].nonzero().squeeze(1)  # (n,) transitions of these sequences
+                hidden = self.policy.hidden(seg.input_ids[batch], seg.attention_mask[batch])  # (b, L, C)
+                logits, values = self.policy.heads(
+                    hidden[local[seg.segment[sel]], seg.column[sel]]
+                )  # (n, V), (n,)
+                log_probs = F.log_softmax(logits, dim=-1)  # (n, V)
+                new_logprobs = log_probs.gather(1, actions[sel].unsqueeze(1)).squeeze(1)
+                entropy = -(log_probs.exp() * log_probs).sum(-1)  # (n,)
+
+                adv = advantages[sel]
+                if cfg.normalize_advantage and len(adv) > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                log_ratio = new_logprobs - old_logprobs[sel]
+                ratio = log_ratio.exp()
+                pg_loss = torch.max(
+                    -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
+                ).mean()
+                if cfg.clip_range_vf is None:
+                    value_pred = values
+                else:
+                    value_pred = old_values[sel] + (values - old_values[sel]).clamp(
+                        -cfg.clip_range_vf, cfg.clip_range_vf
+                    )
+                value_loss = F.mse_loss(returns[sel], value_pred)
+                entropy_loss = -entropy.mean()
+                loss = pg_loss + cfg.ent_coef * entropy_loss + cfg.vf_coef * value_loss
+
+                with torch.no_grad():
+                    # (r - 1) - log r: unbiased, non-negative estimator of KL(old || new) (Schulman 2020)
+                    approx_kl = ((ratio - 1) - log_ratio).mean().item()
+                    clip_fractions.append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
+                pg_losses.append(pg_loss.item())
+                value_losses.append(value_loss.item())
+                entropy_losses.append(entropy_loss.item())
+                approx_kls.append(approx_kl)
+                if cfg.target_kl is not None and approx_kl > 1.5 * cfg.target_kl:
+                    continue_training = False
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+            if not continue_training:
+                break
+        var_returns = returns.var()
+        explained = (
+            float("nan") if var_returns == 0 else float(1 - (returns - old_values).var() / var_returns)
+        )
+        return {
+            "train/policy_gradient_loss": float(np.mean(pg_losses)),
+            "train/value_loss": float(np.mean(value_losses)),
+            "train/entropy_loss": float(np.mean(entropy_losses)),
+            "train/approx_kl": float(np.mean(approx_kls)),
+            "train/clip_fraction": float(np.mean(clip_fractions)),
+            "train/loss": float(loss.item()),  # last minibatch, as SB3
+            "train/explained_variance": explained,
+            "train/learning_rate": self.optimizer.param_groups[0]["lr"],
+            "train/clip_range": cfg.clip_range,
+            "train/n_updates": self.n_updates + 1,
+            "train/epochs": epochs,
+            "train/sequences": num_segments,
+        }
+
+    # ---------------------------------------------------------------------------------- logging
+    def _open_writer(self, tb_log_name: str, new_run: bool) -> None:
+        if self.tensorboard_log is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self._writer is None or new_run:
+            if self._writer is not None:
+                self._writer.close()
+            if self._tb_dir is None or new_run:
+                # As SB3: <tensorboard_log>/<name>_<k>, k one more than the largest present.
+                taken = [
+                    int(p.name.rsplit("_", 1)[1])
+                    for p in self.tensorboard_log.glob(f"{tb_log_name}_*")
+                    if p.name.rsplit("_", 1)[1].isdigit()
+                ]
+                self._tb_dir = self.tensorboard_log / f"{tb_log_name}_{max(taken, default=0) + 1}"
+            self._writer = SummaryWriter(str(self._tb_dir))
+            self._writer.add_text(
+                "config", f"```\n{json.dumps(self.config.to_dict(), indent=2)}\n```", self.num_timesteps
+            )
+
+    def _log(self, stats: dict[str, float], fps: float) -> None:
+        self.last_stats = {**stats, "time/fps": fps}
+        if self.ep_info_buffer:
+            self.last_stats["rollout/ep_rew_mean"] = float(np.mean([e["r"] for e in self.ep_info_buffer]))
+            self.last_stats["rollout/ep_len_mean"] = float(np.mean([e["l"] for e in self.ep_info_buffer]))
+        if self._writer is None:
+            return
+        for tag, value in self.last_stats.items():
+            self._writer.add_scalar(tag, value, self.num_timesteps)
+        if self.n_updates % self.config.sample_interval == 1 and self._samples:
+            rows = "\n".join(f"| {p} | {c} | {r:.3f} |" for p, c, r in self._samples)
+            self._writer.add_text(
+                "samples", f"| prompt | completion | return |\n|---|---|---|\n{rows}", self.num_timesteps
+            )
+
+    # ------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(
+        self,
+        observation: Mapping[str, Any],
+        state: Any = None,
+        episode_start: Any = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, None]:
+        """Actions for one observation (dict of (L,) arrays) or a batch (dict of (B, L) arrays).
+
+        Same signature as Stable-Baselines3; ``state`` and ``episode_start`` are accepted and
+        unused (the policy reads the whole text from the observation). Returns ``(actions, None)``.
+        """
+        ids = torch.as_tensor(np.asarray(observation["input_ids"]), device=self.device)
+        mask = torch.as_tensor(np.asarray(observation["attention_mask"]), device=self.device)
+        single = ids.ndim == 1
+        if single:
+            ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
+        if ids.ndim != 2 or ids.shape[1] != self.seq_len or mask.shape != ids.shape:
+            raise ValueError(
+                f"observation arrays must have shape ({self.seq_len},) or (B, {self.seq_len}), "
+                f"got input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)}"
+            )
+        self.policy.eval()
+        hidden = self.policy.hidden(ids.long(), mask.long())
+        rows = torch.arange(len(ids), device=self.device)
+        logits, _ = self.policy.heads(hidden[rows, last_real_column(mask)])
+        actions = logits.argmax(-1) if deterministic else Categorical(logits=logits).sample()
+        out = actions.cpu().numpy()
+        return (out[0] if single else out), None
+
+    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
+        """Completions of ``prompts``: see :func:`agents.generation.generate` for the options
+        (greedy, sampling with temperature / top-k / top-p, beam search)."""
+        from agents.generation import generate
+
+        return generate(
+            self.policy, self.tokenizer, prompts, self.prompt_window, self.env.config.max_new_tokens, **kwargs
+        )
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        core = self.env._core
+        env_kwargs = _jsonable_or_none(self.env_kwargs)
+        ckpt = {
+            "schema_version": CHECKPOINT_SCHEMA,
+            "config": self.config.to_dict(),
+            "env_kwargs": env_kwargs,
+            "num_envs": self.num_envs,
+            "seed": self.seed,
+            "model": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "num_timesteps": self.num_timesteps,
+            "n_updates": self.n_updates,
+            "target_timesteps": self._target_timesteps,
+            "ep_info_buffer": list(self.ep_info_buffer),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": json.dumps(_numpy_state()),
+                "python": json.dumps(random.getstate(), default=list),
+            },
+            "env_state": None
+            if self._obs is None
+            else {
+                "tokens": core.tokens.cpu(),
+                "mask": core.mask.cpu(),
+                "gen_len": core.gen_len.cpu(),
+                "prompt_index": core.prompt_index.cpu(),
+                "rngs": json.dumps([g.bit_generator.state for g in self.env._rngs or []]),
+                "episode_return": self._episode_return.cpu(),
+                "episode_length": self._episode_length.cpu(),
+            },
+            "tb_dir": None if self._tb_dir is None else str(self._tb_dir),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        env_kwargs: Mapping[str, Any] | None = None,
+        device: str | torch.device = "auto",
+        tensorboard_log: str | os.PathLike[str] | None = None,
+    ) -> PPO:
+        """A PPO agent from a checkpoint, ready to ``predict``, ``generate`` or continue to ``learn``.
+
+        :param env_kwargs: the environment's keyword arguments; needed when the checkpoint could
+            not store them (a reward given as a Python function).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        version = ckpt.get("schema_version") if isinstance(ckpt, dict) else None
+        if version != CHECKPOINT_SCHEMA:
+            raise ValueError(
+                f"{str(path)!r} is not a textgym PPO checkpoint of schema {CHECKPOINT_SCHEMA} (got {version!r})"
+            )
+        if env_kwargs is None:
+            if ckpt["env_kwargs"] is None:
+                raise ValueError(
+                    f"{str(path)!r} was saved with environment arguments that are not JSON (a reward "
+                    "function?); pass them again: PPO.load(path, env_kwargs={...})"
+                )
+            env_kwargs = ckpt["env_kwargs"]
+        model = cls(
+            config=PPOConfig.from_dict(ckpt["config"]),
+            num_envs=ckpt["num_envs"],
+            env_kwargs=env_kwargs,
+            device=device,
+            seed=ckpt["seed"],
+            tensorboard_log=tensorboard_log,
+        )
+        model.policy.load_state_dict(ckpt["model"])
+        model.optimizer.load_state_dict(ckpt["optimizer"])
+        model.num_timesteps, model.n_updates = ckpt["num_timesteps"], ckpt["n_updates"]
+        model._target_timesteps = ckpt["target_timesteps"]
+        model.ep_info_buffer.extend(ckpt["ep_info_buffer"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, pos, has_gauss, gauss = json.loads(rng["numpy"])
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        py_state = json.loads(rng["python"])
+        random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
+        if ckpt["tb_dir"] is not None and tensorboard_log is not None:
+            model._tb_dir = Path(ckpt["tb_dir"])
+        state = ckpt["env_state"]
+        if state is not None:
+            model._restore_env(state)
+        return model
+
+    def _restore_env(self, state: Mapping[str, Any]) -> None:
+        env, core, dev = self.env, self.env._core, self.device
+        env.reset(seed=0)  # allocates the per-env generators, then every piece is overwritten
+        core.tokens.copy_(state["tokens"].to(dev))
+        core.mask.copy_(state["mask"].to(dev))
+        core.gen_len.copy_(state["gen_len"].to(dev))
+        core.prompt_index.copy_(state["prompt_index"].to(dev))
+        for gen, saved in zip(env._rngs or [], json.loads(state["rngs"]), strict=True):
+            gen.bit_generator.state = saved
+        self._episode_return.copy_(state["episode_return"].to(dev))
+        self._episode_length.copy_(state["episode_length"].to(dev))
+        self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
+
+
+def _numpy_state() -> list[Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def _jsonable_or_none(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def mean_episode_reward(model: PPO) -> float:
+    """Mean return of the last (up to) 100 finished training episodes, as ``rollout/ep_rew_mean``."""
+    if not model.ep_info_buffer:
+        return math.nan
+    return float(np.mean([e["r"] for e in model.ep_info_buffer]))

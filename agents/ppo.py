@@ -307,10 +307,11 @@ class PPO:
                 reward[rows] += cfg.gamma * last.double()
             rewards[t], dones[t] = reward.float(), done.float()
             self._track_episodes(reward, done, infos)
+            # Counted per step, so an interrupted rollout leaves a consistent state to save.
+            self._obs = obs
+            self.num_timesteps += N
             if t + 1 < T:
                 logits, value = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
-        self._obs = obs
-        self.num_timesteps += T * N
         _, last_values = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
         rollout = Rollout(ids, masks, actions, logprobs, values, rewards, starts, dones)
         return rollout, last_values, dones[-1]
@@ -485,8 +486,7 @@ class PPO:
         Same signature as Stable-Baselines3; ``state`` and ``episode_start`` are accepted and
         unused (the policy reads the whole text from the observation). Returns ``(actions, None)``.
         """
-        ids = torch.as_tensor(np.asarray(observation["input_ids"]), device=self.device)
-        mask = torch.as_tensor(np.asarray(observation["attention_mask"]), device=self.device)
+        ids, mask = (_as_tensor(observation[key], self.device) for key in ("input_ids", "attention_mask"))
         single = ids.ndim == 1
         if single:
             ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
@@ -624,6 +624,12 @@ class PPO:
         self._episode_return.copy_(state["episode_return"].to(dev))
         self._episode_length.copy_(state["episode_length"].to(dev))
         self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
+
+
+def _as_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return torch.as_tensor(np.asarray(value), device=device)
 
 
 def _numpy_state() -> list[Any]:

@@ -686,6 +686,7 @@ def test_render_without_render_mode_warns_and_returns_none():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*render_mode='rgb_array'")  # make_vec_env's first try, then its fallback
 def test_sb3_ppo_trains_on_a_dummy_vec_env():
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env

@@ -92,22 +92,29 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
         for name in ("learning_rate", "adam_eps", "clip_range", "max_grad_norm"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
+            if not _is_number(value) or not 0 < value < math.inf:
                 raise ValueError(f"PPOConfig.{name} must be a positive number, got {value!r}")
         for name in ("gamma", "gae_lambda"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 <= value <= 1:
+            if not _is_number(value) or not 0 <= value <= 1:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {value!r}")
         for name in ("ent_coef", "vf_coef"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"PPOConfig.{name} must be >= 0, got {value!r}")
+            if not _is_number(value) or not 0 <= value < math.inf:
+                raise ValueError(f"PPOConfig.{name} must be a finite number >= 0, got {value!r}")
         for name in ("clip_range_vf", "target_kl"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int | float) or not value > 0):
+            if value is not None and (not _is_number(value) or not 0 < value < math.inf):
                 raise ValueError(f"PPOConfig.{name} must be None or a positive number, got {value!r}")
         if isinstance(self.policy, Mapping):  # from a checkpoint or config.json
-            object.__setattr__(self, "policy", PolicyConfig(**self.policy))
+            try:
+                object.__setattr__(self, "policy", PolicyConfig(**self.policy))
+            except TypeError as exc:
+                raise ValueError(f"PPOConfig.policy: {exc}") from None
+        if not isinstance(self.policy, PolicyConfig):
+            raise ValueError(
+                f"PPOConfig.policy must be a PolicyConfig or a mapping of its fields, got {self.policy!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -295,6 +302,7 @@ class PPO:
             actions[t], logprobs[t], values[t] = action, dist.log_prob(action), value
             obs, reward, terminated, truncated, infos = self.env.step(action)
             done = terminated | truncated
+            self._track_episodes(reward, done, infos)  # the env's own rewards, before any bootstrap
             if cfg.bootstrap_truncated and bool(truncated.any()):
                 rows = truncated.nonzero().squeeze(1)
                 final_ids, final_mask = (
@@ -306,7 +314,6 @@ class PPO:
                 reward = reward.clone()
                 reward[rows] += cfg.gamma * last.double()
             rewards[t], dones[t] = reward.float(), done.float()
-            self._track_episodes(reward, done, infos)
             # Counted per step, so an interrupted rollout leaves a consistent state to save.
             self._obs = obs
             self.num_timesteps += N
@@ -466,7 +473,7 @@ class PPO:
             return
         for tag, value in self.last_stats.items():
             self._writer.add_scalar(tag, value, self.num_timesteps)
-        if self.n_updates % self.config.sample_interval == 1 and self._samples:
+        if (self.n_updates - 1) % self.config.sample_interval == 0 and self._samples:
             rows = "\n".join(f"| {p} | {c} | {r:.3f} |" for p, c, r in self._samples)
             self._writer.add_text(
                 "samples", f"| prompt | completion | return |\n|---|---|---|\n{rows}", self.num_timesteps
@@ -501,7 +508,7 @@ class PPO:
         logits, _ = self.policy.heads(hidden[rows, last_real_column(mask)])
         actions = logits.argmax(-1) if deterministic else Categorical(logits=logits).sample()
         out = actions.cpu().numpy()
-        return (out[0] if single else out), None
+        return (out.reshape(()) if single else out), None
 
     def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
         """Completions of ``prompts``: see :func:`agents.generation.generate` for the options
@@ -548,7 +555,7 @@ class PPO:
                 "episode_return": self._episode_return.cpu(),
                 "episode_length": self._episode_length.cpu(),
             },
-            "tb_dir": None if self._tb_dir is None else str(self._tb_dir),
+            "tb_dir": None if self._tb_dir is None else str(self._tb_dir.resolve()),
         }
         tmp = path.with_name(path.name + ".tmp")
         torch.save(ckpt, tmp)
@@ -567,11 +574,19 @@ class PPO:
 
         :param env_kwargs: the environment's keyword arguments; needed when the checkpoint could
             not store them (a reward given as a Python function).
+
+        Loading restores the global torch, NumPy and Python RNG states saved in the checkpoint, so
+        that a resumed run continues exactly as the uninterrupted one would have.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"{str(path)!r} is not a textgym PPO checkpoint ({type(exc).__name__}: {exc})"
+            ) from None
         version = ckpt.get("schema_version") if isinstance(ckpt, dict) else None
         if version != CHECKPOINT_SCHEMA:
             raise ValueError(
@@ -624,6 +639,10 @@ class PPO:
         self._episode_return.copy_(state["episode_return"].to(dev))
         self._episode_length.copy_(state["episode_length"].to(dev))
         self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _as_tensor(value: Any, device: torch.device) -> torch.Tensor:

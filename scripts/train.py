@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resume: no checkpoint file at {args.resume!r}")
     if args.ppo_config and args.agent != "ppo":
         parser.error("--ppo-config applies to --agent ppo only")
+    try:
+        args.ppo = PPOConfig.from_dict(args.ppo_config)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--ppo-config: {exc}")
     return args
 
 
@@ -108,12 +112,8 @@ def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
         print(f"resuming at {model.num_timesteps} env steps; {remaining} to go")
         reset = False
     else:
-        try:
-            config = PPOConfig.from_dict(args.ppo_config)
-        except (TypeError, ValueError) as exc:
-            sys.exit(f"--ppo-config: {exc}")
         model = PPO(
-            "TextGen-v0", config, args.num_envs, env_kwargs, args.device, args.seed, run_dir, verbose=1
+            "TextGen-v0", args.ppo, args.num_envs, env_kwargs, args.device, args.seed, run_dir, verbose=1
         )
         remaining, reset = args.total_timesteps, True
     if remaining:
@@ -147,7 +147,14 @@ def train_sb3(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except KeyboardInterrupt:  # outside training (evaluation, set-up): nothing to save
+        print("\ninterrupted")
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume).resolve().parent
         saved = json.loads((run_dir / "config.json").read_text())
@@ -156,10 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = make_run_dir(args)
         write_json(
             run_dir / "config.json",
-            {k: v for k, v in vars(args).items() if k != "no_progress"} | {"run_dir": str(run_dir)},
+            {k: v for k, v in vars(args).items() if k not in ("no_progress", "ppo")}
+            | {"run_dir": str(run_dir)},
         )
     env_kwargs = {"task": args.task, **args.env_kwargs}
-    print("run:", json.dumps({k: v for k, v in vars(args).items() if k != "no_progress"}, default=repr))
+    print(
+        "run:",
+        json.dumps({k: v for k, v in vars(args).items() if k not in ("no_progress", "ppo")}, default=repr),
+    )
 
     random_level = evaluate(None, env_kwargs, args.eval_episodes, args.num_envs)
     print(f"random policy: mean episode reward {random_level['mean']:.3f} ± {random_level['std']:.3f}")

@@ -1,0 +1,243 @@
+"""The Transformer policy: configuration, shapes, causality, padding, positions and the KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column, sinusoidal_encoding
+from textgym.tasks import TASKS
+from textgym.vector import TextGenVectorEnv
+
+
+def randomise(policy: TransformerPolicy, seed: int = 0, std: float = 0.3) -> TransformerPolicy:
+    """Large random weights everywhere, so that any difference in what a column sees shows up."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return policy.eval()
+
+
+def make_policy(vocab=20, max_len=16, seed=0, **cfg) -> TransformerPolicy:
+    torch.manual_seed(seed)
+    return randomise(TransformerPolicy(vocab, max_len, PolicyConfig(d_model=32, n_heads=4, **cfg)), seed)
+
+
+# ------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"d_model": 0}, "d_model must be a positive integer"),
+        ({"d_model": 64.0}, "d_model must be a positive integer"),
+        ({"n_layers": -1}, "n_layers must be a positive integer"),
+        ({"n_layers": True}, "n_layers must be a positive integer"),
+        ({"n_heads": 0}, "n_heads must be a positive integer"),
+        ({"mlp_ratio": 1.5}, "mlp_ratio must be a positive integer"),
+        ({"d_model": 10, "n_heads": 4}, "n_heads=4 must divide d_model=10"),
+        ({"positional": "rope"}, "positional must be 'learned' or 'sinusoidal'"),
+    ],
+)
+def test_policy_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PolicyConfig(**kwargs)
+
+
+def test_policy_config_is_frozen():
+    cfg = PolicyConfig()
+    with pytest.raises(AttributeError):
+        cfg.d_model = 8  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------ forward pass
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_forward_shapes(positional):
+    policy = make_policy(vocab=23, max_len=16, positional=positional)
+    ids = torch.randint(0, 23, (3, 16))
+    mask = torch.ones_like(ids)
+    logits, values = policy(ids, mask)
+    assert logits.shape == (3, 16, 23) and values.shape == (3, 16)
+    assert policy.hidden(ids, mask).shape == (3, 16, 32)
+    logits, values = policy(ids[:, :5], mask[:, :5])  # shorter than max_len
+    assert logits.shape == (3, 5, 23) and values.shape == (3, 5)
+    assert torch.isfinite(logits).all() and torch.isfinite(values).all()
+    state = policy.state_dict()
+    assert ("pos_emb.weight" in state) == (positional == "learned")
+    assert "pos_table" not in state  # a fixed buffer, not a parameter to save
+
+
+def test_fresh_policy_starts_near_uniform_with_zero_values():
+    torch.manual_seed(0)
+    policy = TransformerPolicy(50, 12)
+    ids = torch.randint(0, 50, (4, 12))
+    logits, values = policy(ids, torch.ones_like(ids))
+    assert logits.abs().max() < 0.05
+    assert torch.all(values == 0)
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_causality(positional):
+    policy = make_policy(positional=positional, seed=1)
+    ids = torch.randint(4, 20, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row too
+    logits, values = policy(ids, mask)
+    for j in (5, 10, 15):
+        changed = ids.clone()
+        changed[:, j] = (changed[:, j] + 1 - 4) % 16 + 4
+        logits2, values2 = policy(changed, mask)
+        torch.testing.assert_close(logits2[:, :j], logits[:, :j], atol=1e-6, rtol=0)
+        torch.testing.assert_close(values2[:, :j], values[:, :j], atol=1e-6, rtol=0)
+        assert (logits2[:, j] - logits[:, j]).abs().max() > 1e-3  # the changed column does see it
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_padding_invariance(positional):
+    """One prompt and continuation, laid out with 2 or 4 columns of left padding (prompt windows
+    of 6 and 8), with garbage ids under the padding: identical outputs at every real column."""
+    policy = make_policy(vocab=20, max_len=12, positional=positional, seed=2)
+    text = [1, 7, 8, 9, 10, 11]  # <bos>, a 3-token prompt, 2 generated tokens
+    ids = torch.tensor(
+        [
+            [0, 0, *text, 0, 0, 0, 0],  # P = 6: prompt in columns 2..5, generated from 6
+            [13, 17, 5, 19, *text, 0, 0],  # P = 8: garbage under the padding
+            [0, 0, 0, 0, *text, 4, 12],  # P = 8, garbage after the end
+        ]
+    )
+    mask = torch.zeros_like(ids)
+    mask[0, 2:8] = 1
+    mask[1:, 4:10] = 1
+    logits, values = policy(ids, mask)
+    for row in (1, 2):
+        torch.testing.assert_close(logits[row, 4:10], logits[0, 2:8], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[row, 4:10], values[0, 2:8], atol=1e-5, rtol=1e-5)
+    # Without padding at all, as a row of exactly the text.
+    t = torch.tensor([text])
+    logits_t, values_t = policy(t, torch.ones_like(t))
+    torch.testing.assert_close(logits_t[0], logits[0, 2:8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values_t[0], values[0, 2:8], atol=1e-5, rtol=1e-5)
+    # A different prompt gives different outputs (the test can see a difference).
+    other = ids.clone()
+    other[0, 3] = 15
+    assert (policy(other, mask)[0][0, 7] - logits[0, 7]).abs().max() > 1e-3
+
+
+def test_last_real_column():
+    mask = torch.tensor([[0, 0, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    assert last_real_column(mask).tolist() == [3, 4, 4, 1, -1]
+    assert last_real_column(mask.bool()).tolist() == [3, 4, 4, 1, -1]
+
+
+def test_sinusoidal_encoding_by_hand():
+    enc = sinusoidal_encoding(6, 8)
+    assert enc.shape == (6, 8)
+    assert enc[0].tolist() == [0.0, 1.0] * 4
+    for p in (1, 5):
+        for i in range(4):
+            angle = p / 10_000 ** (2 * i / 8)
+            assert enc[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert enc[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    assert enc[3, 0].item() == pytest.approx(math.sin(3.0), abs=1e-6)
+    assert enc[3, 1].item() == pytest.approx(math.cos(3.0), abs=1e-6)
+    odd = sinusoidal_encoding(4, 5)  # an odd width: 3 sines, 2 cosines
+    assert odd.shape == (4, 5)
+    assert odd[2, 4].item() == pytest.approx(math.sin(2 / 10_000 ** (4 / 5)), abs=1e-6)
+    assert odd[2, 3].item() == pytest.approx(math.cos(2 / 10_000 ** (2 / 5)), abs=1e-6)
+
+
+def test_sinusoidal_policy_uses_the_table():
+    policy = make_policy(positional="sinusoidal")
+    torch.testing.assert_close(policy.pos_table, sinusoidal_encoding(16, 32))
+
+
+# --------------------------------------------------------------------------------- KV cache
+def full_pass(policy: TransformerPolicy, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and values at each row's last real column, by one full forward pass."""
+    with torch.no_grad():
+        logits, values = policy(obs["input_ids"], obs["attention_mask"])
+    mask = obs["attention_mask"]
+    last = torch.tensor([int(row.nonzero().max()) for row in mask])
+    rows = torch.arange(len(mask))
+    return logits[rows, last], values[rows, last]
+
+
+def random_actions(gen: torch.Generator, n: int, vocab: int, eos: int) -> torch.Tensor:
+    """Uniform token ids, with extra <eos> so that episodes end at many different lengths."""
+    actions = torch.randint(0, vocab, (n,), generator=gen)
+    actions[torch.rand(n, generator=gen) < 0.15] = eos
+    return actions
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("autoreset_mode", ["next_step", "same_step"])
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_kv_cache_equals_full_recompute(task, autoreset_mode, positional):
+    env = TextGenVectorEnv(8, task=task, autoreset_mode=autoreset_mode, array_type="torch")
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    torch.manual_seed(0)
+    policy = randomise(TransformerPolicy(vocab, L, PolicyConfig(d_model=32, positional=positional)))
+    cache = KVCache(policy, 8, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    obs, _ = env.reset(seed=3)
+    starts = ends = 0
+    for _ in range(3 * env.config.max_new_tokens + 2):
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
+        ref_logits, ref_values = full_pass(policy, obs)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+        starts += int((obs["attention_mask"][:, P:].sum(1) == 0).sum())
+        obs, _, terminated, truncated, _ = env.step(random_actions(gen, 8, vocab, env.tokenizer.eos_id))
+        ends += int((terminated | truncated).sum())
+    assert ends > 8 and starts > 8  # the rollout crossed many episode boundaries
+
+
+def test_kv_cache_rebuild_equals_full_pass():
+    env = TextGenVectorEnv(8, autoreset_mode="same_step", array_type="torch")
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    torch.manual_seed(0)
+    policy = randomise(TransformerPolicy(vocab, L, PolicyConfig(d_model=32)))
+    cache = KVCache(policy, 8, "cpu")
+    gen = torch.Generator().manual_seed(2)
+    obs, _ = env.reset(seed=0)
+    for _ in range(5):
+        cache.step(obs["input_ids"], obs["attention_mask"], P)
+        obs = env.step(random_actions(gen, 8, vocab, env.tokenizer.eos_id))[0]
+    # New weights, as after a PPO update: the stale cache is rebuilt from the observations.
+    randomise(policy, seed=7)
+    logits, values = cache.rebuild(obs["input_ids"], obs["attention_mask"])
+    ref_logits, ref_values = full_pass(policy, obs)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    # ... and decoding continues from the rebuilt keys and values.
+    for _ in range(6):
+        obs = env.step(random_actions(gen, 8, vocab, env.tokenizer.eos_id))[0]
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
+        ref_logits, ref_values = full_pass(policy, obs)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_without_rebuild_is_stale():
+    """The check above can fail: after a weight change the un-rebuilt cache disagrees."""
+    env = TextGenVectorEnv(4, autoreset_mode="same_step", array_type="torch")
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    torch.manual_seed(0)
+    policy = randomise(TransformerPolicy(vocab, L, PolicyConfig(d_model=32)))
+    cache = KVCache(policy, 4, "cpu")
+    obs, _ = env.reset(seed=0)
+    cache.step(obs["input_ids"], obs["attention_mask"], P)
+    obs = env.step(torch.full((4,), 10))[0]
+    randomise(policy, seed=5)
+    logits, _ = cache.step(obs["input_ids"], obs["attention_mask"], P)
+    ref_logits, _ = full_pass(policy, obs)
+    assert (logits - ref_logits).abs().max() > 1e-3
+
+
+def test_kv_cache_shapes_and_dtype():
+    policy = make_policy(vocab=20, max_len=16)
+    cache = KVCache(policy, 5, "cpu")
+    assert len(cache.keys) == len(cache.values) == policy.cfg.n_layers
+    for k in (*cache.keys, *cache.values):
+        assert k.shape == (5, 4, 16, 8) and k.dtype == torch.float32

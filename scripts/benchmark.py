@@ -21,7 +21,8 @@ import json
 import sys
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from textgym.benchmark import format_env_table, run_env_benchmark, save_report
+from textgym.benchmark import format_env_table, run_env_benchmark
+from textgym.io import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_env_benchmark(args.sizes, args.seconds, args.async_max, args.device, args.env_kwargs)
         print()
         print(format_env_table(report))
-        print(f"\nsaved {save_report(report, args.out)}")
+        print(f"\nsaved {write_json(args.out, report)}")
     elif args.command == "rollout":
         from agents.benchmark import rollout_speed
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rollout, {args.num_envs} envs x {args.max_new_tokens} new tokens on {report['device']}:")
         print(f"  full recompute {report['recompute']:>10,.0f} env steps/s")
         print(f"  KV cache       {report['kv_cache']:>10,.0f} env steps/s   ({report['speedup']:.1f}x)")
-        print(f"saved {save_report(report, args.out)}")
+        print(f"saved {write_json(args.out, report)}")
     else:
         from agents.benchmark import training_speed
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(rollouts {report['rollout_share']:.0%}, updates {report['update_share']:.0%}); "
             f"final ep_rew_mean {report['final_ep_rew_mean']:.3f}"
         )
-        print(f"saved {save_report(report, args.out)}")
+        print(f"saved {write_json(args.out, report)}")
     return 0
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import textgym  # noqa: F401  (registers TextGen-v0)
 from agents.baselines import SB3_AGENTS, evaluate, make_sb3_model
 from agents.ppo import PPO, PPOConfig
+from textgym.io import write_json
 
 AGENTS = ("ppo", *SB3_AGENTS)
 
@@ -96,12 +97,6 @@ def make_run_dir(args: argparse.Namespace) -> Path:
     run_dir = Path(args.logdir) / f"{args.agent}_{args.task}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=repr) + "\n")
-    os.replace(tmp, path)
 
 
 def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> tuple[Any, Any]:

@@ -21,7 +21,6 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -194,13 +193,3 @@ def format_env_table(report: Mapping[str, Any]) -> str:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr))
-
-
-def save_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``report`` as JSON atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path

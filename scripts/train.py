@@ -159,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
         write_json(
             run_dir / "config.json",
             {k: v for k, v in vars(args).items() if k not in ("no_progress", "ppo")}
-            | {"run_dir": str(run_dir)},
+            | {"run_dir": str(run_dir)}
+            # every PPOConfig field, defaults included, so the file alone describes the run
+            | ({"ppo_config_resolved": args.ppo.to_dict()} if args.agent == "ppo" else {}),
         )
     env_kwargs = {"task": args.task, **args.env_kwargs}
     print(

@@ -49,6 +49,7 @@ def test_ppo_run_writes_config_checkpoint_and_events(tmp_path):
     assert config["agent"] == "ppo" and config["total_timesteps"] == 2048 and config["num_envs"] == 16
     assert config["run_dir"] == str(run_dir)
     model = PPO.load(run_dir / "checkpoint.pt", device="cpu")
+    assert config["ppo_config_resolved"] == model.config.to_dict()  # every field, defaults included
     assert model.num_timesteps == 2048 and model.num_envs == 16
     assert not list(run_dir.rglob("*.tmp"))
     events = list(run_dir.rglob("events.out.tfevents.*"))

@@ -257,8 +257,8 @@ class PPO:
                 self._log(stats, fps)
                 if bar is not None:
                     bar.update(self.num_timesteps - bar.n)
-                    if self.ep_info_buffer:
-                        bar.set_postfix(ep_rew_mean=f"{np.mean([e['r'] for e in self.ep_info_buffer]):.3f}")
+                    if "rollout/ep_rew_mean" in self.last_stats:
+                        bar.set_postfix(ep_rew_mean=f"{self.last_stats['rollout/ep_rew_mean']:.3f}")
                 if (
                     checkpoint_path is not None
                     and checkpoint_interval
@@ -661,10 +661,3 @@ def _jsonable_or_none(value: Any) -> Any:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError):
         return None
-
-
-def mean_episode_reward(model: PPO) -> float:
-    """Mean return of the last (up to) 100 finished training episodes, as ``rollout/ep_rew_mean``."""
-    if not model.ep_info_buffer:
-        return math.nan
-    return float(np.mean([e["r"] for e in model.ep_info_buffer]))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.policy import KVCache, TransformerPolicy, last_real_column
+from textgym.checks import is_positive_int
 from textgym.tokenizers import Tokenizer
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -85,7 +86,7 @@ def generate(
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and not is_positive_int(top_k):
         raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
@@ -164,7 +165,7 @@ def _beam_search(
 ) -> list[list[int]]:
     """Keep the ``num_beams`` highest-scoring continuations per prompt; a beam that emits
     ``<eos>`` is finished and keeps its score. Returns the best finished-or-running beam."""
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+    if not is_positive_int(num_beams):
         raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
     B, L = ids.shape
     K = num_beams

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textgym.checks import is_positive_int
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -40,7 +42,7 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")

@@ -36,6 +36,7 @@ from torch.distributions import Categorical
 
 from agents.buffer import Rollout, compute_gae, segments
 from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
+from textgym.checks import is_positive_int, is_real
 from textgym.core import resolve_device
 from textgym.vector import TextGenVectorEnv
 
@@ -88,23 +89,23 @@ class PPOConfig:
     def __post_init__(self) -> None:
         for name in ("n_steps", "n_epochs", "num_minibatches", "sample_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
         for name in ("learning_rate", "adam_eps", "clip_range", "max_grad_norm"):
             value = getattr(self, name)
-            if not _is_number(value) or not 0 < value < math.inf:
+            if not is_real(value) or not 0 < value < math.inf:
                 raise ValueError(f"PPOConfig.{name} must be a positive number, got {value!r}")
         for name in ("gamma", "gae_lambda"):
             value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value <= 1:
+            if not is_real(value) or not 0 <= value <= 1:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {value!r}")
         for name in ("ent_coef", "vf_coef"):
             value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value < math.inf:
+            if not is_real(value) or not 0 <= value < math.inf:
                 raise ValueError(f"PPOConfig.{name} must be a finite number >= 0, got {value!r}")
         for name in ("clip_range_vf", "target_kl"):
             value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not 0 < value < math.inf):
+            if value is not None and (not is_real(value) or not 0 < value < math.inf):
                 raise ValueError(f"PPOConfig.{name} must be None or a positive number, got {value!r}")
         if isinstance(self.policy, Mapping):  # from a checkpoint or config.json
             try:
@@ -221,7 +222,7 @@ class PPO:
         :param checkpoint_interval: also save every this many updates (0: only at the end of
             ``learn`` and on Ctrl-C).
         """
-        if isinstance(total_timesteps, bool) or not isinstance(total_timesteps, int) or total_timesteps < 1:
+        if not is_positive_int(total_timesteps):
             raise ValueError(f"total_timesteps must be a positive integer, got {total_timesteps!r}")
         cfg = self.config
         if reset_num_timesteps or self._obs is None:
@@ -639,10 +640,6 @@ class PPO:
         self._episode_return.copy_(state["episode_return"].to(dev))
         self._episode_length.copy_(state["episode_length"].to(dev))
         self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _as_tensor(value: Any, device: torch.device) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from textgym.checks import is_positive_int
 from textgym.lexicon import sentiment_score
 
 RewardFn = Callable[[str, str], float]
@@ -198,7 +199,7 @@ class LengthReward(RewardModel):
     name = "length"
 
     def __init__(self, target: int = 8, unit: str = "words"):
-        if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+        if not is_positive_int(target):
             raise ValueError(f"target must be a positive integer, got {target!r}")
         if unit not in ("words", "chars"):
             raise ValueError(f"unit must be 'words' or 'chars', got {unit!r}")

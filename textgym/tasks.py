@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from textgym import corpora
+from textgym.checks import is_positive_int, is_real
 from textgym.rewards import (
     ExactMatchReward,
     KeywordReward,
@@ -188,20 +189,16 @@ def make_env_config(
 
     if max_new_tokens is None:
         max_new_tokens = base.max_new_tokens
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_positive_int(max_new_tokens):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if (
-        isinstance(length_penalty, bool)
-        or not isinstance(length_penalty, int | float)
-        or not math.isfinite(length_penalty)
-    ):
+    if not is_real(length_penalty) or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
 
     prompt_ids = tuple((BOS_ID, *tok.encode(p)) for p in prompt_list)
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     if max_prompt_tokens is None:
         max_prompt_tokens = len(prompt_ids[longest])
-    if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1:
+    if not is_positive_int(max_prompt_tokens):
         raise ValueError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
     if len(prompt_ids[longest]) > max_prompt_tokens:
         over = sum(len(ids) > max_prompt_tokens for ids in prompt_ids)

@@ -1,8 +1,16 @@
 """Stable-Baselines3 agents on TextGen-v0, and one evaluation routine for every agent.
 
-SB3 agents train on the batched environment through :class:`textgym.sb3.SB3VecEnv` (wrapped in
-``VecMonitor``), so they log ``rollout/ep_rew_mean`` and ``rollout/ep_len_mean`` to TensorBoard
+SB3 agents train on the batched environment through :class:`textgym.sb3.SB3VecEnv` (or, for
+reference, on SB3's ``DummyVecEnv`` of single ``gym.make("TextGen-v0")`` envs), wrapped in
+``VecMonitor``, so they log ``rollout/ep_rew_mean`` and ``rollout/ep_len_mean`` to TensorBoard
 under SB3's own tags, with env steps on the x axis.
+
+By default their policy is the custom agent's Transformer (:mod:`agents.extractor`) with linear
+heads, and their hyperparameters match :class:`agents.ppo.PPOConfig`'s defaults where the two
+algorithms share a meaning (rollout length, minibatch size in transitions, epochs, learning rate
+and its linear annealing, discount, GAE, clipping, entropy and value coefficients, gradient
+clipping). ``extractor="mlp"`` gives SB3's default ``MultiInputPolicy`` instead (an MLP on the
+token ids read as numbers).
 """
 
 from __future__ import annotations
@@ -10,20 +18,110 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
+from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
+from agents.extractor import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
 from textgym.sb3 import make_sb3_vec_env
 from textgym.vector import TextGenVectorEnv
 
-SB3_AGENTS: dict[str, type[BaseAlgorithm]] = {"sb3-ppo": PPO, "sb3-a2c": A2C}
+SB3_AGENTS: dict[str, type[BaseAlgorithm]] = {"sb3-ppo": PPO, "sb3-a2c": A2C, "sb3-maskable-ppo": MaskablePPO}
+EXTRACTORS = ("transformer", "mlp")
+VEC_ENVS = ("batched", "dummy")
 
-# Settings under which SB3 learns the default task within a few tens of thousands of env steps.
-DEFAULT_HYPERPARAMS: dict[str, dict[str, Any]] = {
-    "sb3-ppo": {"n_steps": 32, "batch_size": 512, "n_epochs": 4, "learning_rate": 1e-3},
-    "sb3-a2c": {"n_steps": 8, "learning_rate": 1e-3},
+_PPO_MATCHED = {  # PPOConfig's defaults, with 64 envs: 32 x 64 = 2048 transitions, 4 minibatches
+    "n_steps": 32,
+    "batch_size": 512,
+    "n_epochs": 4,
+    "learning_rate": "lin_1e-3",
+    "gamma": 0.99,
+    "gae_lambda": 0.95,
+    "clip_range": 0.2,
+    "ent_coef": 0.01,
+    "vf_coef": 0.5,
+    "max_grad_norm": 0.5,
 }
+DEFAULT_HYPERPARAMS: dict[str, dict[str, Any]] = {
+    "sb3-ppo": dict(_PPO_MATCHED),
+    "sb3-maskable-ppo": dict(_PPO_MATCHED),
+    # A2C: one gradient step per 8 x 64 transitions, with PPO's discount, GAE and coefficients.
+    "sb3-a2c": {
+        "n_steps": 8,
+        "learning_rate": "lin_1e-3",
+        "gamma": 0.99,
+        "gae_lambda": 0.95,
+        "ent_coef": 0.01,
+        "vf_coef": 0.5,
+        "max_grad_norm": 0.5,
+    },
+}
+
+
+def learning_rate(value: float | str) -> float | Callable[[float], float]:
+    """A number, or ``"lin_<x>"``: linear decay from x to 0 over training (as the custom PPO's
+    ``anneal_lr``), in SB3's schedule form (a function of the remaining progress, 1 -> 0)."""
+    if isinstance(value, str):
+        if not value.startswith("lin_"):
+            raise ValueError(f"learning_rate must be a number or 'lin_<number>', got {value!r}")
+        try:
+            start = float(value[4:])
+        except ValueError:
+            raise ValueError(f"learning_rate must be a number or 'lin_<number>', got {value!r}") from None
+        return _Linear(start)
+    return value
+
+
+class _Linear:
+    """Picklable linear schedule (SB3 saves the schedule with the model)."""
+
+    def __init__(self, start: float):
+        self.start = start
+
+    def __call__(self, progress_remaining: float) -> float:
+        return progress_remaining * self.start
+
+    def __repr__(self) -> str:
+        return f"lin_{self.start}"
+
+
+def make_sb3_vec_env_for(
+    num_envs: int,
+    env_kwargs: Mapping[str, Any] | None = None,
+    vec_env: str = "batched",
+    bootstrap_truncated: bool = False,
+) -> VecEnv:
+    """The SB3 ``VecEnv`` an agent trains on: the batched env through the adapter, or
+    ``DummyVecEnv`` over ``num_envs`` copies of ``gym.make("TextGen-v0")``; in ``VecMonitor``.
+
+    :param bootstrap_truncated: whether SB3 bootstraps episodes cut at ``max_new_tokens``
+        (see :class:`textgym.sb3.SB3VecEnv`). ``False`` matches the custom PPO's default.
+    """
+    kwargs = dict(env_kwargs or {})
+    if vec_env == "batched":
+        return make_sb3_vec_env(num_envs, bootstrap_truncated=bootstrap_truncated, **kwargs)
+    if vec_env == "dummy":
+
+        def make() -> gym.Env:
+            env = gym.make("TextGen-v0", **kwargs)
+            return env if bootstrap_truncated else _TruncationAsTermination(env)
+
+        return VecMonitor(DummyVecEnv([make] * num_envs))
+    raise ValueError(f"vec_env must be one of {', '.join(VEC_ENVS)}, got {vec_env!r}")
+
+
+class _TruncationAsTermination(gym.Wrapper):
+    """Report the ``max_new_tokens`` cut as a termination: its return is already complete."""
+
+    def step(self, action: Any) -> Any:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated or truncated, False, info
+
+    def action_masks(self) -> np.ndarray:
+        return self.env.get_wrapper_attr("action_masks")()
 
 
 def make_sb3_model(
@@ -34,26 +132,45 @@ def make_sb3_model(
     device: str = "auto",
     tensorboard_log: str | None = None,
     hyperparams: Mapping[str, Any] | None = None,
+    extractor: str = "transformer",
+    vec_env: str = "batched",
+    bootstrap_truncated: bool = False,
 ) -> BaseAlgorithm:
-    """An SB3 model of ``agent`` (``"sb3-ppo"`` or ``"sb3-a2c"``) on the batched TextGen-v0.
+    """An SB3 model of ``agent`` (see :data:`SB3_AGENTS`) on TextGen-v0.
 
     :param env_kwargs: keyword arguments of the environment (task, reward, ...).
     :param num_envs: episodes in flight.
-    :param hyperparams: overrides of :data:`DEFAULT_HYPERPARAMS` passed to the SB3 constructor.
+    :param hyperparams: overrides of :data:`DEFAULT_HYPERPARAMS` passed to the SB3 constructor;
+        ``policy_kwargs`` may hold :class:`~agents.policy.PolicyConfig` fields (``d_model``, ...).
+        ``learning_rate`` may be ``"lin_<x>"`` (linear decay).
+    :param extractor: ``"transformer"`` (the custom agent's architecture) or ``"mlp"`` (SB3's
+        default ``MultiInputPolicy``).
+    :param vec_env: ``"batched"`` (the batched env through the SB3 adapter) or ``"dummy"``.
+    :param bootstrap_truncated: see :func:`make_sb3_vec_env_for`.
     """
     if agent not in SB3_AGENTS:
         raise ValueError(f"unknown SB3 agent {agent!r}; accepted: {', '.join(SB3_AGENTS)}")
-    venv = make_sb3_vec_env(num_envs, **dict(env_kwargs or {}))
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"extractor must be one of {', '.join(EXTRACTORS)}, got {extractor!r}")
     params = {**DEFAULT_HYPERPARAMS[agent], **dict(hyperparams or {})}
-    return SB3_AGENTS[agent](
-        "MultiInputPolicy",
-        venv,
-        seed=seed,
-        device=device,
-        tensorboard_log=tensorboard_log,
-        verbose=0,
-        **params,
-    )
+    if "learning_rate" in params:
+        params["learning_rate"] = learning_rate(params["learning_rate"])
+    venv = make_sb3_vec_env_for(num_envs, env_kwargs, vec_env, bootstrap_truncated)
+    if extractor == "mlp":
+        policy: Any = "MultiInputPolicy"
+    else:
+        policy = (
+            MaskableTransformerActorCriticPolicy
+            if agent == "sb3-maskable-ppo"
+            else TransformerActorCriticPolicy
+        )
+    try:
+        return SB3_AGENTS[agent](
+            policy, venv, seed=seed, device=device, tensorboard_log=tensorboard_log, verbose=0, **params
+        )
+    except TypeError as exc:
+        venv.close()
+        raise ValueError(f"{agent}: bad hyperparameters {dict(hyperparams or {})}: {exc}") from exc
 
 
 Policy = Callable[[dict[str, np.ndarray]], np.ndarray]

@@ -109,3 +109,74 @@ def training_speed(
         "update_share": update_s / seconds,
         "final_ep_rew_mean": model.last_stats.get("rollout/ep_rew_mean"),
     }
+
+
+def sb3_ratio(
+    total_timesteps: int = 8192,
+    num_envs: int = 64,
+    max_new_tokens: int | None = None,
+    device: str = "cpu",
+    task: str = "default",
+    profile: str | None = None,
+) -> dict[str, Any]:
+    """Env steps per second of the custom PPO and of SB3 PPO at matched settings.
+
+    Both train the same Transformer (:class:`~agents.policy.PolicyConfig` defaults; SB3 through
+    :class:`~agents.extractor.TransformerExtractor`) on the same env with ``num_envs`` envs, 32
+    steps per rollout, 4 epochs and 4 minibatches of 512 transitions (at 64 envs), for
+    ``total_timesteps`` env steps each. ``profile`` names a file for a cProfile report (sorted by
+    cumulative time) of the SB3 run, to see where its time goes.
+    """
+    from agents.baselines import make_sb3_model
+
+    env_kwargs: dict[str, Any] = {"task": task}
+    if max_new_tokens is not None:
+        env_kwargs["max_new_tokens"] = max_new_tokens
+    batch = 32 * num_envs // 4
+    config = PPOConfig(n_steps=32, n_epochs=4, num_minibatches=4)
+    model = PPO("TextGen-v0", config, num_envs, env_kwargs, device, seed=0)
+    start = time.perf_counter()
+    model.learn(total_timesteps)
+    _sync(model.device)
+    custom_s = time.perf_counter() - start
+    custom = model.num_timesteps / custom_s
+
+    sb3 = make_sb3_model(
+        "sb3-ppo",
+        env_kwargs,
+        num_envs,
+        seed=0,
+        device=device,
+        hyperparams={"n_steps": 32, "batch_size": batch, "n_epochs": 4},
+    )
+    profiler = None
+    if profile is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    start = time.perf_counter()
+    sb3.learn(total_timesteps)
+    _sync(model.device)
+    sb3_s = time.perf_counter() - start
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
+        with open(profile, "w") as f:
+            f.write(out.getvalue())
+    return {
+        "num_envs": num_envs,
+        "seq_len": model.seq_len,
+        "max_new_tokens": model.env.config.max_new_tokens,
+        "device": str(model.device),
+        "settings": {"n_steps": 32, "n_epochs": 4, "minibatch_transitions": batch, **config.policy.__dict__},
+        "custom_ppo": custom,
+        "custom_env_steps": model.num_timesteps,
+        "sb3_ppo": sb3.num_timesteps / sb3_s,
+        "sb3_env_steps": sb3.num_timesteps,
+        "ratio": custom / (sb3.num_timesteps / sb3_s),
+    }

@@ -103,8 +103,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class TransformerPolicy(nn.Module):
-    """Token embedding + positions, pre-LN causal blocks, a policy head and a value head.
+class TransformerDecoder(nn.Module):
+    """Token embedding + positions and pre-LN causal blocks: the trunk every model here shares.
+
+    The policy (:class:`TransformerPolicy`), the Stable-Baselines3 features extractor
+    (:class:`agents.extractor.TransformerExtractor`) and the learned reward models put their heads
+    on this trunk, so one architecture and one initialisation serve all of them.
 
     :param vocab_size: number of token ids (the env's ``Discrete`` action space).
     :param max_len: longest sequence (observation length ``P + M``).
@@ -121,24 +125,59 @@ class TransformerPolicy(nn.Module):
             self.register_buffer("pos_table", sinusoidal_encoding(max_len, cfg.d_model), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.policy_head = nn.Linear(cfg.d_model, vocab_size)
-        self.value_head = nn.Linear(cfg.d_model, 1)
-        self.apply(self._init_weights)
-        # Small policy logits start the agent near uniform; a small value head near zero.
-        nn.init.normal_(self.policy_head.weight, std=0.01 / math.sqrt(cfg.d_model))
-        nn.init.zeros_(self.value_head.weight)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights for every Linear and Embedding, zero biases, unit LayerNorms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         pos = self.pos_emb(positions) if self.cfg.positional == "learned" else self.pos_table[positions]
         return self.tok_emb(ids) + pos  # (B, T, C)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final (layer-normed) hidden states (B, T, C) of a full causal pass."""
+        mask = attention_mask.bool()  # (B, T)
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        T = input_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        allowed = causal & mask[:, None, :]  # (B, T, T): causal, and never attend to padding
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # pads see themselves
+        x = self._embed(input_ids, positions)
+        for block in self.blocks:
+            x = block(x, allowed.unsqueeze(1))
+        return self.ln_f(x)
+
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden state (B, C) of each row's last real token."""
+        hidden = self.hidden(input_ids, attention_mask)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_real_column(attention_mask)]
+
+
+class TransformerPolicy(TransformerDecoder):
+    """The decoder with a policy head (next-token logits) and a value head on every position.
+
+    :param vocab_size: number of token ids (the env's ``Discrete`` action space).
+    :param max_len: longest sequence (observation length ``P + M``).
+    :param cfg: the architecture.
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, cfg: PolicyConfig = PolicyConfig()):
+        super().__init__(vocab_size, max_len, cfg)
+        self.policy_head = nn.Linear(cfg.d_model, vocab_size)
+        self.value_head = nn.Linear(cfg.d_model, 1)
+        self.reset_parameters()
+        # Small policy logits start the agent near uniform; a small value head near zero.
+        nn.init.normal_(self.policy_head.weight, std=0.01 / math.sqrt(cfg.d_model))
+        nn.init.zeros_(self.value_head.weight)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -153,19 +192,6 @@ class TransformerPolicy(nn.Module):
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (..., V) and values (...) from final hidden states (..., C)."""
         return self.policy_head(hidden), self.value_head(hidden).squeeze(-1)
-
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final (layer-normed) hidden states (B, T, C) of a full causal pass."""
-        mask = attention_mask.bool()  # (B, T)
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
-        T = input_ids.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
-        allowed = causal & mask[:, None, :]  # (B, T, T): causal, and never attend to padding
-        allowed = allowed | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # pads see themselves
-        x = self._embed(input_ids, positions)
-        for block in self.blocks:
-            x = block(x, allowed.unsqueeze(1))
-        return self.ln_f(x)
 
 
 def last_real_column(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,7 @@ class PPO:
         tb_log_name: str = "ppo",
         checkpoint_path: str | os.PathLike[str] | None = None,
         checkpoint_interval: int = 0,
+        callback: Callable[[PPO], bool | None] | None = None,
     ) -> PPO:
         """Train for ``total_timesteps`` env steps (counted from 0, or added to the current count
         with ``reset_num_timesteps=False``, which also continues the TensorBoard run).
@@ -221,6 +222,8 @@ class PPO:
             and the logs are flushed before ``KeyboardInterrupt`` propagates.
         :param checkpoint_interval: also save every this many updates (0: only at the end of
             ``learn`` and on Ctrl-C).
+        :param callback: called with the model after every update (``num_timesteps`` and
+            ``last_stats`` are current); returning ``False`` stops training.
         """
         if not is_positive_int(total_timesteps):
             raise ValueError(f"total_timesteps must be a positive integer, got {total_timesteps!r}")
@@ -266,6 +269,8 @@ class PPO:
                     and self.n_updates % checkpoint_interval == 0
                 ):
                     self.save(checkpoint_path)
+                if callback is not None and callback(self) is False:
+                    break
         except KeyboardInterrupt:
             if checkpoint_path is not None:
                 self.save(checkpoint_path)

@@ -3,6 +3,8 @@
     python scripts/train.py                                   # custom PPO, default task, 50k env steps
     python scripts/train.py --agent ppo --task keyword --total-timesteps 100000 --device cuda
     python scripts/train.py --agent sb3-ppo --env-kwargs '{"reward": {"name": "length", "target": 4}}'
+    python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "fine"]}'
+    python scripts/train.py --agent sb3-a2c --hyperparams '{"n_steps": 16}' --extractor mlp
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
     tensorboard --logdir runs
 
@@ -13,6 +15,11 @@ config), and the model, written atomically: ``checkpoint.pt`` for ``ppo`` (model
 config, step, RNG and environment state), ``model.zip`` for SB3 agents. Before training the script
 measures the random policy's mean episode reward and afterwards the trained agent's greedy one, on
 the same evaluation episodes, and prints sample generations.
+
+SB3 agents (``sb3-ppo``, ``sb3-a2c``, ``sb3-maskable-ppo``) use the custom agent's Transformer as
+their features extractor and hyperparameters matched to ``PPOConfig``'s defaults (see
+``agents.baselines``); ``--extractor mlp`` gives SB3's default MLP, ``--vec-env dummy`` trains on
+SB3's ``DummyVecEnv`` of single envs instead of the batched env.
 
 Ctrl-C stops training, saves a checkpoint (``ppo``) or the model (SB3) and flushes the logs.
 ``--resume CHECKPOINT`` continues a ``ppo`` run where its checkpoint left it, in the same run
@@ -32,9 +39,10 @@ from typing import Any
 import numpy as np
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from agents.baselines import SB3_AGENTS, evaluate, make_sb3_model
+from agents.baselines import EXTRACTORS, SB3_AGENTS, VEC_ENVS, evaluate, make_sb3_model
 from agents.ppo import PPO, PPOConfig
 from textgym.io import write_json
+from textgym.tasks import env_arguments_error
 
 AGENTS = ("ppo", *SB3_AGENTS)
 
@@ -59,6 +67,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default={},
         help="JSON object of PPOConfig fields for --agent ppo, e.g. '{\"n_steps\": 64}'",
     )
+    parser.add_argument(
+        "--hyperparams",
+        type=json.loads,
+        default={},
+        help="JSON object of SB3 constructor arguments for sb3-* agents, e.g. '{\"n_steps\": 16}'",
+    )
+    parser.add_argument(
+        "--extractor", choices=EXTRACTORS, default="transformer", help="sb3-* agents: policy network"
+    )
+    parser.add_argument(
+        "--vec-env", choices=VEC_ENVS, default="batched", help="sb3-* agents: batched env or DummyVecEnv"
+    )
     parser.add_argument("--total-timesteps", type=int, default=50_000, help="env steps (tokens) to train for")
     parser.add_argument("--num-envs", type=int, default=64, help="episodes in flight in the batched env")
     parser.add_argument("--seed", type=int, default=0, help="seed of the agent and the environment")
@@ -74,11 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-episodes", type=int, default=256, help="episodes of each evaluation")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    for name in ("env_kwargs", "ppo_config"):
+    for name in ("env_kwargs", "ppo_config", "hyperparams"):
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
-    if "task" in args.env_kwargs:
-        parser.error("give the task with --task, not inside --env-kwargs")
+    if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
+        parser.error(problem)
     for name in ("total_timesteps", "num_envs", "eval_episodes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -86,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resume: no checkpoint file at {args.resume!r}")
     if args.ppo_config and args.agent != "ppo":
         parser.error("--ppo-config applies to --agent ppo only")
+    if args.agent == "ppo" and (
+        args.hyperparams or args.extractor != "transformer" or args.vec_env != "batched"
+    ):
+        parser.error("--hyperparams, --extractor and --vec-env apply to sb3-* agents only")
     try:
         args.ppo = PPOConfig.from_dict(args.ppo_config)
     except (TypeError, ValueError) as exc:
@@ -127,9 +151,22 @@ def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
 
 
 def train_sb3(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> tuple[Any, Any]:
-    model = make_sb3_model(args.agent, env_kwargs, args.num_envs, args.seed, args.device, str(run_dir))
     try:
-        model.learn(args.total_timesteps, tb_log_name="tb", progress_bar=not args.no_progress)
+        model = make_sb3_model(
+            args.agent,
+            env_kwargs,
+            args.num_envs,
+            args.seed,
+            args.device,
+            str(run_dir),
+            args.hyperparams,
+            args.extractor,
+            args.vec_env,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        model.learn(args.total_timesteps, tb_log_name="tb", log_interval=1, progress_bar=not args.no_progress)
     finally:  # also on Ctrl-C: keep what was learned
         tmp = run_dir / "model.tmp.zip"
         model.save(tmp)

@@ -120,6 +120,10 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     - ``max_prompt_tokens``: prompt window, ``<bos>`` included; None fits the longest prompt.
       Longer prompts are refused with an error, never cut.
     - ``length_penalty``: subtracted from the reward at every step.
+    - ``allowed_tokens``: token strings or ids that, with ``<eos>``, make up the action mask
+      returned by ``action_masks()``; None allows every token but ``<pad>``, ``<bos>`` and
+      ``<unk>``. The mask is advice for agents that read it (sb3-contrib's MaskablePPO, the
+      custom PPO with ``mask_actions=True``); the env itself accepts any token id.
     - ``render_mode``: ``"ansi"`` returns the text so far, ``"human"`` prints it.
 
     ## Version History
@@ -137,12 +141,20 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         max_new_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
         length_penalty: float = 0.0,
+        allowed_tokens: Sequence[str | int] | None = None,
         render_mode: str | None = None,
     ):
         check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
         self.config = make_env_config(
-            task, reward, tokenizer, prompts, max_new_tokens, max_prompt_tokens, length_penalty
+            task,
+            reward,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            max_prompt_tokens,
+            length_penalty,
+            allowed_tokens,
         )
         self.tokenizer = self.config.tokenizer
         self._core = TextGenCore(self.config, num_envs=1, device=torch.device("cpu"))
@@ -213,6 +225,10 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
             return text
         print(text)
         return None
+
+    def action_masks(self) -> np.ndarray:
+        """(vocab_size,) bool: the tokens an agent may emit (the ``allowed_tokens`` argument)."""
+        return self.config.action_mask.copy()
 
     def _obs(self) -> dict[str, np.ndarray]:
         return {

@@ -31,9 +31,17 @@ class SB3VecEnv(VecEnv):
     """A :class:`~textgym.vector.TextGenVectorEnv` seen through Stable-Baselines3's ``VecEnv`` API.
 
     :param venv: a vector env with ``autoreset_mode="same_step"`` and ``array_type="numpy"``.
+    :param bootstrap_truncated: report an episode cut at ``max_new_tokens`` as
+        ``TimeLimit.truncated=True``, so SB3 adds the discounted value of its last observation to
+        the final reward. TextGen-v0 scores the completion when it truncates, so that return is
+        already complete; ``False`` makes SB3 treat the cut like a termination, which is what the
+        custom PPO does by default (``PPOConfig.bootstrap_truncated=False``).
+
+    ``env_method("action_masks")`` returns one mask row per sub-env, as sb3-contrib's
+    MaskablePPO expects.
     """
 
-    def __init__(self, venv: TextGenVectorEnv):
+    def __init__(self, venv: TextGenVectorEnv, bootstrap_truncated: bool = True):
         if not isinstance(venv, TextGenVectorEnv):
             raise TypeError(f"venv must be a TextGenVectorEnv, got {type(venv).__name__}")
         if venv.autoreset_mode is not AutoresetMode.SAME_STEP or venv.array_type != "numpy":
@@ -42,6 +50,7 @@ class SB3VecEnv(VecEnv):
                 f"autoreset_mode={venv.autoreset_mode.value!r}, array_type={venv.array_type!r}"
             )
         self.venv = venv
+        self.bootstrap_truncated = bool(bootstrap_truncated)
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
         self._actions: np.ndarray | None = None
 
@@ -68,7 +77,7 @@ class SB3VecEnv(VecEnv):
         for i in np.flatnonzero(dones).tolist():
             final, comps = infos["final_info"], infos["final_info"]["reward_components"]
             out[i] = {
-                "TimeLimit.truncated": bool(truncated[i] and not terminated[i]),
+                "TimeLimit.truncated": self.bootstrap_truncated and bool(truncated[i] and not terminated[i]),
                 "terminal_observation": {k: v[i] for k, v in infos["final_obs"].items()},
                 "prompt": final["prompt"][i],
                 "completion": final["completion"][i],
@@ -105,8 +114,10 @@ class SB3VecEnv(VecEnv):
         indices: VecEnvIndices = None,
         **method_kwargs: Any,
     ) -> list[Any]:
-        # One call on the shared vector env, its result reported for each index asked about.
         result = getattr(self.venv, method_name)(*method_args, **method_kwargs)
+        if method_name == "action_masks":  # batched: one row per sub-env
+            return [result[i] for i in self._indices(indices)]
+        # One call on the shared vector env, its result reported for each index asked about.
         return [result for _ in self._indices(indices)]
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
@@ -116,12 +127,15 @@ class SB3VecEnv(VecEnv):
         return [None for _ in range(self.num_envs)]
 
 
-def make_sb3_vec_env(num_envs: int, monitor: bool = True, **env_kwargs: Any) -> VecEnv:
+def make_sb3_vec_env(
+    num_envs: int, monitor: bool = True, bootstrap_truncated: bool = True, **env_kwargs: Any
+) -> VecEnv:
     """An :class:`SB3VecEnv` over ``TextGenVectorEnv(num_envs, **env_kwargs)``.
 
+    :param bootstrap_truncated: see :class:`SB3VecEnv`.
     :param monitor: wrap it in SB3's ``VecMonitor``, which records the episode returns and lengths
         behind ``rollout/ep_rew_mean`` and ``rollout/ep_len_mean``.
     """
     venv = TextGenVectorEnv(num_envs, autoreset_mode="same_step", array_type="numpy", **env_kwargs)
-    adapter = SB3VecEnv(venv)
+    adapter = SB3VecEnv(venv, bootstrap_truncated)
     return VecMonitor(adapter) if monitor else adapter

@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from textgym import corpora
 from textgym.checks import is_positive_int, is_real
@@ -33,7 +35,7 @@ from textgym.rewards import (
     SentimentReward,
     as_reward_model,
 )
-from textgym.tokenizers import BOS_ID, TOKENIZER_NAMES, Tokenizer, make_tokenizer
+from textgym.tokenizers import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_NAMES, UNK_ID, Tokenizer, make_tokenizer
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Task:
     corpus: tuple[str, ...]  #: in-domain text: the vocabulary's source, and pretraining data
     reward: Callable[[], RewardModel]
     max_new_tokens: int
+    reward_threshold: float
+    """Mean episode reward that counts as solving the task (as Gymnasium's ``EnvSpec.reward_threshold``);
+    the comparison reports the env steps each agent needs to reach it."""
 
 
 def _sentiment() -> Task:
@@ -58,6 +63,7 @@ def _sentiment() -> Task:
         corpus=tuple(corpora.generate("reviews", 4000, seed=0)),
         reward=SentimentReward,
         max_new_tokens=8,
+        reward_threshold=0.8,
     )
 
 
@@ -70,6 +76,7 @@ def _arithmetic() -> Task:
         corpus=tuple(corpora.arithmetic_corpus(20)),
         reward=ExactMatchReward,
         max_new_tokens=4,
+        reward_threshold=0.5,
     )
 
 
@@ -82,6 +89,7 @@ def _keyword() -> Task:
         corpus=tuple(corpora.generate("stories", 2000, seed=0)),
         reward=lambda: KeywordReward(["happy", "friend", "home"]),
         max_new_tokens=10,
+        reward_threshold=0.6,
     )
 
 
@@ -148,6 +156,9 @@ class EnvConfig:
     max_new_tokens: int
     max_prompt_tokens: int
     length_penalty: float
+    action_mask: np.ndarray = field(
+        compare=False
+    )  #: (vocab_size,) bool, read-only: the tokens an agent may emit
 
     @property
     def seq_len(self) -> int:
@@ -163,12 +174,16 @@ def make_env_config(
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
     length_penalty: float = 0.0,
+    allowed_tokens: Sequence[str | int] | None = None,
 ) -> EnvConfig:
     """Resolve the environment's keyword arguments against the task's defaults, checking each.
 
     Prompts longer than ``max_prompt_tokens`` (counting ``<bos>``) are refused rather than cut:
     a silently shortened prompt changes what the reward model is asked to judge. Left at
     ``None``, ``max_prompt_tokens`` is the length of the longest prompt.
+
+    ``allowed_tokens`` (token strings or ids) restricts the action mask to those tokens and
+    ``<eos>``; left at ``None``, every token but ``<pad>``, ``<bos>`` and ``<unk>`` is allowed.
     """
     base = get_task(task) if isinstance(task, str) else None
     if base is None:
@@ -216,4 +231,62 @@ def make_env_config(
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         length_penalty=float(length_penalty),
+        action_mask=make_action_mask(tok, allowed_tokens),
     )
+
+
+def make_action_mask(tokenizer: Tokenizer, allowed_tokens: Sequence[str | int] | None = None) -> np.ndarray:
+    """(vocab_size,) read-only bool mask of the tokens an agent may emit.
+
+    ``None`` allows every token but ``<pad>``, ``<bos>`` and ``<unk>``, which never belong in a
+    completion. Otherwise only ``<eos>`` (so an episode can always end) and the given tokens:
+    ids, token strings as :meth:`~textgym.tokenizers.Tokenizer.id_to_token` spells them, or
+    strings that encode to exactly one known token.
+    """
+    V = tokenizer.vocab_size
+    mask = np.zeros(V, dtype=bool)
+    if allowed_tokens is None:
+        mask[:] = True
+        mask[[PAD_ID, BOS_ID, UNK_ID]] = False
+    else:
+        if isinstance(allowed_tokens, str | bytes) or not isinstance(allowed_tokens, Sequence | np.ndarray):
+            raise TypeError(
+                f"allowed_tokens must be a sequence of token strings or ids, got {allowed_tokens!r}"
+            )
+        spelled = {tokenizer.id_to_token(i): i for i in range(V)}
+        mask[EOS_ID] = True
+        for token in allowed_tokens:
+            if is_positive_int(token) or (isinstance(token, int | np.integer) and token == 0):
+                if not 0 <= int(token) < V:
+                    raise ValueError(f"allowed_tokens: id {token} is outside the vocabulary [0, {V})")
+                mask[int(token)] = True
+            elif isinstance(token, str) and token in spelled:
+                mask[spelled[token]] = True
+            elif isinstance(token, str) and len(ids := tokenizer.encode(token)) == 1 and ids[0] != UNK_ID:
+                mask[ids[0]] = True  # e.g. "a" for the byte tokenizer, which spells it b'a'
+            else:
+                raise ValueError(
+                    f"allowed_tokens: {token!r} is neither a token of the {type(tokenizer).__name__} "
+                    f"nor an id in [0, {V})"
+                )
+        if mask[[PAD_ID, BOS_ID, UNK_ID]].any():
+            raise ValueError("allowed_tokens may not include <pad>, <bos> or <unk>")
+    mask.flags.writeable = False
+    return mask
+
+
+def env_arguments_error(task: str, env_kwargs: Mapping[str, Any]) -> str | None:
+    """Why ``task`` with ``env_kwargs`` cannot make an environment, or None if it can.
+
+    The scripts call it on their ``--task`` and ``--env-kwargs`` so that a mistake is reported
+    at once, under the option's name, rather than deep inside training.
+    """
+    if not isinstance(env_kwargs, Mapping):
+        return f"--env-kwargs must be a JSON object, got {env_kwargs!r}"
+    if "task" in env_kwargs:
+        return "give the task with --task, not inside --env-kwargs"
+    try:
+        make_env_config(task, **env_kwargs)
+    except (TypeError, ValueError, KeyError, OSError) as exc:
+        return f"--task/--env-kwargs: {exc}"
+    return None

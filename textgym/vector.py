@@ -67,6 +67,7 @@ class TextGenVectorEnv(VectorEnv):
         max_new_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
         length_penalty: float = 0.0,
+        allowed_tokens: Sequence[str | int] | None = None,
         device: str | torch.device = "cpu",
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         array_type: str = "numpy",
@@ -92,7 +93,14 @@ class TextGenVectorEnv(VectorEnv):
         self.render_mode = render_mode
 
         self.config = make_env_config(
-            task, reward, tokenizer, prompts, max_new_tokens, max_prompt_tokens, length_penalty
+            task,
+            reward,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            max_prompt_tokens,
+            length_penalty,
+            allowed_tokens,
         )
         self.tokenizer = self.config.tokenizer
         self._core = TextGenCore(self.config, self.num_envs, self.device)
@@ -286,6 +294,15 @@ class TextGenVectorEnv(VectorEnv):
             },
             "_reward_components": m,
         }
+
+    def action_masks(self) -> Any:
+        """(num_envs, vocab_size) bool: the tokens each sub-env's agent may emit, as numpy or
+        torch per ``array_type``. The mask comes from the ``allowed_tokens`` argument and is the same
+        at every step."""
+        mask = np.broadcast_to(self.config.action_mask, (self.num_envs, self.config.action_mask.size))
+        if self.array_type == "torch":
+            return torch.as_tensor(mask.copy(), device=self.device)
+        return mask.copy()
 
     @property
     def timings(self) -> dict[str, float]:

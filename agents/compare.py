@@ -1,0 +1,506 @@
+"""Compare agents on TextGen-v0: every agent x seed at one env-step budget, and a random policy.
+
+:func:`run_comparison` trains each run and writes its TensorBoard events under
+``<out>/tb/<agent>_s<seed>_1``; :func:`summarize` then computes every figure of the report from
+those event files alone, so the tables can always be checked against the curves:
+
+- per run (``runs.csv``): the final ``rollout/ep_rew_mean`` (mean return of the last 100 training
+  episodes, as SB3 computes it), the greedy evaluation ``eval/mean_reward`` after training, the
+  first env step at which ``rollout/ep_rew_mean`` reached the threshold, wall time and env steps
+  per second (``compare/wall_seconds``, ``compare/env_steps_per_second``);
+- per agent (``results.csv``, ``results.md``): mean and std over seeds of those, each agent's env
+  steps per second as a ratio to the custom PPO's, and with five or more seeds the interquartile
+  mean (IQM) with a 95% stratified-bootstrap confidence interval (Agarwal et al. 2021);
+- ``curves.png``: ``rollout/ep_rew_mean`` against env steps, the mean over seeds with a band of
+  one standard deviation, one line per agent, the random policy and the threshold as lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from textgym.io import write_json
+
+AGENT_ORDER = ("ppo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo")
+RANDOM = "random"
+SUMMARY_TAGS = ("compare/wall_seconds", "compare/env_steps_per_second", "eval/mean_reward")
+
+
+# ------------------------------------------------------------------------------------ statistics
+def iqm(scores: np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle 50% of ``scores`` (flattened), cutting
+    ``floor(n / 4)`` scores from each end, as ``scipy.stats.trim_mean(scores, 0.25)``."""
+    flat = np.sort(np.asarray(scores, dtype=float).ravel())
+    cut = int(0.25 * flat.size)
+    return float(flat[cut : flat.size - cut].mean())
+
+
+def stratified_bootstrap_ci(
+    scores: np.ndarray,
+    statistic: Callable[[np.ndarray], float] = iqm,
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile confidence interval of ``statistic`` over ``scores`` shaped (runs, tasks).
+
+    Each replicate resamples the runs with replacement within every task (column) independently,
+    the stratified bootstrap of Agarwal et al. 2021. A 1-D array is one task.
+    """
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    runs, tasks = scores.shape
+    rng = np.random.default_rng(seed)
+    stats = np.empty(reps)
+    cols = np.arange(tasks)
+    for r in range(reps):
+        idx = rng.integers(0, runs, size=(runs, tasks))
+        stats[r] = statistic(scores[idx, cols])
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+# ------------------------------------------------------------------------------ TensorBoard I/O
+def read_scalars(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar of a TensorBoard run directory: ``{tag: (steps, values)}``, sorted by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        steps = np.array([e.step for e in events], dtype=np.int64)
+        values = np.array([e.value for e in events], dtype=float)
+        order = np.argsort(steps, kind="stable")
+        out[tag] = (steps[order], values[order])
+    return out
+
+
+def run_name(agent: str, seed: int) -> str:
+    return f"{agent}_s{seed}"
+
+
+def find_run_dir(tb_root: Path, agent: str, seed: int) -> Path:
+    """``<tb_root>/<agent>_s<seed>_<k>`` with the largest k (as SB3 numbers its runs)."""
+    prefix = run_name(agent, seed) + "_"
+    found = [p for p in tb_root.glob(prefix + "*") if p.is_dir() and p.name[len(prefix) :].isdigit()]
+    if not found:
+        raise FileNotFoundError(f"no TensorBoard run {prefix}<k> under {tb_root}")
+    return max(found, key=lambda p: int(p.name[len(prefix) :]))
+
+
+# --------------------------------------------------------------------------------- summaries
+@dataclass
+class RunSummary:
+    agent: str
+    seed: int
+    env_steps: int
+    final_reward: float
+    eval_reward: float
+    steps_to_threshold: int | None
+    wall_seconds: float
+    env_steps_per_second: float
+    curve: tuple[np.ndarray, np.ndarray] = field(repr=False)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "seed": self.seed,
+            "env_steps": self.env_steps,
+            "final_reward": self.final_reward,
+            "eval_reward": self.eval_reward,
+            "steps_to_threshold": "" if self.steps_to_threshold is None else self.steps_to_threshold,
+            "wall_seconds": self.wall_seconds,
+            "env_steps_per_second": self.env_steps_per_second,
+        }
+
+
+def summarize_run(run_dir: Path, agent: str, seed: int, threshold: float) -> RunSummary:
+    """A run's figures, from its TensorBoard scalars only."""
+    scalars = read_scalars(run_dir)
+    missing = [t for t in ("rollout/ep_rew_mean", *SUMMARY_TAGS) if t not in scalars]
+    if missing:
+        raise ValueError(f"TensorBoard run {run_dir} lacks the scalar(s) {missing}")
+    steps, rewards = scalars["rollout/ep_rew_mean"]
+    reached = np.flatnonzero(rewards >= threshold)
+    return RunSummary(
+        agent=agent,
+        seed=seed,
+        env_steps=int(scalars["compare/wall_seconds"][0][-1]),
+        final_reward=float(rewards[-1]),
+        eval_reward=float(scalars["eval/mean_reward"][1][-1]),
+        steps_to_threshold=int(steps[reached[0]]) if reached.size else None,
+        wall_seconds=float(scalars["compare/wall_seconds"][1][-1]),
+        env_steps_per_second=float(scalars["compare/env_steps_per_second"][1][-1]),
+        curve=(steps, rewards),
+    )
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate(runs: Sequence[RunSummary], iqm_min_seeds: int = 5) -> list[dict[str, Any]]:
+    """One row per agent (in :data:`AGENT_ORDER`, the random policy last); see the module doc."""
+    by_agent: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        by_agent.setdefault(run.agent, []).append(run)
+    order = [a for a in AGENT_ORDER if a in by_agent] + sorted(
+        a for a in by_agent if a not in AGENT_ORDER and a != RANDOM
+    )
+    if RANDOM in by_agent:
+        order.append(RANDOM)
+    ppo_speed = None
+    if "ppo" in by_agent:
+        ppo_speed = float(np.mean([r.env_steps_per_second for r in by_agent["ppo"]]))
+    rows = []
+    for agent in order:
+        group = sorted(by_agent[agent], key=lambda r: r.seed)
+        final_mean, final_std = _mean_std([r.final_reward for r in group])
+        eval_mean, eval_std = _mean_std([r.eval_reward for r in group])
+        reached = [r.steps_to_threshold for r in group if r.steps_to_threshold is not None]
+        trained = agent != RANDOM
+        speed = float(np.mean([r.env_steps_per_second for r in group])) if trained else math.nan
+        row: dict[str, Any] = {
+            "agent": agent,
+            "seeds": len(group),
+            "env_steps": max(r.env_steps for r in group),
+            "final_reward_mean": final_mean,
+            "final_reward_std": final_std,
+            "eval_reward_mean": eval_mean,
+            "eval_reward_std": eval_std,
+            "steps_to_threshold_mean": float(np.mean(reached)) if reached and trained else math.nan,
+            "seeds_reaching_threshold": len(reached) if trained else 0,
+            "wall_seconds_mean": float(np.mean([r.wall_seconds for r in group])) if trained else math.nan,
+            "env_steps_per_second_mean": speed,
+            "speed_vs_ppo": speed / ppo_speed if ppo_speed and trained else math.nan,
+        }
+        if len(group) >= iqm_min_seeds:
+            for key in ("final_reward", "eval_reward"):
+                scores = np.array([getattr(r, key) for r in group])
+                low, high = stratified_bootstrap_ci(scores)
+                row[f"{key}_iqm"], row[f"{key}_iqm_ci_low"], row[f"{key}_iqm_ci_high"] = (
+                    iqm(scores),
+                    low,
+                    high,
+                )
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def results_markdown(rows: Sequence[Mapping[str, Any]], threshold: float) -> str:
+    """The per-agent table as Markdown."""
+    with_iqm = any("final_reward_iqm" in r for r in rows)
+    head = [
+        "agent",
+        "seeds",
+        "final ep_rew_mean (mean ± std)",
+        "greedy eval reward (mean ± std)",
+    ]
+    if with_iqm:
+        head.append("final ep_rew_mean IQM [95% CI]")
+    head += [f"env steps to {threshold:g}", "wall time (s)", "env steps/s", "speed vs ppo"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["agent"],
+            str(r["seeds"]),
+            f"{_fmt(r['final_reward_mean'])} ± {_fmt(r['final_reward_std'])}",
+            f"{_fmt(r['eval_reward_mean'])} ± {_fmt(r['eval_reward_std'])}",
+        ]
+        if with_iqm:
+            cells.append(
+                f"{_fmt(r['final_reward_iqm'])} [{_fmt(r['final_reward_iqm_ci_low'])}, "
+                f"{_fmt(r['final_reward_iqm_ci_high'])}]"
+                if "final_reward_iqm" in r
+                else "–"
+            )
+        if r["agent"] == RANDOM:
+            cells += ["–", "–", "–", "–"]
+        else:
+            steps = r["steps_to_threshold_mean"]
+            cells.append(
+                "not reached"
+                if math.isnan(steps)
+                else f"{steps:,.0f} ({r['seeds_reaching_threshold']}/{r['seeds']} seeds)"
+            )
+            cells += [
+                _fmt(r["wall_seconds_mean"], 1),
+                f"{r['env_steps_per_second_mean']:,.0f}",
+                "–" if math.isnan(r["speed_vs_ppo"]) else f"{r['speed_vs_ppo']:.3f}×",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Rows as CSV (columns: the union of the rows' keys, in first-seen order), written atomically."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+    tmp.replace(path)
+    return path
+
+
+def plot_curves(runs: Sequence[RunSummary], path: Path, threshold: float, title: str = "") -> Path:
+    """``rollout/ep_rew_mean`` against env steps: mean over seeds and a ±1 std band per agent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    agents = [r["agent"] for r in aggregate(runs, iqm_min_seeds=10**9)]
+    budget = max(r.env_steps for r in runs)
+    grid = np.linspace(0, budget, 200)
+    for agent in agents:
+        group = [r for r in runs if r.agent == agent]
+        if agent == RANDOM:
+            level = float(np.mean([r.final_reward for r in group]))
+            ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=f"random ({level:.2f})")
+            continue
+        # Each seed's curve on a common grid; no value before its first logged point.
+        curves = np.array([np.interp(grid, *r.curve, left=np.nan) for r in group])
+        valid = ~np.isnan(curves).any(axis=0)
+        mean, std = curves[:, valid].mean(0), curves[:, valid].std(0)
+        (line,) = ax.plot(grid[valid], mean, label=f"{agent} ({len(group)} seeds)")
+        ax.fill_between(grid[valid], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_xlabel("env steps (tokens)")
+    ax.set_ylabel("rollout/ep_rew_mean")
+    ax.set_title(title or "mean episode reward (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def summarize(
+    out: str | Path, threshold: float, seeds_expected: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Read every run under ``<out>/tb`` and write ``runs.csv``, ``results.csv``, ``results.md``
+    and ``curves.png``; returns the per-agent rows and the per-run summaries."""
+    out = Path(out)
+    tb_root = out / "tb"
+    runs, incomplete = [], []
+    for run_dir in sorted(p for p in tb_root.iterdir() if p.is_dir()):
+        name, _, k = run_dir.name.rpartition("_")
+        agent, _, seed = name.rpartition("_s")
+        if not (k.isdigit() and seed.isdigit() and agent):
+            continue
+        if run_dir != find_run_dir(tb_root, agent, int(seed)):
+            continue  # an older run of the same agent and seed
+        try:
+            runs.append(summarize_run(run_dir, agent, int(seed), threshold))
+        except ValueError:  # interrupted before its summary scalars were written
+            incomplete.append(run_dir.name)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs under {tb_root}")
+    rows = aggregate(runs)
+    write_csv(out / "runs.csv", [r.row() for r in sorted(runs, key=lambda r: (r.agent, r.seed))])
+    write_csv(out / "results.csv", rows)
+    md = results_markdown(rows, threshold)
+    (out / "results.md.tmp").write_text(md)
+    (out / "results.md.tmp").replace(out / "results.md")
+    plot_curves(runs, out / "curves.png", threshold)
+    return {"rows": rows, "runs": runs, "markdown": md, "incomplete": incomplete}
+
+
+# ------------------------------------------------------------------------------------ running
+def _log_summary(run_dir: Path, step: int, values: Mapping[str, float]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    for tag, value in values.items():
+        writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def hyperparameters(
+    agent: str, ppo_config: Any = None, sb3_hyperparams: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every setting of ``agent`` in the comparison, as JSON-ready data."""
+    from agents.baselines import DEFAULT_HYPERPARAMS
+    from agents.ppo import PPOConfig
+
+    if agent == "ppo":
+        return (ppo_config or PPOConfig()).to_dict()
+    if agent == RANDOM:
+        return {"policy": "uniform over the vocabulary"}
+    params = {**DEFAULT_HYPERPARAMS[agent], **dict((sb3_hyperparams or {}).get(agent, {}))}
+    params.setdefault("policy_kwargs", {})
+    return {"policy": "TransformerExtractor (PolicyConfig defaults) + linear heads", **params}
+
+
+def run_comparison(
+    out: str | Path,
+    agents: Sequence[str],
+    seeds: Sequence[int],
+    total_timesteps: int,
+    task: str = "default",
+    env_kwargs: Mapping[str, Any] | None = None,
+    num_envs: int = 64,
+    device: str = "auto",
+    threshold: float | None = None,
+    eval_episodes: int = 256,
+    ppo_config: Any = None,
+    sb3_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train every agent x seed for ``total_timesteps`` env steps, then :func:`summarize`.
+
+    Runs are interleaved (seed by seed, every agent within a seed) so that a slow spell of a
+    shared machine does not fall on one agent. Each run ends with a greedy evaluation on the same
+    ``eval_episodes`` episodes (fixed evaluation seed). The random policy gets one run per seed.
+    Ctrl-C stops after writing the summary of the runs that finished, then re-raises.
+    """
+    from tqdm.auto import tqdm
+
+    from agents.baselines import SB3_AGENTS, evaluate, make_sb3_model
+    from agents.ppo import PPO, PPOConfig
+    from textgym.tasks import get_task
+
+    unknown = [a for a in agents if a != "ppo" and a not in SB3_AGENTS]
+    if unknown:
+        raise ValueError(f"unknown agent(s) {unknown}; accepted: ppo, {', '.join(SB3_AGENTS)}")
+    out = Path(out)
+    tb_root = out / "tb"
+    if tb_root.exists() and any(tb_root.iterdir()):
+        raise FileExistsError(f"{out} already holds a comparison; choose another output directory")
+    tb_root.mkdir(parents=True, exist_ok=True)
+    env = {"task": task, **dict(env_kwargs or {})}
+    if threshold is None:
+        threshold = get_task(task).reward_threshold
+    ppo_config = ppo_config or PPOConfig()
+    for agent in (*agents, RANDOM):
+        write_json(out / "hyperparams" / f"{agent}.json", hyperparameters(agent, ppo_config, sb3_hyperparams))
+
+    bar = tqdm(
+        total=len(seeds) * len(agents) * total_timesteps,
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    done_steps, summary = 0, None
+    try:
+        for seed in seeds:
+            random_level = evaluate(None, env, eval_episodes, num_envs, seed=10_000 + seed)
+            _log_summary(
+                tb_root / f"{run_name(RANDOM, seed)}_1",
+                total_timesteps,
+                {
+                    "compare/wall_seconds": 0.0,
+                    "compare/env_steps_per_second": 0.0,
+                    "eval/mean_reward": random_level["mean"],
+                },
+            )
+            for step in (0, total_timesteps):  # a flat line in TensorBoard, beside the agents' curves
+                _log_summary(
+                    tb_root / f"{run_name(RANDOM, seed)}_1",
+                    step,
+                    {"rollout/ep_rew_mean": random_level["mean"]},
+                )
+            for agent in agents:
+                bar.set_description(f"{agent} seed {seed}")
+                name = run_name(agent, seed)
+                start = time.perf_counter()
+                if agent == "ppo":
+                    model = PPO("TextGen-v0", ppo_config, num_envs, env, device, seed, tb_root)
+
+                    def on_update(m: Any, base: int = done_steps) -> None:
+                        bar.update(base + min(m.num_timesteps, total_timesteps) - bar.n)
+                        if "rollout/ep_rew_mean" in m.last_stats:
+                            bar.set_postfix(ep_rew_mean=f"{m.last_stats['rollout/ep_rew_mean']:.3f}")
+
+                    model.learn(total_timesteps, tb_log_name=name, callback=on_update)
+                    seconds = time.perf_counter() - start
+                    run_dir = Path(model._tb_dir)
+
+                    def policy(obs: Any, model: Any = model) -> Any:
+                        return model.predict(obs, deterministic=True)[0]
+                else:
+                    model = make_sb3_model(
+                        agent, env, num_envs, seed, device, str(tb_root), (sb3_hyperparams or {}).get(agent)
+                    )
+                    model.learn(
+                        total_timesteps,
+                        tb_log_name=name,
+                        log_interval=1,
+                        callback=_bar_callback(bar, done_steps, total_timesteps),
+                    )
+                    seconds = time.perf_counter() - start
+                    run_dir = find_run_dir(tb_root, agent, seed)
+
+                    def policy(obs: Any, model: Any = model) -> Any:
+                        return model.predict(obs, deterministic=True)[0]
+
+                steps = model.num_timesteps
+                result = evaluate(policy, env, eval_episodes, num_envs, seed=10_000 + seed)
+                _log_summary(
+                    run_dir,
+                    steps,
+                    {
+                        "compare/wall_seconds": seconds,
+                        "compare/env_steps_per_second": steps / seconds,
+                        "eval/mean_reward": result["mean"],
+                    },
+                )
+                done_steps += total_timesteps
+                bar.update(done_steps - bar.n)
+    finally:
+        bar.close()
+        if any(tb_root.iterdir()):
+            try:
+                summary = summarize(out, threshold)
+            except FileNotFoundError:  # interrupted before any run finished
+                summary = None
+    return {**(summary or {}), "threshold": threshold}
+
+
+def _bar_callback(bar: Any, done_steps: int, total_timesteps: int) -> Any:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class _Progress(BaseCallback):
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            bar.update(done_steps + min(self.num_timesteps, total_timesteps) - bar.n)
+            buf = self.model.ep_info_buffer
+            if buf:
+                bar.set_postfix(ep_rew_mean=f"{np.mean([e['r'] for e in buf]):.3f}")
+
+    return _Progress()
+
+
+def save_config(out: str | Path, config: Mapping[str, Any]) -> Path:
+    return write_json(Path(out) / "config.json", json.loads(json.dumps(config, default=repr)))

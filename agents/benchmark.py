@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,6 +154,7 @@ def sb3_ratio(
     if profile is not None:
         import cProfile
 
+        Path(profile).parent.mkdir(parents=True, exist_ok=True)
         profiler = cProfile.Profile()
         profiler.enable()
     start = time.perf_counter()

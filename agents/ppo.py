@@ -17,6 +17,7 @@ is complete and there is no future to estimate.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -35,12 +36,13 @@ import torch.nn.functional as F
 from torch.distributions import Categorical
 
 from agents.buffer import Rollout, compute_gae, segments
+from agents.kl import KLController
 from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
 from textgym.checks import is_positive_int, is_real
 from textgym.core import resolve_device
 from textgym.vector import TextGenVectorEnv
 
-CHECKPOINT_SCHEMA = 1
+CHECKPOINT_SCHEMA = 2
 ENV_IDS = ("TextGen-v0", "textgym:TextGen-v0")
 
 
@@ -81,13 +83,24 @@ class PPOConfig:
     bootstrap_truncated: bool = False
     """Add γ·V(final observation) to the reward of truncated episodes (SB3 semantics). Off by
     default: TextGen-v0 scores the completion when it truncates, so the return is complete."""
+    kl_coef: float = 0.0
+    """β of the per-token KL penalty ``-β·(log π - log π_ref)`` to the reference policy (a frozen
+    copy of the initial policy, e.g. a pretrained one). 0 with ``kl_target=None``: no penalty."""
+    kl_target: float | None = None
+    """Adapt β after each rollout towards this KL per episode (nats), as Ziegler et al. 2019;
+    None keeps β fixed. Needs ``kl_coef > 0`` as the starting β."""
+    kl_horizon: int = 10_000
+    """Env steps over which the adaptive controller changes β by about its clipped error (20%)."""
+    mask_actions: bool = False
+    """Sample only the tokens of the env's action mask (its ``allowed_tokens``); the reference
+    policy of the KL penalty is masked the same way."""
     sample_interval: int = 10
     """Write generated text samples to TensorBoard every this many updates."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """Architecture of the Transformer policy."""
 
     def __post_init__(self) -> None:
-        for name in ("n_steps", "n_epochs", "num_minibatches", "sample_interval"):
+        for name in ("n_steps", "n_epochs", "num_minibatches", "sample_interval", "kl_horizon"):
             value = getattr(self, name)
             if not is_positive_int(value):
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
@@ -99,14 +112,18 @@ class PPOConfig:
             value = getattr(self, name)
             if not is_real(value) or not 0 <= value <= 1:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {value!r}")
-        for name in ("ent_coef", "vf_coef"):
+        for name in ("ent_coef", "vf_coef", "kl_coef"):
             value = getattr(self, name)
             if not is_real(value) or not 0 <= value < math.inf:
                 raise ValueError(f"PPOConfig.{name} must be a finite number >= 0, got {value!r}")
-        for name in ("clip_range_vf", "target_kl"):
+        for name in ("clip_range_vf", "target_kl", "kl_target"):
             value = getattr(self, name)
             if value is not None and (not is_real(value) or not 0 < value < math.inf):
                 raise ValueError(f"PPOConfig.{name} must be None or a positive number, got {value!r}")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ValueError(
+                "PPOConfig.kl_target needs kl_coef > 0 as the starting β (β adapts by multiplication)"
+            )
         if isinstance(self.policy, Mapping):  # from a checkpoint or config.json
             try:
                 object.__setattr__(self, "policy", PolicyConfig(**self.policy))
@@ -141,6 +158,10 @@ class PPO:
     :param seed: seeds torch, the policy's initial weights and the environment.
     :param tensorboard_log: directory of TensorBoard runs; None disables logging.
     :param verbose: 0 silent, 1 prints the config at the start of ``learn``.
+    :param init_policy: a language-model checkpoint (``scripts/pretrain.py``, :func:`agents.lm.save_lm`)
+        to start from; its architecture replaces ``config.policy`` and its vocabulary must be the
+        env's. With a KL penalty (``config.kl_coef``), a frozen copy of the initial policy is the
+        reference.
     """
 
     def __init__(
@@ -153,6 +174,7 @@ class PPO:
         seed: int | None = None,
         tensorboard_log: str | os.PathLike[str] | None = None,
         verbose: int = 0,
+        init_policy: str | os.PathLike[str] | None = None,
     ):
         self.config = config if config is not None else PPOConfig()
         if not isinstance(self.config, PPOConfig):
@@ -185,8 +207,24 @@ class PPO:
         self.prompt_window = env.prompt_window
         self.seq_len = env.config.seq_len
         self.tokenizer = env.tokenizer
-        self.policy = TransformerPolicy(env.single_action_space.n, self.seq_len, self.config.policy).to(
-            self.device
+        self.init_policy = None if init_policy is None else str(init_policy)
+        if init_policy is not None:
+            from agents.lm import load_lm
+
+            self.policy = load_lm(init_policy, self.tokenizer, self.seq_len, self.device).train()
+            self.config = dataclasses.replace(self.config, policy=self.policy.cfg)
+        else:
+            self.policy = TransformerPolicy(env.single_action_space.n, self.seq_len, self.config.policy).to(
+                self.device
+            )
+        cfg = self.config
+        self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.reference: TransformerPolicy | None = None
+        if cfg.kl_coef > 0:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self._ref_cache = KVCache(self.reference, self.num_envs, self.device)
+        self._action_mask = (
+            torch.as_tensor(env.config.action_mask, device=self.device) if cfg.mask_actions else None
         )
         self.optimizer = torch.optim.Adam(
             self.policy.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps
@@ -198,6 +236,8 @@ class PPO:
         self._obs: dict[str, torch.Tensor] | None = None
         self._episode_return = torch.zeros(self.num_envs, dtype=torch.float64, device=self.device)
         self._episode_length = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        self._episode_kl = torch.zeros(self.num_envs, 2, dtype=torch.float64, device=self.device)
+        self._rollout_kl: list[tuple[float, float]] = []  # (exact, sampled) KL of episodes ended
         self._samples: deque[tuple[str, str, float]] = deque(maxlen=8)
         self._cache = KVCache(self.policy, self.num_envs, self.device)
         self._writer: Any = None
@@ -236,6 +276,7 @@ class PPO:
             self._obs = obs
             self._episode_return.zero_()
             self._episode_length.zero_()
+            self._episode_kl.zero_()
         self._target_timesteps = (0 if reset_num_timesteps else self.num_timesteps) + total_timesteps
         self._open_writer(tb_log_name, new_run=reset_num_timesteps)
         if self.verbose:
@@ -256,6 +297,9 @@ class PPO:
                         group["lr"] = frac * cfg.learning_rate
                 rollout, last_values, last_dones = self.collect_rollout()
                 stats = self.update(rollout, last_values, last_dones)
+                if self.reference is not None:
+                    stats.update(self._kl_stats())
+                    self.kl.update(stats["train/kl_ref"], cfg.n_steps * self.num_envs)
                 self.n_updates += 1
                 fps = (self.num_timesteps - start_steps) / (time.perf_counter() - start_time)
                 self._log(stats, fps)
@@ -300,15 +344,33 @@ class PPO:
         obs = self._obs
         # The weights changed in the last update: recompute every cached key and value.
         logits, value = self._cache.rebuild(obs["input_ids"], obs["attention_mask"])
+        ref = self.reference is not None
+        if ref:
+            ref_logits, _ = self._ref_cache.rebuild(obs["input_ids"], obs["attention_mask"])
+        self._rollout_kl = []
+        beta = self.kl.value
         for t in range(T):
             ids[t], masks[t] = obs["input_ids"], obs["attention_mask"]
             starts[t] = (obs["attention_mask"][:, self.prompt_window :].sum(1) == 0).float()
-            dist = Categorical(logits=logits)
+            dist = Categorical(logits=self._masked(logits))
             action = dist.sample()
-            actions[t], logprobs[t], values[t] = action, dist.log_prob(action), value
+            log_probs, logprob = dist.logits, dist.log_prob(action)  # normalised: (N, V), (N,)
+            actions[t], logprobs[t], values[t] = action, logprob, value
+            if ref:
+                # The reference scores the very token sampled, under the same mask and temperature.
+                ref_log_probs = F.log_softmax(self._masked(ref_logits), dim=-1)
+                kl_sampled = logprob - ref_log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
+                kl_exact = (log_probs.exp() * (log_probs - ref_log_probs)).sum(-1)  # KL(π(·|s) ‖ π_ref(·|s))
             obs, reward, terminated, truncated, infos = self.env.step(action)
             done = terminated | truncated
             self._track_episodes(reward, done, infos)  # the env's own rewards, before any bootstrap
+            if ref:
+                reward = reward - beta * kl_sampled.double()
+                self._episode_kl += torch.stack([kl_exact, kl_sampled], 1).double()
+                if bool(done.any()):
+                    rows = done.nonzero().squeeze(1)
+                    self._rollout_kl += [tuple(r) for r in self._episode_kl[rows].tolist()]
+                    self._episode_kl[rows] = 0.0
             if cfg.bootstrap_truncated and bool(truncated.any()):
                 rows = truncated.nonzero().squeeze(1)
                 final_ids, final_mask = (
@@ -325,9 +387,34 @@ class PPO:
             self.num_timesteps += N
             if t + 1 < T:
                 logits, value = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
+                if ref:
+                    ref_logits, _ = self._ref_cache.step(
+                        obs["input_ids"], obs["attention_mask"], self.prompt_window
+                    )
         _, last_values = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
         rollout = Rollout(ids, masks, actions, logprobs, values, rewards, starts, dones)
         return rollout, last_values, dones[-1]
+
+    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (..., V) with the tokens outside the env's action mask made impossible."""
+        if self._action_mask is None:
+            return logits
+        return logits.masked_fill(~self._action_mask, torch.finfo(logits.dtype).min)
+
+    def _kl_stats(self) -> dict[str, float]:
+        """KL to the reference over the episodes that ended in the last rollout (nats per episode)."""
+        if not self._rollout_kl:
+            return {
+                "train/kl_ref": float("nan"),
+                "train/kl_ref_sampled": float("nan"),
+                "train/kl_coef": self.kl.value,
+            }
+        exact, sampled = np.mean(self._rollout_kl, axis=0)
+        return {
+            "train/kl_ref": float(exact),
+            "train/kl_ref_sampled": float(sampled),
+            "train/kl_coef": self.kl.value,
+        }
 
     def _track_episodes(self, reward: torch.Tensor, done: torch.Tensor, infos: dict[str, Any]) -> None:
         self._episode_return += reward
@@ -390,7 +477,7 @@ class PPO:
                 logits, values = self.policy.heads(
                     hidden[local[seg.segment[sel]], seg.column[sel]]
                 )  # (n, V), (n,)
-                log_probs = F.log_softmax(logits, dim=-1)  # (n, V)
+                log_probs = F.log_softmax(self._masked(logits), dim=-1)  # (n, V)
                 new_logprobs = log_probs.gather(1, actions[sel].unsqueeze(1)).squeeze(1)
                 entropy = -(log_probs.exp() * log_probs).sum(-1)  # (n,)
 
@@ -512,6 +599,7 @@ class PPO:
         hidden = self.policy.hidden(ids.long(), mask.long())
         rows = torch.arange(len(ids), device=self.device)
         logits, _ = self.policy.heads(hidden[rows, last_real_column(mask)])
+        logits = self._masked(logits)
         actions = logits.argmax(-1) if deterministic else Categorical(logits=logits).sample()
         out = actions.cpu().numpy()
         return (out.reshape(()) if single else out), None
@@ -544,6 +632,9 @@ class PPO:
             "n_updates": self.n_updates,
             "target_timesteps": self._target_timesteps,
             "ep_info_buffer": list(self.ep_info_buffer),
+            "init_policy": self.init_policy,
+            "reference": None if self.reference is None else self.reference.state_dict(),
+            "kl_coef": self.kl.value,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -560,6 +651,7 @@ class PPO:
                 "rngs": json.dumps([g.bit_generator.state for g in self.env._rngs or []]),
                 "episode_return": self._episode_return.cpu(),
                 "episode_length": self._episode_length.cpu(),
+                "episode_kl": self._episode_kl.cpu(),
             },
             "tb_dir": None if self._tb_dir is None else str(self._tb_dir.resolve()),
         }
@@ -614,6 +706,10 @@ class PPO:
             tensorboard_log=tensorboard_log,
         )
         model.policy.load_state_dict(ckpt["model"])
+        model.init_policy = ckpt["init_policy"]
+        if model.reference is not None:
+            model.reference.load_state_dict(ckpt["reference"])
+        model.kl.value = ckpt["kl_coef"]
         model.optimizer.load_state_dict(ckpt["optimizer"])
         model.num_timesteps, model.n_updates = ckpt["num_timesteps"], ckpt["n_updates"]
         model._target_timesteps = ckpt["target_timesteps"]
@@ -644,6 +740,7 @@ class PPO:
             gen.bit_generator.state = saved
         self._episode_return.copy_(state["episode_return"].to(dev))
         self._episode_length.copy_(state["episode_length"].to(dev))
+        self._episode_kl.copy_(state["episode_kl"].to(dev))
         self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
 
 

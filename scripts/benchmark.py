@@ -4,6 +4,8 @@
     python scripts/benchmark.py env --sizes 16 256 1024 --seconds 3 --out benchmarks/env.json
     python scripts/benchmark.py rollout                # KV cache vs full recompute, 64 new tokens
     python scripts/benchmark.py train                  # PPO training env steps/s
+    python scripts/benchmark.py sb3                    # custom PPO vs SB3 PPO at matched settings
+    python scripts/benchmark.py sb3 --max-new-tokens 8 32 64 --profile benchmarks/sb3_profile.txt
 
 ``env`` drives every face of TextGen-v0 with the same random policy and the same reward (by
 default the cheap built-in ``length`` reward on the default task) and prints env steps per second,
@@ -11,7 +13,10 @@ the ratio of the batched env to SyncVectorEnv at each N, and the share of time s
 finished episodes and in the reward model. ``rollout`` samples episodes of 64 new tokens with the
 Transformer policy, acting through its KV cache and, as the baseline, recomputing the whole
 sequence every step. ``train`` measures the custom PPO's training throughput and how its time
-splits between rollouts and updates. Each report is saved as JSON.
+splits between rollouts and updates. ``sb3`` trains the custom PPO and SB3 PPO with the same
+Transformer, number of envs, rollout length, minibatch size and epochs, at each generation
+length, and reports their env steps per second and the ratio; ``--profile`` writes a cProfile
+report of the SB3 run. Each report is saved as JSON.
 """
 
 from __future__ import annotations
@@ -56,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--task", default="default")
     train.add_argument("--device", default="cpu")
     train.add_argument("--out", default="benchmarks/train.json")
+    sb3 = sub.add_parser("sb3", help="custom PPO vs SB3 PPO env steps/s at matched settings")
+    sb3.add_argument("--total-timesteps", type=int, default=8192, help="env steps per agent and length")
+    sb3.add_argument("--num-envs", type=int, default=64)
+    sb3.add_argument(
+        "--max-new-tokens", type=int, nargs="+", default=[8, 32, 64], help="generation lengths to measure"
+    )
+    sb3.add_argument("--task", default="default")
+    sb3.add_argument("--device", default="cpu")
+    sb3.add_argument("--profile", default=None, help="cProfile report of the SB3 run (longest length)")
+    sb3.add_argument("--out", default="benchmarks/sb3.json")
     args = parser.parse_args(argv)
     for name in ("num_envs", "max_new_tokens", "episodes", "total_timesteps"):
         if getattr(args, name, 1) < 1:
@@ -76,6 +91,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  full recompute {report['recompute']:>10,.0f} env steps/s")
         print(f"  KV cache       {report['kv_cache']:>10,.0f} env steps/s   ({report['speedup']:.1f}x)")
         print(f"saved {write_json(args.out, report)}")
+    elif args.command == "sb3":
+        from agents.benchmark import sb3_ratio
+
+        if any(m < 1 for m in args.max_new_tokens):
+            parser.error(f"--max-new-tokens must be positive integers, got {args.max_new_tokens}")
+        if args.num_envs * 32 % 4:
+            parser.error("--num-envs x 32 must split into 4 minibatches")
+        rows = []
+        print(f"{'new tokens':>10} {'seq len':>8} {'custom PPO':>12} {'SB3 PPO':>10} {'ratio':>7}")
+        for m in args.max_new_tokens:
+            profile = args.profile if m == max(args.max_new_tokens) else None
+            r = sb3_ratio(args.total_timesteps, args.num_envs, m, args.device, args.task, profile)
+            rows.append(r)
+            print(
+                f"{m:>10} {r['seq_len']:>8} {r['custom_ppo']:>12,.0f} {r['sb3_ppo']:>10,.0f} {r['ratio']:>6.1f}x"
+            )
+        print("(env steps per second; same Transformer, envs, rollout, minibatch and epochs)")
+        if args.profile:
+            print(f"SB3 profile: {args.profile}")
+        print(f"saved {write_json(args.out, {'runs': rows})}")
     else:
         from agents.benchmark import training_speed
 

@@ -3,7 +3,7 @@
     python scripts/train.py                                   # custom PPO, default task, 50k env steps
     python scripts/train.py --agent ppo --task keyword --total-timesteps 100000 --device cuda
     python scripts/train.py --agent sb3-ppo --env-kwargs '{"reward": {"name": "length", "target": 4}}'
-    python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "fine"]}'
+    python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "bad"]}'
     python scripts/train.py --agent sb3-a2c --hyperparams '{"n_steps": 16}' --extractor mlp
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
     tensorboard --logdir runs

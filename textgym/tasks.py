@@ -160,6 +160,11 @@ class EnvConfig:
         compare=False
     )  #: (vocab_size,) bool, read-only: the tokens an agent may emit
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pickle and deepcopy rebuild the array writeable; keep the mask read-only
+        self.__dict__.update(state)
+        self.action_mask.flags.writeable = False
+
     @property
     def seq_len(self) -> int:
         """Length of an observation: the prompt window plus the generation window."""
@@ -256,7 +261,7 @@ def make_action_mask(tokenizer: Tokenizer, allowed_tokens: Sequence[str | int] |
         spelled = {tokenizer.id_to_token(i): i for i in range(V)}
         mask[EOS_ID] = True
         for token in allowed_tokens:
-            if is_positive_int(token) or (isinstance(token, int | np.integer) and token == 0):
+            if isinstance(token, int | np.integer) and not isinstance(token, bool | np.bool_):
                 if not 0 <= int(token) < V:
                     raise ValueError(f"allowed_tokens: id {token} is outside the vocabulary [0, {V})")
                 mask[int(token)] = True

@@ -1,0 +1,332 @@
+"""Pretraining the Transformer policy as a language model, and its checkpoint.
+
+PPO on language is only useful from a policy that already writes text: :func:`pretrain` trains
+:class:`~agents.policy.TransformerPolicy`'s decoder and policy head by next-token prediction on a
+task's corpus (or any list of texts), with held-out loss and perplexity logged to TensorBoard.
+Its checkpoint (:func:`save_lm` / :func:`load_lm`) loads into :class:`agents.ppo.PPO` as the
+initial policy (``init_policy=``) and, frozen, as the reference policy of the KL penalty.
+
+Sequences are ``<bos> text <eos>``, right-padded. The policy counts positions over real tokens
+only and never attends to padding, so this is the same input as the environment's left-padded
+observations: a model trained here reads TextGen-v0 observations unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agents.policy import PolicyConfig, TransformerPolicy
+from textgym.checks import is_positive_int, is_real
+from textgym.core import resolve_device
+from textgym.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+LM_SCHEMA = "textgym-lm/1"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Settings of :func:`pretrain`."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step."""
+    learning_rate: float = 3e-3
+    """AdamW peak step size, reached after ``warmup_steps`` and decayed to 10% by cosine."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    max_len: int = 64
+    """Longest sequence (tokens, ``<bos>`` and ``<eos>`` included); longer texts are cut. Also the
+    size of the learned position table: it must cover the environment's observation length."""
+    val_fraction: float = 0.1
+    """Share of the texts held out for the validation loss."""
+    eval_interval: int = 200
+    """Steps between validation measurements."""
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_len", "eval_interval"):
+            if not is_positive_int(getattr(self, name)):
+                raise ValueError(
+                    f"PretrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}"
+                )
+        if not is_positive_int(self.warmup_steps) and self.warmup_steps != 0:
+            raise ValueError(
+                f"PretrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}"
+            )
+        if self.max_len < 3:
+            raise ValueError(
+                f"PretrainConfig.max_len must be >= 3 (<bos>, a token, <eos>), got {self.max_len}"
+            )
+        for name in ("learning_rate", "max_grad_norm"):
+            value = getattr(self, name)
+            if not is_real(value) or not 0 < value < math.inf:
+                raise ValueError(f"PretrainConfig.{name} must be a positive number, got {value!r}")
+        if not is_real(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"PretrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not is_real(self.val_fraction) or not 0 < self.val_fraction < 1:
+            raise ValueError(f"PretrainConfig.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+
+
+def vocabulary(tokenizer: Tokenizer) -> list[str]:
+    """Every token's spelling, by id: what must agree for a checkpoint to fit an environment."""
+    return [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
+
+
+def encode_texts(
+    texts: Sequence[str], tokenizer: Tokenizer, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``<bos> text <eos>`` rows, right-padded: ids (n, max_len), mask (n, max_len), number cut."""
+    ids = torch.full((len(texts), max_len), PAD_ID, dtype=torch.long)
+    cut = 0
+    for i, text in enumerate(texts):
+        row = [BOS_ID, *tokenizer.encode(text), EOS_ID]
+        if len(row) > max_len:
+            row, cut = row[:max_len], cut + 1
+        ids[i, : len(row)] = torch.tensor(row)
+    mask = (ids != PAD_ID).long()
+    return ids, mask, cut
+
+
+def lm_loss(policy: TransformerPolicy, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) over the real target tokens of ``ids`` (B, L)."""
+    logits = policy.policy_head(policy.hidden(ids, mask))[:, :-1]  # (B, L-1, V)
+    targets = ids[:, 1:]
+    real = mask[:, 1:].bool()
+    return F.cross_entropy(logits[real], targets[real])
+
+
+@torch.no_grad()
+def evaluate_lm(
+    policy: TransformerPolicy, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 256
+) -> float:
+    """Token-weighted mean cross-entropy over a whole set (nats per token)."""
+    was_training = policy.training
+    policy.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        b_ids, b_mask = ids[start : start + batch_size], mask[start : start + batch_size]
+        n = int(b_mask[:, 1:].sum())
+        total += float(lm_loss(policy, b_ids, b_mask)) * n
+        count += n
+    policy.train(was_training)
+    return total / max(count, 1)
+
+
+def pretrain(
+    texts: Sequence[str],
+    tokenizer: Tokenizer,
+    config: PretrainConfig | None = None,
+    policy_config: PolicyConfig | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    tensorboard_log: str | os.PathLike[str] | None = None,
+    progress_bar: bool = False,
+    samples_from: Sequence[str] = (),
+) -> tuple[TransformerPolicy, dict[str, Any]]:
+    """Train a :class:`TransformerPolicy` on ``texts`` by next-token prediction.
+
+    :param samples_from: prompts to continue greedily in the TensorBoard text samples.
+    :return: the policy and a report: initial and final validation loss and perplexity, the
+        number of training and held-out texts, the number cut to ``max_len``, seconds.
+    """
+    config = config or PretrainConfig()
+    policy_config = policy_config or PolicyConfig()
+    texts = [t for t in texts if t.strip()]
+    if len(texts) < 2:
+        raise ValueError(f"pretraining needs at least 2 non-empty texts, got {len(texts)}")
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_val = max(1, round(config.val_fraction * len(texts)))
+    val_texts = [texts[i] for i in order[:n_val]]
+    train_texts = [texts[i] for i in order[n_val:]]
+    tr_ids, tr_mask, cut_tr = encode_texts(train_texts, tokenizer, config.max_len)
+    va_ids, va_mask, cut_va = encode_texts(val_texts, tokenizer, config.max_len)
+    tr_ids, tr_mask, va_ids, va_mask = (t.to(dev) for t in (tr_ids, tr_mask, va_ids, va_mask))
+
+    policy = TransformerPolicy(tokenizer.vocab_size, config.max_len, policy_config).to(dev)
+    decay = [p for n, p in policy.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    no_decay = [p for n, p in policy.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+    )
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return config.learning_rate * (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    writer = None
+    if tensorboard_log is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(tensorboard_log))
+        writer.add_text("config", f"```\n{asdict(config)}\n{asdict(policy_config)}\n```", 0)
+    initial_val = evaluate_lm(policy, va_ids, va_mask)
+    history = [(0, initial_val)]
+    if writer is not None:
+        writer.add_scalar("pretrain/val_loss", initial_val, 0)
+        writer.add_scalar("pretrain/val_perplexity", math.exp(initial_val), 0)
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, unit="step", dynamic_ncols=True)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = time.perf_counter()
+    policy.train()
+    try:
+        for step in range(config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            batch = torch.randint(0, len(tr_ids), (config.batch_size,), generator=gen).to(dev)
+            loss = lm_loss(policy, tr_ids[batch], tr_mask[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+            done = step + 1
+            if writer is not None and (done % 10 == 0 or done == config.steps):
+                writer.add_scalar("pretrain/train_loss", loss.item(), done)
+                writer.add_scalar("pretrain/learning_rate", lr_at(step), done)
+            if done % config.eval_interval == 0 or done == config.steps:
+                val = evaluate_lm(policy, va_ids, va_mask)
+                history.append((done, val))
+                if writer is not None:
+                    writer.add_scalar("pretrain/val_loss", val, done)
+                    writer.add_scalar("pretrain/val_perplexity", math.exp(val), done)
+                    if samples_from:
+                        writer.add_text("samples", _samples_markdown(policy, tokenizer, samples_from), done)
+                if bar is not None:
+                    bar.set_postfix(val_loss=f"{val:.3f}", ppl=f"{math.exp(val):.1f}")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    policy.eval()
+    final_val = history[-1][1]
+    report = {
+        "initial_val_loss": initial_val,
+        "initial_val_perplexity": math.exp(initial_val),
+        "final_val_loss": final_val,
+        "final_val_perplexity": math.exp(final_val),
+        "val_history": history,
+        "train_texts": len(train_texts),
+        "val_texts": len(val_texts),
+        "texts_cut": cut_tr + cut_va,
+        "seconds": time.perf_counter() - start,
+    }
+    return policy, report
+
+
+def _samples_markdown(policy: TransformerPolicy, tokenizer: Tokenizer, prompts: Sequence[str]) -> str:
+    from agents.generation import generate
+
+    window = max(1 + len(tokenizer.encode(p)) for p in prompts)
+    new = min(16, policy.max_len - window)
+    if new < 1:
+        return "(prompts too long for samples)"
+    completions = generate(policy, tokenizer, prompts, window, new)
+    rows = [f"| {p} | {c} |" for p, c in zip(prompts, completions, strict=True)]
+    return "| prompt | greedy continuation |\n|---|---|\n" + "\n".join(rows)
+
+
+def save_lm(
+    path: str | os.PathLike[str],
+    policy: TransformerPolicy,
+    tokenizer: Tokenizer,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a language-model checkpoint atomically (weights, architecture, vocabulary, ``meta``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "schema": LM_SCHEMA,
+        "policy_config": asdict(policy.cfg),
+        "vocab_size": policy.vocab_size,
+        "max_len": policy.max_len,
+        "vocabulary": vocabulary(tokenizer),
+        "state_dict": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_lm(
+    path: str | os.PathLike[str],
+    tokenizer: Tokenizer | None = None,
+    max_len: int | None = None,
+    device: str | torch.device = "cpu",
+) -> TransformerPolicy:
+    """A :class:`TransformerPolicy` from a checkpoint of :func:`save_lm`.
+
+    :param tokenizer: when given, its vocabulary must be the checkpoint's (same token at every id).
+    :param max_len: the sequence length the policy will read (the env's observation length); the
+        learned position table is cut to it, and must be at least that long.
+    """
+    ckpt = read_lm_checkpoint(path)
+    if tokenizer is not None:
+        check_vocabulary(ckpt["vocabulary"], tokenizer, str(path))
+    saved_len = int(ckpt["max_len"])
+    max_len = saved_len if max_len is None else max_len
+    if max_len > saved_len:
+        raise ValueError(
+            f"{str(path)!r} was trained on sequences of at most {saved_len} tokens, but this environment's "
+            f"observations are {max_len} long: pretrain with a larger max_len"
+        )
+    cfg = PolicyConfig(**ckpt["policy_config"])
+    policy = TransformerPolicy(int(ckpt["vocab_size"]), max_len, cfg)
+    state = dict(ckpt["state_dict"])
+    if "pos_emb.weight" in state:
+        state["pos_emb.weight"] = state["pos_emb.weight"][:max_len]
+    policy.load_state_dict(state)
+    return policy.to(device).eval()
+
+
+def read_lm_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no language-model checkpoint at {str(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"{str(path)!r} is not a textgym language-model checkpoint ({type(exc).__name__})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("schema") != LM_SCHEMA:
+        raise ValueError(f"{str(path)!r} is not a textgym language-model checkpoint (schema {LM_SCHEMA})")
+    return ckpt
+
+
+def check_vocabulary(saved: Sequence[str], tokenizer: Tokenizer, where: str) -> None:
+    """Raise ValueError unless ``tokenizer`` spells every id as ``saved`` does."""
+    current = vocabulary(tokenizer)
+    if list(saved) != current:
+        if len(saved) != len(current):
+            detail = f"{len(saved)} tokens in the checkpoint, {len(current)} in the environment"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(saved, current, strict=True)) if a != b)
+            detail = f"id {i} is {saved[i]!r} in the checkpoint but {current[i]!r} in the environment"
+        raise ValueError(
+            f"{where}: the checkpoint's vocabulary differs from the environment's tokenizer ({detail}); "
+            "pretrain with the same task and tokenizer as the environment"
+        )

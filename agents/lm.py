@@ -330,3 +330,67 @@ def check_vocabulary(saved: Sequence[str], tokenizer: Tokenizer, where: str) -> 
             f"{where}: the checkpoint's vocabulary differs from the environment's tokenizer ({detail}); "
             "pretrain with the same task and tokenizer as the environment"
         )
+
+
+@torch.no_grad()
+def sample_with_kl(
+    policy: TransformerPolicy,
+    reference: TransformerPolicy,
+    env_kwargs: dict[str, Any],
+    episodes: int = 256,
+    num_envs: int = 64,
+    seed: int = 10_000,
+) -> dict[str, Any]:
+    """Sample ``episodes`` completions from ``policy`` (temperature 1) on TextGen-v0 and measure
+    the mean episode reward and the KL to ``reference``: per episode, the sum over its steps of
+    KL(π(·|s) ‖ π_ref(·|s)), computed exactly from both next-token distributions."""
+    from agents.policy import last_real_column
+    from textgym.vector import TextGenVectorEnv
+
+    dev = next(policy.parameters()).device
+    env = TextGenVectorEnv(num_envs, device=dev, autoreset_mode="same_step", array_type="torch", **env_kwargs)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    obs, _ = env.reset(seed=seed)
+    rows = torch.arange(num_envs, device=dev)
+    ret, kl = (
+        torch.zeros(num_envs, dtype=torch.float64, device=dev),
+        torch.zeros(num_envs, dtype=torch.float64, device=dev),
+    )
+    per_env = -(-episodes // num_envs)
+    counts = np.zeros(num_envs, dtype=int)
+    returns, kls, samples = [], [], []
+    policy_mode, ref_mode = policy.training, reference.training
+    policy.eval()
+    reference.eval()
+    while counts.min() < per_env:
+        col = last_real_column(obs["attention_mask"])
+        logp = F.log_softmax(policy(obs["input_ids"], obs["attention_mask"])[0][rows, col], -1)
+        logq = F.log_softmax(reference(obs["input_ids"], obs["attention_mask"])[0][rows, col], -1)
+        kl += (logp.exp() * (logp - logq)).sum(-1).double()
+        action = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+        obs, reward, terminated, truncated, infos = env.step(action)
+        ret += reward.double()
+        for i in (terminated | truncated).nonzero().squeeze(1).tolist():
+            if counts[i] < per_env:
+                returns.append(float(ret[i]))
+                kls.append(float(kl[i]))
+                counts[i] += 1
+                if len(samples) < 8:
+                    samples.append(
+                        (
+                            infos["final_info"]["prompt"][i],
+                            infos["final_info"]["completion"][i],
+                            float(ret[i]),
+                        )
+                    )
+            ret[i], kl[i] = 0.0, 0.0
+    env.close()
+    policy.train(policy_mode)
+    reference.train(ref_mode)
+    return {
+        "reward_mean": float(np.mean(returns)),
+        "reward_std": float(np.std(returns)),
+        "kl_mean": float(np.mean(kls)),
+        "episodes": len(returns),
+        "samples": samples,
+    }

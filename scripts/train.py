@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--vec-env", choices=VEC_ENVS, default="batched", help="sb3-* agents: batched env or DummyVecEnv"
     )
+    parser.add_argument(
+        "--init-policy",
+        default=None,
+        help="ppo: language-model checkpoint (scripts/pretrain.py) to start from; with kl_coef in "
+        "--ppo-config it is also the frozen reference of the KL penalty",
+    )
     parser.add_argument("--total-timesteps", type=int, default=50_000, help="env steps (tokens) to train for")
     parser.add_argument("--num-envs", type=int, default=64, help="episodes in flight in the batched env")
     parser.add_argument("--seed", type=int, default=0, help="seed of the agent and the environment")
@@ -131,9 +137,23 @@ def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
         print(f"resuming at {model.num_timesteps} env steps; {remaining} to go")
         reset = False
     else:
-        model = PPO(
-            "TextGen-v0", args.ppo, args.num_envs, env_kwargs, args.device, args.seed, run_dir, verbose=1
-        )
+        try:
+            model = PPO(
+                "TextGen-v0",
+                args.ppo,
+                args.num_envs,
+                env_kwargs,
+                args.device,
+                args.seed,
+                run_dir,
+                verbose=1,
+                init_policy=args.init_policy,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+        if args.init_policy is not None:  # the checkpoint's architecture replaced --ppo-config's
+            saved = json.loads((run_dir / "config.json").read_text())
+            write_json(run_dir / "config.json", saved | {"ppo_config_resolved": model.config.to_dict()})
         remaining, reset = args.total_timesteps, True
     if remaining:
         model.learn(

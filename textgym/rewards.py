@@ -248,12 +248,20 @@ class ExactMatchReward(RewardModel):
         return [float(c.strip() == self.answer(p)) for p, c in zip(prompts, completions, strict=True)]
 
 
-REWARD_MODELS: dict[str, type[RewardModel]] = {
+def _learned(path: str, device: str = "cpu", batch_size: int = 256) -> RewardModel:
+    """A reward-model checkpoint of ``scripts/train_reward.py`` (see :mod:`agents.reward_model`)."""
+    from agents.reward_model import LearnedReward
+
+    return LearnedReward(path, device, batch_size)
+
+
+REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {
     "sentiment": SentimentReward,
     "keyword": KeywordReward,
     "regex": RegexReward,
     "length": LengthReward,
     "exact_match": ExactMatchReward,
+    "learned": _learned,
 }
 
 
@@ -261,8 +269,10 @@ def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> R
     """Turn what a user passes as ``reward=`` into a :class:`RewardModel`.
 
     Accepted: a ``RewardModel`` instance; a plain function ``(prompt, completion) -> float``; the
-    name of a built-in (``"sentiment"``, ``"length"``, ``"exact_match"``); or a mapping
-    ``{"name": <built-in>, **arguments}``, e.g. ``{"name": "keyword", "keywords": ["great"]}``.
+    name of a built-in (``"sentiment"``, ``"length"``, ``"exact_match"``); a mapping
+    ``{"name": <built-in>, **arguments}``, e.g. ``{"name": "keyword", "keywords": ["great"]}``; or
+    the path of a learned reward model's checkpoint (``"reward.pt"``, the same as
+    ``{"name": "learned", "path": "reward.pt"}``; see ``scripts/train_reward.py``).
     """
     if isinstance(spec, RewardModel):
         return spec
@@ -270,6 +280,8 @@ def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> R
         raise TypeError(
             f"reward: pass an instance of {spec.__name__}, e.g. reward={spec.__name__}(...), not the class"
         )
+    if isinstance(spec, str) and spec not in REWARD_MODELS and spec.endswith(".pt"):
+        spec = {"name": "learned", "path": spec}  # a learned reward model's checkpoint
     if isinstance(spec, str | Mapping):
         args = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
         name = args.pop("name", None)

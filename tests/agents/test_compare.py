@@ -161,6 +161,26 @@ def test_bootstrap_resamples_within_columns():
     assert seen == [(10, 10)] * 50
 
 
+def test_bootstrap_resamples_columns_independently():
+    """Each replicate draws every column's runs from that column only, and independently of the
+    other columns (not whole rows): two identical columns come out different."""
+    column = np.arange(10.0)
+    scores = np.column_stack([column, column, column + 100])
+    samples = []
+
+    def keep(sample: np.ndarray) -> float:
+        samples.append(sample.copy())
+        return 0.0
+
+    stratified_bootstrap_ci(scores, statistic=keep, reps=20, seed=1)
+    assert len(samples) == 20
+    for sample in samples:
+        assert sample.shape == (10, 3)
+        assert np.isin(sample[:, :2], column).all() and np.isin(sample[:, 2], column + 100).all()
+    assert sum(not np.array_equal(s[:, 0], s[:, 1]) for s in samples) == 20
+    assert len({s[:, 0].tobytes() for s in samples}) > 1  # resampled, not the data itself
+
+
 def test_bootstrap_confidence_level():
     """A lower confidence gives a nested, narrower interval; a 1-D array is one column."""
     x = np.random.default_rng(4).normal(size=30)

@@ -22,7 +22,6 @@ Writes into ``--out`` (default ``runs/pipeline_<time>``): ``lm.pt``, ``ppo_kl/``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -128,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     kl_model = models["ppo_kl"]
     table = (
-        f"| policy | mean episode reward | KL to pretrained (nats/episode) | samples (temperature 1) |\n"
-        f"|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "| policy | mean episode reward | KL to pretrained (nats/episode) | samples (temperature 1) |\n"
+        "|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     final = (
         f"\nPPO with KL: final train/kl_ref {kl_model.last_stats.get('train/kl_ref', float('nan')):.2f} "

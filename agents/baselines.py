@@ -15,6 +15,7 @@ token ids read as numbers).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -152,7 +153,9 @@ def make_sb3_model(
         raise ValueError(f"unknown SB3 agent {agent!r}; accepted: {', '.join(SB3_AGENTS)}")
     if extractor not in EXTRACTORS:
         raise ValueError(f"extractor must be one of {', '.join(EXTRACTORS)}, got {extractor!r}")
-    params = {**DEFAULT_HYPERPARAMS[agent], **dict(hyperparams or {})}
+    # A deep copy: SB3 writes into policy_kwargs (A2C adds its optimizer), and the caller's dict
+    # must not carry that into the next model.
+    params = copy.deepcopy({**DEFAULT_HYPERPARAMS[agent], **dict(hyperparams or {})})
     if "learning_rate" in params:
         params["learning_rate"] = learning_rate(params["learning_rate"])
     venv = make_sb3_vec_env_for(num_envs, env_kwargs, vec_env, bootstrap_truncated)
@@ -174,6 +177,21 @@ def make_sb3_model(
 
 
 Policy = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def greedy_policy(model: Any) -> Policy:
+    """``model``'s deterministic policy as a function of a batch of observations, for
+    :func:`evaluate`. MaskablePPO gets the env's action mask, as it had in training (the custom
+    PPO applies its own mask inside ``predict``)."""
+    if isinstance(model, MaskablePPO):
+        mask = np.asarray(model.get_env().env_method("action_masks", indices=[0])[0], dtype=bool)
+
+        def masked(obs: dict[str, np.ndarray]) -> np.ndarray:
+            masks = np.broadcast_to(mask, (len(obs["input_ids"]), mask.size))
+            return model.predict(obs, deterministic=True, action_masks=masks)[0]
+
+        return masked
+    return lambda obs: model.predict(obs, deterministic=True)[0]
 
 
 def random_policy(vocab_size: int, seed: int = 0) -> Policy:

@@ -385,7 +385,7 @@ def run_comparison(
     """
     from tqdm.auto import tqdm
 
-    from agents.baselines import SB3_AGENTS, evaluate, make_sb3_model
+    from agents.baselines import SB3_AGENTS, evaluate, greedy_policy, make_sb3_model
     from agents.ppo import PPO, PPOConfig
     from textgym.tasks import get_task
 
@@ -459,9 +459,7 @@ def run_comparison(
                     )
                     seconds = time.perf_counter() - start
                     run_dir = find_run_dir(tb_root, agent, seed)
-
-                    def policy(obs: Any, model: Any = model) -> Any:
-                        return model.predict(obs, deterministic=True)[0]
+                    policy = greedy_policy(model)
 
                 steps = model.num_timesteps
                 result = evaluate(policy, env, eval_episodes, num_envs, seed=10_000 + seed)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from agents.baselines import EXTRACTORS, SB3_AGENTS, VEC_ENVS, evaluate, make_sb3_model
+from agents.baselines import EXTRACTORS, SB3_AGENTS, VEC_ENVS, evaluate, greedy_policy, make_sb3_model
 from agents.ppo import PPO, PPOConfig
 from textgym.io import write_json
 from textgym.tasks import env_arguments_error
@@ -191,11 +191,7 @@ def train_sb3(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
         tmp = run_dir / "model.tmp.zip"
         model.save(tmp)
         os.replace(tmp, run_dir / "model.zip")
-
-    def policy(obs: dict[str, np.ndarray]) -> np.ndarray:
-        return model.predict(obs, deterministic=True)[0]
-
-    return model, policy
+    return model, greedy_policy(model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from agents.ppo import PPOConfig
 from textgym import TextGenEnv
 from textgym.lexicon import sentiment_score
 from textgym.sb3 import SB3VecEnv
+from textgym.vector import TextGenVectorEnv
 
 EOS = 2
 SMALL = {"d_model": 32, "n_layers": 1, "n_heads": 2}
@@ -85,7 +86,11 @@ def test_every_combination_learns_a_tiny_budget(agent, vec_env, extractor):
     assert isinstance(env.venv, SB3VecEnv if vec_env == "batched" else DummyVecEnv)
     policy = model.policy
     if extractor == "transformer":
-        expected = MaskableTransformerActorCriticPolicy if agent == "sb3-maskable-ppo" else TransformerActorCriticPolicy
+        expected = (
+            MaskableTransformerActorCriticPolicy
+            if agent == "sb3-maskable-ppo"
+            else TransformerActorCriticPolicy
+        )
         assert type(policy) is expected
         assert isinstance(policy.features_extractor, TransformerExtractor)
         assert policy.features_extractor.decoder.cfg.d_model == 32
@@ -109,7 +114,16 @@ def test_every_combination_learns_a_tiny_budget(agent, vec_env, extractor):
 def test_default_ppo_hyperparams_match_ppo_config():
     """Where SB3's PPO and the custom PPO share a meaning, the defaults are the same (64 envs)."""
     cfg, hp = PPOConfig(), DEFAULT_HYPERPARAMS["sb3-ppo"]
-    for name in ("n_steps", "n_epochs", "gamma", "gae_lambda", "clip_range", "ent_coef", "vf_coef", "max_grad_norm"):
+    for name in (
+        "n_steps",
+        "n_epochs",
+        "gamma",
+        "gae_lambda",
+        "clip_range",
+        "ent_coef",
+        "vf_coef",
+        "max_grad_norm",
+    ):
         assert hp[name] == getattr(cfg, name), name
     # Minibatch size in transitions: a rollout of n_steps x 64 envs in num_minibatches pieces.
     assert hp["batch_size"] * cfg.num_minibatches == hp["n_steps"] * 64
@@ -133,7 +147,11 @@ def test_default_ppo_model_is_configured_like_ppo_config(agent):
     assert model.batch_size == model.n_steps * model.n_envs // cfg.num_minibatches
     assert model.n_epochs == cfg.n_epochs
     assert (model.gamma, model.gae_lambda) == (cfg.gamma, cfg.gae_lambda)
-    assert (model.ent_coef, model.vf_coef, model.max_grad_norm) == (cfg.ent_coef, cfg.vf_coef, cfg.max_grad_norm)
+    assert (model.ent_coef, model.vf_coef, model.max_grad_norm) == (
+        cfg.ent_coef,
+        cfg.vf_coef,
+        cfg.max_grad_norm,
+    )
     assert model.clip_range(1.0) == cfg.clip_range
     assert model.clip_range_vf is cfg.clip_range_vf is None
     assert model.target_kl is cfg.target_kl is None
@@ -151,6 +169,41 @@ def test_hyperparams_override_the_defaults():
     assert model.n_steps == 8 and model.batch_size == 16
     assert model.lr_schedule(1.0) == model.lr_schedule(0.1) == pytest.approx(3e-4)  # a constant
     assert DEFAULT_HYPERPARAMS["sb3-ppo"]["gamma"] == 0.99  # the defaults are not modified
+
+
+def test_hyperparams_are_not_modified():
+    """The caller's hyperparams are left as they were, so they can be reused for other agents."""
+    hyper = {"n_steps": 8, "policy_kwargs": dict(SMALL)}
+    make_sb3_model("sb3-a2c", num_envs=4, device="cpu", hyperparams=hyper)
+    ppo = make_sb3_model("sb3-ppo", num_envs=4, device="cpu", hyperparams={**hyper, "batch_size": 16})
+    assert isinstance(ppo.policy.optimizer, torch.optim.Adam)
+    assert hyper == {"n_steps": 8, "policy_kwargs": SMALL}
+
+
+@pytest.mark.parametrize("vec_env", VEC_ENVS)
+@pytest.mark.parametrize("agent", list(SB3_AGENTS))
+def test_same_seed_same_training(agent, vec_env):
+    """seed fixes the model and the env: the same seed trains to the same weights, another not."""
+
+    def trained(seed):
+        model = small_model(agent, vec_env=vec_env, seed=seed)
+        model.learn(64)
+        return model.policy.state_dict()
+
+    first, again, other = trained(3), trained(3), trained(4)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_batched_and_dummy_envs_start_from_the_same_prompts():
+    """Both vec envs seed sub-env i with seed + i, as SB3 does."""
+    obs = [
+        small_model("sb3-ppo", num_envs=4, seed=5, vec_env=vec_env, extractor="mlp").get_env().reset()
+        for vec_env in VEC_ENVS
+    ]
+    for key in obs[0]:
+        np.testing.assert_array_equal(obs[0][key], obs[1][key])
+    assert len({row.tobytes() for row in obs[0]["input_ids"]}) > 1
 
 
 # ------------------------------------------------------------------------------ learning rate
@@ -189,7 +242,9 @@ def test_save_and_load_with_the_linear_schedule(agent, tmp_path):
     assert loaded.lr_schedule(1.0) == pytest.approx(1e-3)
     assert loaded.lr_schedule(0.5) == pytest.approx(5e-4)
     assert loaded.lr_schedule(0.0) == 0.0
-    for (name, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        model.policy.state_dict().items(), loaded.policy.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     obs = model.get_env().reset()
     np.testing.assert_array_equal(
@@ -197,6 +252,21 @@ def test_save_and_load_with_the_linear_schedule(agent, tmp_path):
     )
     loaded.learn(32, reset_num_timesteps=False)
     assert loaded.num_timesteps == 64
+
+
+@pytest.mark.parametrize("agent", ["sb3-ppo", "sb3-maskable-ppo"])
+def test_policy_save_and_load(agent, tmp_path):
+    """The policy alone round-trips too: its constructor arguments rebuild the same extractor."""
+    model = small_model(agent)
+    path = tmp_path / "policy.pt"
+    model.policy.save(path)
+    policy = type(model.policy).load(path, device="cpu")
+    assert policy.features_extractor.decoder.cfg == model.policy.features_extractor.decoder.cfg
+    assert policy.features_extractor.decoder.cfg.d_model == 32
+    obs = model.get_env().reset()
+    np.testing.assert_array_equal(
+        policy.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0]
+    )
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -208,14 +278,29 @@ def test_save_and_load_with_the_linear_schedule(agent, tmp_path):
         ({"extractor": "cnn"}, r"extractor must be one of transformer, mlp, got 'cnn'"),
         ({"vec_env": "subproc"}, r"vec_env must be one of batched, dummy, got 'subproc'"),
         ({"hyperparams": {"n_stepz": 8}}, r"sb3-ppo: bad hyperparameters .*'n_stepz'"),
-        ({"agent": "sb3-a2c", "hyperparams": {"batch_size": 16}}, r"sb3-a2c: bad hyperparameters .*'batch_size'"),
-        ({"hyperparams": {**tiny("sb3-ppo"), "policy_kwargs": {"d_modle": 32}}}, r"bad hyperparameters .*'d_modle'"),
+        (
+            {"agent": "sb3-a2c", "hyperparams": {"batch_size": 16}},
+            r"sb3-a2c: bad hyperparameters .*'batch_size'",
+        ),
+        (
+            {"hyperparams": {**tiny("sb3-ppo"), "policy_kwargs": {"d_modle": 32}}},
+            r"bad hyperparameters .*'d_modle'",
+        ),
         (
             {"extractor": "mlp", "hyperparams": {**tiny("sb3-ppo"), "policy_kwargs": {"d_model": 32}}},
             r"bad hyperparameters .*'d_model'",
         ),
     ],
-    ids=["agent", "agent-custom-ppo", "extractor", "vec_env", "hyperparam", "a2c-batch_size", "policy", "mlp-d_model"],
+    ids=[
+        "agent",
+        "agent-custom-ppo",
+        "extractor",
+        "vec_env",
+        "hyperparam",
+        "a2c-batch_size",
+        "policy",
+        "mlp-d_model",
+    ],
 )
 def test_bad_arguments_name_the_bad_value(kwargs, match):
     kwargs = {"agent": "sb3-ppo", **kwargs}
@@ -230,7 +315,9 @@ def test_truncation_flag_reaching_sb3(vec_env, bootstrap):
     """An episode cut at max_new_tokens reports TimeLimit.truncated == bootstrap_truncated
     (default False); an <eos> termination never does."""
     kwargs = {} if bootstrap is None else {"bootstrap_truncated": bootstrap}
-    model = small_model("sb3-ppo", {"max_new_tokens": 3}, num_envs=2, vec_env=vec_env, extractor="mlp", **kwargs)
+    model = small_model(
+        "sb3-ppo", {"max_new_tokens": 3}, num_envs=2, vec_env=vec_env, extractor="mlp", **kwargs
+    )
     env = model.get_env()
     env.reset()
     for _ in range(2):
@@ -254,7 +341,9 @@ def test_bootstrapping_shows_in_the_rollout_rewards(vec_env, bootstrap):
     episodes are bootstrapped (reward += gamma * V(final observation))."""
     torch.manual_seed(0)
     env_kwargs = {"max_new_tokens": 2, "reward": lambda prompt, completion: 0.0}
-    model = small_model("sb3-ppo", env_kwargs, vec_env=vec_env, extractor="mlp", bootstrap_truncated=bootstrap)
+    model = small_model(
+        "sb3-ppo", env_kwargs, vec_env=vec_env, extractor="mlp", bootstrap_truncated=bootstrap
+    )
     model.learn(32)
     rewards = model.rollout_buffer.rewards
     assert rewards.shape == (8, 4)
@@ -367,6 +456,9 @@ def test_evaluate_deterministic_policy_by_hand():
     assert result["mean"] == pytest.approx(expected)
     assert result["std"] == pytest.approx(0.0, abs=1e-12)
     assert all(c == " ".join(["good"] * 8) and r == pytest.approx(expected) for _, c, r in result["samples"])
+    # All 8 envs finish their first episode together: the samples are those, with their prompts.
+    _, info = TextGenVectorEnv(8, autoreset_mode="same_step").reset(seed=10_000)
+    assert [prompt for prompt, _, _ in result["samples"]] == list(info["prompt"])
 
 
 def test_evaluate_does_not_over_count_short_episodes():

@@ -86,7 +86,9 @@ def test_features_equal_decoder_hidden_at_last_real_token(task, cfg):
 
     space = TextGenVectorEnv(1, task=task).single_observation_space
     extractor = randomise(TransformerExtractor(space, **cfg))
-    reference = TransformerDecoder(extractor.decoder.vocab_size, extractor.decoder.max_len, PolicyConfig(**cfg))
+    reference = TransformerDecoder(
+        extractor.decoder.vocab_size, extractor.decoder.max_len, PolicyConfig(**cfg)
+    )
     reference.load_state_dict(extractor.decoder.state_dict())
     reference.eval()
 
@@ -127,7 +129,9 @@ def test_float_observations_give_the_same_features():
         garbage = {k: v.copy() for k, v in obs.items()}
         pad = garbage["attention_mask"] == 0
         garbage["input_ids"][pad] = np.random.default_rng(0).integers(4, 100, size=pad.sum())
-        torch.testing.assert_close(extractor(as_tensors(garbage, torch.float32)), as_long, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            extractor(as_tensors(garbage, torch.float32)), as_long, atol=1e-5, rtol=1e-5
+        )
 
     model = PPO(TransformerActorCriticPolicy, make_sb3_vec_env(2), n_steps=8, batch_size=16, device="cpu")
     policy = model.policy
@@ -294,9 +298,7 @@ def test_ortho_init_keeps_the_decoder_init(algo):
     assert linears(policy.mlp_extractor) == []
     action_w = policy.action_net.weight.detach()
     assert action_w.shape == (model.action_space.n, 64)
-    torch.testing.assert_close(
-        torch.linalg.svdvals(action_w), torch.full((64,), 0.01), atol=1e-5, rtol=1e-3
-    )
+    torch.testing.assert_close(torch.linalg.svdvals(action_w), torch.full((64,), 0.01), atol=1e-5, rtol=1e-3)
     assert torch.all(policy.action_net.bias == 0)
     assert policy.value_net.weight.norm().item() == pytest.approx(1.0, rel=1e-4)
     # The optimiser trains the extractor's (restored) parameters.
@@ -349,7 +351,10 @@ def n_params(module: nn.Module) -> int:
 @pytest.mark.parametrize("algo", list(ALGOS))
 @pytest.mark.parametrize(
     ("task", "cfg"),
-    [("sentiment", {}), ("arithmetic", {"d_model": 32, "n_layers": 1, "n_heads": 2, "positional": "sinusoidal"})],
+    [
+        ("sentiment", {}),
+        ("arithmetic", {"d_model": 32, "n_layers": 1, "n_heads": 2, "positional": "sinusoidal"}),
+    ],
 )
 def test_parameter_count_equals_the_custom_policy(algo, task, cfg):
     cls, policy_cls = ALGOS[algo]
@@ -398,7 +403,9 @@ def test_sb3_policy_computes_what_the_custom_policy_computes():
         torch.testing.assert_close(
             dist.logits, torch.log_softmax(logits[rows, cols], -1), atol=1e-4, rtol=1e-4
         )
-        torch.testing.assert_close(policy.predict_values(obs_tensor)[:, 0], values[rows, cols], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            policy.predict_values(obs_tensor)[:, 0], values[rows, cols], atol=1e-4, rtol=1e-4
+        )
     greedy, _ = model.predict(obs, deterministic=True)
     np.testing.assert_array_equal(greedy, logits[rows, cols].argmax(-1).numpy())
 
@@ -420,19 +427,21 @@ def test_predict_single_and_batched(algo):
     batched, _ = model.predict(obs, deterministic=True)
     assert batched.shape == (N,)
     assert np.issubdtype(batched.dtype, np.integer)
-    assert ((0 <= batched) & (batched < V)).all()
+    assert ((batched >= 0) & (batched < V)).all()
     for i in range(N):
         single, _ = model.predict({k: v[i] for k, v in obs.items()}, deterministic=True)
         assert np.shape(single) == ()
         assert int(single) == int(batched[i])
     sampled, _ = model.predict(obs, deterministic=False)
     assert sampled.shape == (N,)
-    assert ((0 <= sampled) & (sampled < V)).all()
+    assert ((sampled >= 0) & (sampled < V)).all()
     if algo == "MaskablePPO":
         masks = np.zeros((N, V), dtype=bool)
         masks[:, [EOS, 11]] = True
         for _ in range(5):
             masked, _ = model.predict(obs, action_masks=masks)
             assert set(masked.tolist()) <= {EOS, 11}
-        single, _ = model.predict({k: v[0] for k, v in obs.items()}, action_masks=masks[0], deterministic=True)
+        single, _ = model.predict(
+            {k: v[0] for k, v in obs.items()}, action_masks=masks[0], deterministic=True
+        )
         assert int(single) in (EOS, 11)

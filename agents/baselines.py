@@ -187,7 +187,7 @@ def greedy_policy(model: Any) -> Policy:
         mask = np.asarray(model.get_env().env_method("action_masks", indices=[0])[0], dtype=bool)
 
         def masked(obs: dict[str, np.ndarray]) -> np.ndarray:
-            masks = np.broadcast_to(mask, (len(obs["input_ids"]), mask.size))
+            masks = np.tile(mask, (len(obs["input_ids"]), 1))
             return model.predict(obs, deterministic=True, action_masks=masks)[0]
 
         return masked

@@ -5,9 +5,10 @@ token's reward gets ``-β · (log π(a|s) - log π_ref(a|s))``. With a target, �
 proportional controller of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
 Preferences", section 2.2): after each rollout,
 
-    e = clip(KL / target - 1, -0.2, 0.2),    β ← β · (1 + e · n / horizon),
+    e = clip(KL / target - 1, -0.2, 0.2),    β ← β · (1 + e · min(n / horizon, 1)),
 
-where KL is the rollout's mean KL per episode and n the env steps in the rollout. Too much KL
+where KL is the rollout's mean KL per episode and n the env steps in the rollout (capped at the
+horizon, so that β stays positive however long a rollout is). Too much KL
 raises β, too little lowers it; the clip bounds the change per rollout.
 """
 
@@ -39,7 +40,8 @@ class KLController:
         """Move β after a rollout of ``n_steps`` env steps whose mean KL per episode was ``kl``."""
         if self.target is not None and math.isfinite(kl):
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-            self.value *= 1.0 + error * n_steps / self.horizon
+            # n / horizon is capped at 1 so that one long rollout cannot flip β's sign
+            self.value *= 1.0 + error * min(n_steps / self.horizon, 1.0)
         return self.value
 
     def __repr__(self) -> str:

@@ -224,7 +224,7 @@ class PPO:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self._ref_cache = KVCache(self.reference, self.num_envs, self.device)
         self._action_mask = (
-            torch.as_tensor(env.config.action_mask, device=self.device) if cfg.mask_actions else None
+            torch.tensor(np.array(env.config.action_mask), device=self.device) if cfg.mask_actions else None
         )
         self.optimizer = torch.optim.Adam(
             self.policy.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps
@@ -352,9 +352,11 @@ class PPO:
         for t in range(T):
             ids[t], masks[t] = obs["input_ids"], obs["attention_mask"]
             starts[t] = (obs["attention_mask"][:, self.prompt_window :].sum(1) == 0).float()
-            dist = Categorical(logits=self._masked(logits))
-            action = dist.sample()
-            log_probs, logprob = dist.logits, dist.log_prob(action)  # normalised: (N, V), (N,)
+            masked = self._masked(logits)
+            action = Categorical(logits=masked).sample()
+            # log_softmax, as for the reference and in the update: identical numbers when π == π_ref
+            log_probs = F.log_softmax(masked, dim=-1)  # (N, V)
+            logprob = log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
             actions[t], logprobs[t], values[t] = action, logprob, value
             if ref:
                 # The reference scores the very token sampled, under the same mask and temperature.

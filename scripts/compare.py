@@ -25,6 +25,7 @@ algorithms share a meaning, the hyperparameters; none bootstraps the value of an
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -113,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [a for a in args.sb3_hyperparams if a not in SB3_AGENTS]
     if bad or not all(isinstance(v, dict) for v in args.sb3_hyperparams.values()):
         parser.error(f"--sb3-hyperparams must map SB3 agents ({', '.join(SB3_AGENTS)}) to JSON objects")
+    for agent, params in args.sb3_hyperparams.items():
+        accepted = set(inspect.signature(SB3_AGENTS[agent].__init__).parameters) - {"self", "policy", "env"}
+        if unknown := sorted(set(params) - accepted):
+            parser.error(f"--sb3-hyperparams: {agent} has no argument(s) {unknown}")
     try:
         args.ppo = PPOConfig.from_dict(args.ppo_config)
     except (TypeError, ValueError) as exc:

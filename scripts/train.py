@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--resume: no checkpoint file at {args.resume!r}")
     if args.ppo_config and args.agent != "ppo":
         parser.error("--ppo-config applies to --agent ppo only")
+    if args.init_policy is not None and (args.agent != "ppo" or args.resume):
+        parser.error("--init-policy applies to a new --agent ppo run only")
+    if args.init_policy is not None and not Path(args.init_policy).is_file():
+        parser.error(f"--init-policy: no checkpoint file at {args.init_policy!r}")
     if args.agent == "ppo" and (
         args.hyperparams or args.extractor != "transformer" or args.vec_env != "batched"
     ):

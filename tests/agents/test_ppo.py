@@ -430,7 +430,8 @@ def test_load_refuses_other_files(tmp_path):
     ckpt["schema_version"] = CHECKPOINT_SCHEMA + 1
     torch.save(ckpt, tmp_path / "future.pt")
     with pytest.raises(
-        ValueError, match=rf"not a textgym PPO checkpoint of schema {CHECKPOINT_SCHEMA} \(got {CHECKPOINT_SCHEMA + 1}\)"
+        ValueError,
+        match=rf"not a textgym PPO checkpoint of schema {CHECKPOINT_SCHEMA} \(got {CHECKPOINT_SCHEMA + 1}\)",
     ):
         PPO.load(tmp_path / "future.pt", device="cpu")
     torch.save({"model": {}}, tmp_path / "dict.pt")

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     sb3.add_argument("--out", default="benchmarks/sb3.json")
     args = parser.parse_args(argv)
     for name in ("num_envs", "max_new_tokens", "episodes", "total_timesteps"):
-        if getattr(args, name, 1) < 1:
+        if isinstance(getattr(args, name, 1), int) and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     if args.command == "env":

@@ -361,9 +361,10 @@ def test_as_reward_model_built_in_names(name, cls):
 
 
 def test_built_in_registry():
-    assert set(REWARD_MODELS) == {"sentiment", "keyword", "regex", "length", "exact_match"}
+    assert set(REWARD_MODELS) == {"sentiment", "keyword", "regex", "length", "exact_match", "learned"}
     for name, cls in REWARD_MODELS.items():
-        assert cls.name == name
+        if name != "learned":  # a loader of checkpoints, named after the file it loads
+            assert cls.name == name
 
 
 def test_as_reward_model_mapping_with_arguments():

@@ -180,8 +180,8 @@ Policy = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 def greedy_policy(model: Any) -> Policy:
-    """``model``'s deterministic policy as a function of a batch of observations, for
-    :func:`evaluate`. MaskablePPO gets the env's action mask, as it had in training (the custom
+    """``model``'s (an SB3 model's or :class:`agents.ppo.PPO`'s) deterministic policy as a function
+    of a batch of observations, for :func:`evaluate`. MaskablePPO gets the env's action mask, as it had in training (the custom
     PPO applies its own mask inside ``predict``)."""
     if isinstance(model, MaskablePPO):
         mask = np.asarray(model.get_env().env_method("action_masks", indices=[0])[0], dtype=bool)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from textgym.io import write_json
+from textgym.io import atomic_write, write_json, write_text
 
 AGENT_ORDER = ("ppo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo")
 RANDOM = "random"
@@ -257,14 +257,17 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-    tmp.replace(path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(
+                    {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                )
+
+    return atomic_write(path, write)
 
 
 def plot_curves(runs: Sequence[RunSummary], path: Path, threshold: float, title: str = "") -> Path:
@@ -297,11 +300,10 @@ def plot_curves(runs: Sequence[RunSummary], path: Path, threshold: float, title:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def summarize(
@@ -329,8 +331,7 @@ def summarize(
     write_csv(out / "runs.csv", [r.row() for r in sorted(runs, key=lambda r: (r.agent, r.seed))])
     write_csv(out / "results.csv", rows)
     md = results_markdown(rows, threshold)
-    (out / "results.md.tmp").write_text(md)
-    (out / "results.md.tmp").replace(out / "results.md")
+    write_text(out / "results.md", md)
     plot_curves(runs, out / "curves.png", threshold)
     return {"rows": rows, "runs": runs, "markdown": md, "incomplete": incomplete}
 
@@ -414,21 +415,19 @@ def run_comparison(
     try:
         for seed in seeds:
             random_level = evaluate(None, env, eval_episodes, num_envs, seed=10_000 + seed)
+            random_dir, level = tb_root / f"{run_name(RANDOM, seed)}_1", random_level["mean"]
+            # a flat line in TensorBoard, beside the agents' curves, and the summary at the end
+            _log_summary(random_dir, 0, {"rollout/ep_rew_mean": level})
             _log_summary(
-                tb_root / f"{run_name(RANDOM, seed)}_1",
+                random_dir,
                 total_timesteps,
                 {
+                    "rollout/ep_rew_mean": level,
                     "compare/wall_seconds": 0.0,
                     "compare/env_steps_per_second": 0.0,
-                    "eval/mean_reward": random_level["mean"],
+                    "eval/mean_reward": level,
                 },
             )
-            for step in (0, total_timesteps):  # a flat line in TensorBoard, beside the agents' curves
-                _log_summary(
-                    tb_root / f"{run_name(RANDOM, seed)}_1",
-                    step,
-                    {"rollout/ep_rew_mean": random_level["mean"]},
-                )
             for agent in agents:
                 bar.set_description(f"{agent} seed {seed}")
                 name = run_name(agent, seed)
@@ -444,9 +443,6 @@ def run_comparison(
                     model.learn(total_timesteps, tb_log_name=name, callback=on_update)
                     seconds = time.perf_counter() - start
                     run_dir = Path(model._tb_dir)
-
-                    def policy(obs: Any, model: Any = model) -> Any:
-                        return model.predict(obs, deterministic=True)[0]
                 else:
                     model = make_sb3_model(
                         agent, env, num_envs, seed, device, str(tb_root), (sb3_hyperparams or {}).get(agent)
@@ -459,10 +455,9 @@ def run_comparison(
                     )
                     seconds = time.perf_counter() - start
                     run_dir = find_run_dir(tb_root, agent, seed)
-                    policy = greedy_policy(model)
 
                 steps = model.num_timesteps
-                result = evaluate(policy, env, eval_episodes, num_envs, seed=10_000 + seed)
+                result = evaluate(greedy_policy(model), env, eval_episodes, num_envs, seed=10_000 + seed)
                 _log_summary(
                     run_dir,
                     steps,

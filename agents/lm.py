@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from agents.policy import PolicyConfig, TransformerPolicy
 from textgym.checks import is_positive_int, is_real
 from textgym.core import resolve_device
+from textgym.io import load_torch_checkpoint, save_torch
 from textgym.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 LM_SCHEMA = "textgym-lm/1"
@@ -254,8 +255,6 @@ def save_lm(
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write a language-model checkpoint atomically (weights, architecture, vocabulary, ``meta``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
         "schema": LM_SCHEMA,
         "policy_config": asdict(policy.cfg),
@@ -265,10 +264,7 @@ def save_lm(
         "state_dict": {k: v.detach().cpu() for k, v in policy.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch(path, ckpt)
 
 
 def load_lm(
@@ -303,18 +299,7 @@ def load_lm(
 
 
 def read_lm_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no language-model checkpoint at {str(path)!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"{str(path)!r} is not a textgym language-model checkpoint ({type(exc).__name__})"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("schema") != LM_SCHEMA:
-        raise ValueError(f"{str(path)!r} is not a textgym language-model checkpoint (schema {LM_SCHEMA})")
-    return ckpt
+    return load_torch_checkpoint(path, LM_SCHEMA, "language-model")
 
 
 def check_vocabulary(saved: Sequence[str], tokenizer: Tokenizer, where: str) -> None:

@@ -40,6 +40,7 @@ from agents.kl import KLController
 from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
 from textgym.checks import is_positive_int, is_real
 from textgym.core import resolve_device
+from textgym.io import save_torch
 from textgym.vector import TextGenVectorEnv
 
 CHECKPOINT_SCHEMA = 2
@@ -618,8 +619,6 @@ class PPO:
     # ---------------------------------------------------------------------------- checkpoints
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a checkpoint atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         core = self.env._core
         env_kwargs = _jsonable_or_none(self.env_kwargs)
         ckpt = {
@@ -657,10 +656,7 @@ class PPO:
             },
             "tb_dir": None if self._tb_dir is None else str(self._tb_dir.resolve()),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_torch(path, ckpt)
 
     @classmethod
     def load(

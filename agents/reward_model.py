@@ -37,6 +37,7 @@ from agents.lm import check_vocabulary, vocabulary
 from agents.policy import PolicyConfig, TransformerDecoder
 from textgym.checks import is_positive_int, is_real
 from textgym.core import resolve_device
+from textgym.io import load_torch_checkpoint, save_torch
 from textgym.rewards import RewardModel
 from textgym.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -260,8 +261,6 @@ def save_reward_model(
     :param tokenizer_spec: how :class:`LearnedReward` rebuilds the tokenizer:
         ``{"task": <task>, "tokenizer": <kind or None>}`` (the task's env tokenizer).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
         "schema": REWARD_SCHEMA,
         "policy_config": asdict(net.decoder.cfg),
@@ -272,10 +271,7 @@ def save_reward_model(
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch(path, ckpt)
 
 
 class LearnedReward(RewardModel):
@@ -290,18 +286,7 @@ class LearnedReward(RewardModel):
         from textgym.tasks import make_env_config
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no reward-model checkpoint at {str(path)!r}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"{str(path)!r} is not a textgym reward-model checkpoint ({type(exc).__name__})"
-            ) from None
-        if not isinstance(ckpt, dict) or ckpt.get("schema") != REWARD_SCHEMA:
-            raise ValueError(
-                f"{str(path)!r} is not a textgym reward-model checkpoint (schema {REWARD_SCHEMA})"
-            )
+        ckpt = load_torch_checkpoint(path, REWARD_SCHEMA, "reward-model")
         spec = ckpt["tokenizer_spec"]
         kwargs = {"tokenizer": spec["tokenizer"]} if spec.get("tokenizer") else {}
         self.tokenizer = make_env_config(spec["task"], **kwargs).tokenizer

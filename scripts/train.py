@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import textgym  # noqa: F401  (registers TextGen-v0)
 from agents.baselines import EXTRACTORS, SB3_AGENTS, VEC_ENVS, evaluate, greedy_policy, make_sb3_model
 from agents.ppo import PPO, PPOConfig
@@ -168,10 +166,7 @@ def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
             checkpoint_interval=args.checkpoint_interval,
         )
 
-    def policy(obs: dict[str, np.ndarray]) -> np.ndarray:
-        return model.predict(obs, deterministic=True)[0]
-
-    return model, policy
+    return model, greedy_policy(model)
 
 
 def train_sb3(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> tuple[Any, Any]:

@@ -182,3 +182,63 @@ def sb3_ratio(
         "sb3_env_steps": sb3.num_timesteps,
         "ratio": custom / (sb3.num_timesteps / sb3_s),
     }
+
+
+def hf_speed(
+    total_timesteps: int = 8192,
+    num_envs: int = 64,
+    max_new_tokens: int | None = None,
+    device: str = "cpu",
+    task: str = "sentiment",
+) -> dict[str, Any]:
+    """PPO training env steps per second with a Hugging Face policy, against the built-in one.
+
+    A byte-level BPE tokenizer (1024 tokens) is trained on the task's corpus and a randomly
+    initialised ``transformers`` GPT-2 of the built-in policy's size (64 wide, 2 layers, 4 heads,
+    MLP 4x) is saved in a temporary directory. Three PPO runs of ``total_timesteps`` on the same
+    env and tokens: the built-in :class:`~agents.policy.TransformerPolicy`, the GPT-2 as
+    :class:`~agents.hf.HFPolicy` acting through :class:`~agents.hf.HFKVCache`, and the GPT-2
+    recomputing the whole observation at every step (:class:`~agents.hf.RecomputeCache`).
+    """
+    import tempfile
+
+    from agents.hf import RecomputeCache, tiny_causal_lm
+    from textgym.hf import train_bpe_tokenizer
+    from textgym.tasks import get_task
+
+    base = get_task(task)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_bpe_tokenizer([*base.corpus, *base.prompts], 1024)
+        tokenizer.save_pretrained(tmp)
+        tiny_causal_lm(tokenizer, max_positions=128).save_pretrained(tmp)
+        env_kwargs: dict[str, Any] = {"task": task, "tokenizer": tmp}
+        if max_new_tokens is not None:
+            env_kwargs["max_new_tokens"] = max_new_tokens
+        for name in ("builtin", "hf_kv_cache", "hf_recompute"):
+            torch.manual_seed(0)
+            model = PPO(
+                "TextGen-v0",
+                PPOConfig(),
+                num_envs,
+                env_kwargs,
+                device,
+                seed=0,
+                policy_model=None if name == "builtin" else tmp,
+            )
+            if name == "hf_recompute":
+                model._cache = RecomputeCache(model.policy)
+            start = time.perf_counter()
+            model.learn(total_timesteps)
+            _sync(model.device)
+            results[name] = model.num_timesteps / (time.perf_counter() - start)
+        seq_len, new_tokens = model.seq_len, model.env.config.max_new_tokens
+    return {
+        "num_envs": num_envs,
+        "seq_len": seq_len,
+        "max_new_tokens": new_tokens,
+        "device": str(model.device),
+        **results,
+        "kv_cache_vs_recompute": results["hf_kv_cache"] / results["hf_recompute"],
+        "hf_vs_builtin": results["hf_kv_cache"] / results["builtin"],
+    }

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from agents.policy import KVCache, TransformerPolicy, last_real_column
+from agents.policy import TransformerPolicy, last_real_column
 from textgym.checks import is_positive_int
 from textgym.tokenizers import Tokenizer
 
@@ -139,7 +139,7 @@ def _decode(
     generator: torch.Generator | None,
 ) -> list[list[int]]:
     B = ids.shape[0]
-    cache = KVCache(policy, B, ids.device)
+    cache = policy.make_cache(B, ids.device)
     out: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     logits, _ = cache.step(ids, mask, P)

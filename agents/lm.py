@@ -101,7 +101,7 @@ def encode_texts(
 
 def lm_loss(policy: TransformerPolicy, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) over the real target tokens of ``ids`` (B, L)."""
-    logits = policy.policy_head(policy.hidden(ids, mask))[:, :-1]  # (B, L-1, V)
+    logits = policy.heads(policy.hidden(ids, mask)[:, :-1])[0]  # (B, L-1, V)
     targets = ids[:, 1:]
     real = mask[:, 1:].bool()
     return F.cross_entropy(logits[real], targets[real])
@@ -134,10 +134,13 @@ def pretrain(
     tensorboard_log: str | os.PathLike[str] | None = None,
     progress_bar: bool = False,
     samples_from: Sequence[str] = (),
+    policy: Any = None,
 ) -> tuple[TransformerPolicy, dict[str, Any]]:
     """Train a :class:`TransformerPolicy` on ``texts`` by next-token prediction.
 
     :param samples_from: prompts to continue greedily in the TensorBoard text samples.
+    :param policy: train this policy instead of a new ``TransformerPolicy(policy_config)``, e.g.
+        a Hugging Face model (:class:`agents.hf.HFPolicy`); it is moved to ``device``.
     :return: the policy and a report: initial and final validation loss and perplexity, the
         number of training and held-out texts, the number cut to ``max_len``, seconds.
     """
@@ -156,7 +159,9 @@ def pretrain(
     va_ids, va_mask, cut_va = encode_texts(val_texts, tokenizer, config.max_len)
     tr_ids, tr_mask, va_ids, va_mask = (t.to(dev) for t in (tr_ids, tr_mask, va_ids, va_mask))
 
-    policy = TransformerPolicy(tokenizer.vocab_size, config.max_len, policy_config).to(dev)
+    if policy is None:
+        policy = TransformerPolicy(tokenizer.vocab_size, config.max_len, policy_config)
+    policy = policy.to(dev)
     decay = [p for n, p in policy.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in policy.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     optimizer = torch.optim.AdamW(
@@ -175,7 +180,8 @@ def pretrain(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(tensorboard_log))
-        writer.add_text("config", f"```\n{asdict(config)}\n{asdict(policy_config)}\n```", 0)
+        architecture = asdict(policy.cfg) if isinstance(policy, TransformerPolicy) else type(policy).__name__
+        writer.add_text("config", f"```\n{asdict(config)}\n{architecture}\n```", 0)
     initial_val = evaluate_lm(policy, va_ids, va_mask)
     history = [(0, initial_val)]
     if writer is not None:

@@ -193,6 +193,10 @@ class TransformerPolicy(TransformerDecoder):
         """Logits (..., V) and values (...) from final hidden states (..., C)."""
         return self.policy_head(hidden), self.value_head(hidden).squeeze(-1)
 
+    def make_cache(self, num_envs: int, device: torch.device | str) -> KVCache:
+        """The :class:`KVCache` that acting runs through (every policy class has its own)."""
+        return KVCache(self, num_envs, device)
+
 
 def last_real_column(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) column of the last real token of each row of a TextGen observation mask (B, L)."""

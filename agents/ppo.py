@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,13 +37,16 @@ from torch.distributions import Categorical
 
 from agents.buffer import Rollout, compute_gae, segments
 from agents.kl import KLController
-from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
+from agents.policy import PolicyConfig, TransformerPolicy, last_real_column
 from textgym.checks import is_positive_int, is_real
 from textgym.core import resolve_device
 from textgym.io import save_torch
 from textgym.vector import TextGenVectorEnv
 
-CHECKPOINT_SCHEMA = 2
+if TYPE_CHECKING:
+    from agents.hf import HFPolicy
+
+CHECKPOINT_SCHEMA = 3  # 3: policy_model (a Hugging Face policy's directory)
 ENV_IDS = ("TextGen-v0", "textgym:TextGen-v0")
 
 
@@ -163,6 +166,10 @@ class PPO:
         to start from; its architecture replaces ``config.policy`` and its vocabulary must be the
         env's. With a KL penalty (``config.kl_coef``), a frozen copy of the initial policy is the
         reference.
+    :param policy_model: a local directory holding a Hugging Face causal LM (the ``hf`` extra):
+        the policy is that model with a value head (:class:`agents.hf.HFPolicy`) instead of the
+        built-in Transformer, and ``config.policy`` is unused. The env's tokenizer must be the
+        model's; left out of ``env_kwargs``, it is read from the same directory.
     """
 
     def __init__(
@@ -176,6 +183,7 @@ class PPO:
         tensorboard_log: str | os.PathLike[str] | None = None,
         verbose: int = 0,
         init_policy: str | os.PathLike[str] | None = None,
+        policy_model: str | os.PathLike[str] | None = None,
     ):
         self.config = config if config is not None else PPOConfig()
         if not isinstance(self.config, PPOConfig):
@@ -184,6 +192,17 @@ class PPO:
         self.seed, self.verbose = seed, verbose
         self.tensorboard_log = None if tensorboard_log is None else Path(tensorboard_log)
         self.env_kwargs = dict(env_kwargs or {})
+        if policy_model is not None and init_policy is not None:
+            raise ValueError(
+                "give init_policy (a textgym language model) or policy_model (a Hugging Face model), not both"
+            )
+        if policy_model is not None and not Path(policy_model).is_dir():
+            raise FileNotFoundError(
+                f"policy_model: no directory at {str(policy_model)!r}; give a local directory written by "
+                "save_pretrained (nothing is downloaded)"
+            )
+        if policy_model is not None and isinstance(env, str):
+            self.env_kwargs.setdefault("tokenizer", str(policy_model))
         if seed is not None:
             torch.manual_seed(seed)
         if isinstance(env, str):
@@ -209,7 +228,14 @@ class PPO:
         self.seq_len = env.config.seq_len
         self.tokenizer = env.tokenizer
         self.init_policy = None if init_policy is None else str(init_policy)
-        if init_policy is not None:
+        self.policy_model = None if policy_model is None else str(policy_model)
+        self.policy: TransformerPolicy | HFPolicy
+        if policy_model is not None:
+            from agents.hf import HFPolicy
+
+            self.policy = HFPolicy.from_pretrained(policy_model, self.tokenizer, self.seq_len)
+            self.policy.to(self.device).train()
+        elif init_policy is not None:
             from agents.lm import load_lm
 
             self.policy = load_lm(init_policy, self.tokenizer, self.seq_len, self.device).train()
@@ -220,10 +246,10 @@ class PPO:
             )
         cfg = self.config
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.reference: TransformerPolicy | None = None
+        self.reference: TransformerPolicy | HFPolicy | None = None
         if cfg.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-            self._ref_cache = KVCache(self.reference, self.num_envs, self.device)
+            self._ref_cache = self.reference.make_cache(self.num_envs, self.device)
         self._action_mask = (
             torch.tensor(np.array(env.config.action_mask), device=self.device) if cfg.mask_actions else None
         )
@@ -240,7 +266,7 @@ class PPO:
         self._episode_kl = torch.zeros(self.num_envs, 2, dtype=torch.float64, device=self.device)
         self._rollout_kl: list[tuple[float, float]] = []  # (exact, sampled) KL of episodes ended
         self._samples: deque[tuple[str, str, float]] = deque(maxlen=8)
-        self._cache = KVCache(self.policy, self.num_envs, self.device)
+        self._cache = self.policy.make_cache(self.num_envs, self.device)
         self._writer: Any = None
         self._tb_dir: Path | None = None
 
@@ -634,6 +660,7 @@ class PPO:
             "target_timesteps": self._target_timesteps,
             "ep_info_buffer": list(self.ep_info_buffer),
             "init_policy": self.init_policy,
+            "policy_model": self.policy_model,
             "reference": None if self.reference is None else self.reference.state_dict(),
             "kl_coef": self.kl.value,
             "rng": {
@@ -702,6 +729,7 @@ class PPO:
             device=device,
             seed=ckpt["seed"],
             tensorboard_log=tensorboard_log,
+            policy_model=ckpt["policy_model"],
         )
         model.policy.load_state_dict(ckpt["model"])
         model.init_policy = ckpt["init_policy"]

@@ -6,6 +6,7 @@
     python scripts/benchmark.py train                  # PPO training env steps/s
     python scripts/benchmark.py sb3                    # custom PPO vs SB3 PPO at matched settings
     python scripts/benchmark.py sb3 --max-new-tokens 8 32 64 --profile benchmarks/sb3_profile.txt
+    python scripts/benchmark.py hf                     # Hugging Face GPT-2 policy vs built-in (hf extra)
 
 ``env`` drives every face of TextGen-v0 with the same random policy and the same reward (by
 default the cheap built-in ``length`` reward on the default task) and prints env steps per second,
@@ -16,7 +17,9 @@ sequence every step. ``train`` measures the custom PPO's training throughput and
 splits between rollouts and updates. ``sb3`` trains the custom PPO and SB3 PPO with the same
 Transformer, number of envs, rollout length, minibatch size and epochs, at each generation
 length, and reports their env steps per second and the ratio; ``--profile`` writes a cProfile
-report of the SB3 run. Each report is saved as JSON.
+report of the SB3 run. ``hf`` trains PPO with the built-in policy and with a randomly initialised
+``transformers`` GPT-2 of the same size (built offline), acting through its KV cache and, as the
+baseline, recomputing every step. Each report is saved as JSON.
 """
 
 from __future__ import annotations
@@ -71,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     sb3.add_argument("--device", default="cpu")
     sb3.add_argument("--profile", default=None, help="cProfile report of the SB3 run (longest length)")
     sb3.add_argument("--out", default="benchmarks/sb3.json")
+    hf = sub.add_parser(
+        "hf", help="PPO with a Hugging Face GPT-2 policy (KV cache, recompute) vs the built-in"
+    )
+    hf.add_argument("--total-timesteps", type=int, default=8192, help="env steps per run and length")
+    hf.add_argument("--num-envs", type=int, default=64)
+    hf.add_argument("--max-new-tokens", type=int, nargs="+", default=[8, 32], help="generation lengths")
+    hf.add_argument("--task", default="sentiment")
+    hf.add_argument("--device", default="cpu")
+    hf.add_argument("--out", default="benchmarks/hf.json")
     args = parser.parse_args(argv)
     for name in ("num_envs", "max_new_tokens", "episodes", "total_timesteps"):
         if isinstance(getattr(args, name, 1), int) and getattr(args, name, 1) < 1:
@@ -110,6 +122,24 @@ def main(argv: list[str] | None = None) -> int:
         print("(env steps per second; same Transformer, envs, rollout, minibatch and epochs)")
         if args.profile:
             print(f"SB3 profile: {args.profile}")
+        print(f"saved {write_json(args.out, {'runs': rows})}")
+    elif args.command == "hf":
+        from agents.benchmark import hf_speed
+
+        if any(m < 1 for m in args.max_new_tokens):
+            parser.error(f"--max-new-tokens must be positive integers, got {args.max_new_tokens}")
+        rows = []
+        print(
+            f"{'new tokens':>10} {'built-in':>10} {'HF + KV cache':>14} {'HF recompute':>13} {'cache gain':>11}"
+        )
+        for m in args.max_new_tokens:
+            r = hf_speed(args.total_timesteps, args.num_envs, m, args.device, args.task)
+            rows.append(r)
+            print(
+                f"{m:>10} {r['builtin']:>10,.0f} {r['hf_kv_cache']:>14,.0f} {r['hf_recompute']:>13,.0f} "
+                f"{r['kv_cache_vs_recompute']:>10.2f}x"
+            )
+        print("(PPO training env steps per second; same env, tokens and model size)")
         print(f"saved {write_json(args.out, {'runs': rows})}")
     else:
         from agents.benchmark import training_speed

@@ -3,6 +3,7 @@
     python scripts/pipeline.py                                  # sentiment task, about 5 minutes on 2 CPU cores
     python scripts/pipeline.py --total-timesteps 100000 --kl-target 3 --device cuda
     python scripts/pipeline.py --reward runs/reward_sentiment_s0_<time>/reward.pt   # a learned reward model
+    python scripts/pipeline.py --backbone hf                    # the same with a Hugging Face GPT-2 (hf extra)
     tensorboard --logdir runs/pipeline_<time>
 
 1. Pretrain the Transformer policy on the task's built-in corpus (``scripts/pretrain.py``'s code).
@@ -14,6 +15,11 @@
    same evaluation episodes, and measure each one's mean episode reward and its KL to the
    pretrained policy (the exact per-token KL summed over the episode).
 
+``--backbone hf`` (the ``textgym[hf]`` extra) runs the same steps on Hugging Face models, built
+offline: a byte-level BPE tokenizer trained on the corpus and a small randomly initialised
+``transformers`` GPT-2 (``agents.hf.tiny_causal_lm``), pretrained through ``agents.hf.HFPolicy``
+and saved with ``save_pretrained`` in ``lm/``; PPO then fine-tunes it as ``policy_model``.
+
 Writes into ``--out`` (default ``runs/pipeline_<time>``): ``lm.pt``, ``ppo_kl/`` and ``ppo_no_kl/``
 (checkpoints and TensorBoard runs), ``pretrain/`` (TensorBoard), ``results.md`` and
 ``results.json`` (the table and the samples).
@@ -22,11 +28,13 @@ Writes into ``--out`` (default ``runs/pipeline_<time>``): ``lm.pt``, ``ppo_kl/``
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from agents.lm import PretrainConfig, load_lm, pretrain, sample_with_kl, save_lm
+from agents.lm import PretrainConfig, pretrain, sample_with_kl, save_lm
 from agents.ppo import PPO, PPOConfig
 from textgym.io import write_json
 from textgym.tasks import env_arguments_error, get_task, make_env_config
@@ -39,6 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", default="sentiment", help="built-in task (default: sentiment)")
     parser.add_argument(
         "--reward", default=None, help="reward model instead of the task's: a name or a reward.pt"
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=("textgym", "hf"),
+        default="textgym",
+        help="the built-in Transformer, or a Hugging Face GPT-2 and BPE tokenizer built offline (hf extra)",
+    )
+    parser.add_argument(
+        "--hf-vocab-size", type=int, default=1024, help="--backbone hf: size of the BPE vocabulary"
     )
     parser.add_argument("--pretrain-steps", type=int, default=600, help="pretraining optimizer steps")
     parser.add_argument("--total-timesteps", type=int, default=40_000, help="env steps of each PPO run")
@@ -56,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.env_kwargs = {} if args.reward is None else {"reward": args.reward}
     if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
         parser.error(problem.replace("--env-kwargs", "--reward"))
+    if args.hf_vocab_size <= 257:
+        parser.error(
+            f"--hf-vocab-size must be above 257 (256 bytes and the end token), got {args.hf_vocab_size}"
+        )
     for name in ("pretrain_steps", "total_timesteps", "num_envs", "eval_episodes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -75,18 +96,39 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     progress = not args.no_progress
 
-    print(f"1/3 pretraining on the {args.task} corpus ({args.pretrain_steps} steps)")
+    print(
+        f"1/3 pretraining on the {args.task} corpus ({args.pretrain_steps} steps, {args.backbone} backbone)"
+    )
+    corpus = get_task(args.task).corpus
+    pretrain_config = PretrainConfig(steps=args.pretrain_steps, max_len=max(64, env.seq_len))
+    policy = None
+    if args.backbone == "hf":
+        from agents.hf import HFPolicy, tiny_causal_lm
+        from textgym.hf import HFTokenizer, train_bpe_tokenizer
+
+        hf_tokenizer = train_bpe_tokenizer([*corpus, *env.prompts], args.hf_vocab_size)
+        env_kwargs["tokenizer"] = str(out / "lm")
+        env = make_env_config(**{**env_kwargs, "tokenizer": HFTokenizer(hf_tokenizer)})
+        pretrain_config = PretrainConfig(steps=args.pretrain_steps, max_len=max(64, env.seq_len))
+        model = tiny_causal_lm(hf_tokenizer, max_positions=pretrain_config.max_len)
+        policy = HFPolicy(model, env.tokenizer, pretrain_config.max_len)
     lm, report = pretrain(
-        get_task(args.task).corpus,
+        corpus,
         env.tokenizer,
-        PretrainConfig(steps=args.pretrain_steps, max_len=max(64, env.seq_len)),
+        pretrain_config,
         device=args.device,
         seed=args.seed,
         tensorboard_log=out / "pretrain",
         progress_bar=progress,
         samples_from=list(env.prompts[:4]),
+        policy=policy,
     )
-    lm_path = save_lm(out / "lm.pt", lm, env.tokenizer, {"task": env.task, **report})
+    if args.backbone == "hf":
+        lm_path = lm.save_pretrained(out / "lm")
+        start: dict[str, Any] = {"policy_model": lm_path}
+    else:
+        lm_path = save_lm(out / "lm.pt", lm, env.tokenizer, {"task": env.task, **report})
+        start = {"init_policy": lm_path}
     print(
         f"   held-out perplexity {report['initial_val_perplexity']:.1f} -> {report['final_val_perplexity']:.2f}"
     )
@@ -108,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             args.seed,
             out / name,
-            init_policy=lm_path,
+            **start,
         )
         model.learn(args.total_timesteps, progress_bar=progress, checkpoint_path=out / name / "checkpoint.pt")
         models[name] = model
 
-    reference = load_lm(lm_path, env.tokenizer, env.seq_len, models["ppo_kl"].device)
+    reference = copy.deepcopy(models["ppo_kl"].reference)  # the frozen pretrained policy
     rows, results = [], {}
     for name, policy in (("pretrained", reference), *((n, m.policy) for n, m in models.items())):
         stats = sample_with_kl(

@@ -5,6 +5,7 @@
     python scripts/train.py --agent sb3-ppo --env-kwargs '{"reward": {"name": "length", "target": 4}}'
     python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "bad"]}'
     python scripts/train.py --agent sb3-a2c --hyperparams '{"n_steps": 16}' --extractor mlp
+    python scripts/train.py --task sentiment --policy-model path/to/causal_lm   # a local Hugging Face model
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
     tensorboard --logdir runs
 
@@ -20,6 +21,11 @@ SB3 agents (``sb3-ppo``, ``sb3-a2c``, ``sb3-maskable-ppo``) use the custom agent
 their features extractor and hyperparameters matched to ``PPOConfig``'s defaults (see
 ``agents.baselines``); ``--extractor mlp`` gives SB3's default MLP, ``--vec-env dummy`` trains on
 SB3's ``DummyVecEnv`` of single envs instead of the batched env.
+
+``--policy-model DIR`` (the ``textgym[hf]`` extra) makes the ``ppo`` policy a Hugging Face causal LM
+saved in ``DIR`` with a value head (``agents.hf.HFPolicy``); the env reads text with the model's
+tokenizer from the same directory unless ``--env-kwargs`` names another ``tokenizer``. Nothing is
+downloaded: ``DIR`` is a directory written by ``save_pretrained``.
 
 Ctrl-C stops training, saves a checkpoint (``ppo``) or the model (SB3) and flushes the logs.
 ``--resume CHECKPOINT`` continues a ``ppo`` run where its checkpoint left it, in the same run
@@ -83,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ppo: language-model checkpoint (scripts/pretrain.py) to start from; with kl_coef in "
         "--ppo-config it is also the frozen reference of the KL penalty",
     )
+    parser.add_argument(
+        "--policy-model",
+        default=None,
+        help="ppo: local directory of a Hugging Face causal LM to fine-tune as the policy (the hf extra); "
+        "its tokenizer becomes the env's unless --env-kwargs gives one",
+    )
     parser.add_argument("--total-timesteps", type=int, default=50_000, help="env steps (tokens) to train for")
     parser.add_argument("--num-envs", type=int, default=64, help="episodes in flight in the batched env")
     parser.add_argument("--seed", type=int, default=0, help="seed of the agent and the environment")
@@ -101,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("env_kwargs", "ppo_config", "hyperparams"):
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
+    if args.policy_model is not None:
+        if args.agent != "ppo" or args.resume or args.init_policy is not None:
+            parser.error("--policy-model applies to a new --agent ppo run without --init-policy only")
+        if not Path(args.policy_model).is_dir():
+            parser.error(f"--policy-model: no directory at {args.policy_model!r} (nothing is downloaded)")
+        args.env_kwargs.setdefault("tokenizer", args.policy_model)
     if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
         parser.error(problem)
     for name in ("total_timesteps", "num_envs", "eval_episodes"):
@@ -150,8 +168,9 @@ def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
                 run_dir,
                 verbose=1,
                 init_policy=args.init_policy,
+                policy_model=args.policy_model,
             )
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError, ImportError) as exc:
             raise SystemExit(f"error: {exc}") from None
         if args.init_policy is not None:  # the checkpoint's architecture replaced --ppo-config's
             saved = json.loads((run_dir / "config.json").read_text())

@@ -114,7 +114,9 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     - ``reward``: overrides the task's reward model: a function ``(prompt, completion) -> float``,
       a ``textgym.RewardModel``, a built-in name, or ``{"name": ..., **arguments}``.
     - ``tokenizer``: a ``textgym.Tokenizer`` or ``"byte"``, ``"char"``, ``"word"`` (the latter two
-      build their vocabulary from the task corpus and the prompts).
+      build their vocabulary from the task corpus and the prompts), or a local Hugging Face
+      tokenizer (the ``hf`` extra): the path of a ``save_pretrained`` directory or a
+      ``tokenizer.json``, or ``{"name": "hf", "path": ..., "eos_token": ...}``; see ``textgym.hf``.
     - ``prompts``: a list of strings, or the path of a text file with one prompt per line.
     - ``max_new_tokens``: generation budget (task default if None).
     - ``max_prompt_tokens``: prompt window, ``<bos>`` included; None fits the longest prompt.

@@ -255,6 +255,13 @@ def _learned(path: str, device: str = "cpu", batch_size: int = 256) -> RewardMod
     return LearnedReward(path, device, batch_size)
 
 
+def _hf_classifier(path: str, **kwargs: Any) -> RewardModel:
+    """A local Hugging Face sequence classifier (see :class:`textgym.hf.HFClassifierReward`)."""
+    from textgym.hf import HFClassifierReward
+
+    return HFClassifierReward(path, **kwargs)
+
+
 REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {
     "sentiment": SentimentReward,
     "keyword": KeywordReward,
@@ -262,6 +269,7 @@ REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {
     "length": LengthReward,
     "exact_match": ExactMatchReward,
     "learned": _learned,
+    "hf-classifier": _hf_classifier,
 }
 
 
@@ -272,7 +280,8 @@ def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> R
     name of a built-in (``"sentiment"``, ``"length"``, ``"exact_match"``); a mapping
     ``{"name": <built-in>, **arguments}``, e.g. ``{"name": "keyword", "keywords": ["great"]}``; or
     the path of a learned reward model's checkpoint (``"reward.pt"``, the same as
-    ``{"name": "learned", "path": "reward.pt"}``; see ``scripts/train_reward.py``).
+    ``{"name": "learned", "path": "reward.pt"}``; see ``scripts/train_reward.py``); or a local
+    Hugging Face sequence classifier, ``{"name": "hf-classifier", "path": ..., "label": ...}``.
     """
     if isinstance(spec, RewardModel):
         return spec

@@ -35,7 +35,7 @@ from textgym.rewards import (
     SentimentReward,
     as_reward_model,
 )
-from textgym.tokenizers import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_NAMES, UNK_ID, Tokenizer, make_tokenizer
+from textgym.tokenizers import BOS_ID, EOS_ID, TOKENIZER_NAMES, UNK_ID, Tokenizer, make_tokenizer
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,43 @@ class EnvConfig:
         return self.max_prompt_tokens + self.max_new_tokens
 
 
+def _resolve_tokenizer(
+    tokenizer: Tokenizer | str | os.PathLike[str] | Mapping[str, Any] | None,
+    base: Task,
+    prompts: tuple[str, ...],
+) -> Tokenizer:
+    hf = "or a local Hugging Face tokenizer: its path, or {'name': 'hf', 'path': ..., 'eos_token': ...}"
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if tokenizer is None or tokenizer in TOKENIZER_NAMES:
+        return _tokenizer(base.tokenizer_kind if tokenizer is None else tokenizer, base.corpus, prompts)
+    if isinstance(tokenizer, Mapping):
+        args = dict(tokenizer)
+        if args.pop("name", None) != "hf" or "path" not in args:
+            raise ValueError(f"tokenizer: a mapping must be {{'name': 'hf', 'path': ...}}, got {tokenizer!r}")
+        from textgym.hf import HFTokenizer
+
+        try:
+            return HFTokenizer(args.pop("path"), **args)
+        except TypeError as exc:
+            raise TypeError(f"tokenizer: {exc}") from None
+    if isinstance(tokenizer, str | os.PathLike) and os.path.exists(tokenizer):
+        from textgym.hf import HFTokenizer
+
+        return HFTokenizer(tokenizer)
+    if isinstance(tokenizer, str | os.PathLike):
+        raise ValueError(
+            f"unknown tokenizer {str(tokenizer)!r}; accepted: {', '.join(TOKENIZER_NAMES)} or a Tokenizer, {hf}"
+        )
+    raise TypeError(
+        f"tokenizer must be a Tokenizer, one of {', '.join(TOKENIZER_NAMES)}, {hf}; got {tokenizer!r}"
+    )
+
+
 def make_env_config(
     task: str = "default",
     reward: RewardModel | RewardFn | str | Mapping[str, Any] | None = None,
-    tokenizer: Tokenizer | str | None = None,
+    tokenizer: Tokenizer | str | os.PathLike[str] | Mapping[str, Any] | None = None,
     prompts: Sequence[str] | str | os.PathLike[str] | None = None,
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
@@ -195,17 +228,7 @@ def make_env_config(
         raise TypeError(f"task must be the name of a built-in task, got {type(task).__name__}: {task!r}")
     prompt_list = base.prompts if prompts is None else load_prompts(prompts)
 
-    if tokenizer is None or isinstance(tokenizer, str):
-        kind = base.tokenizer_kind if tokenizer is None else tokenizer
-        if kind not in TOKENIZER_NAMES:
-            raise ValueError(
-                f"unknown tokenizer {kind!r}; accepted: {', '.join(TOKENIZER_NAMES)} or a Tokenizer"
-            )
-        tok = _tokenizer(kind, base.corpus, prompt_list)
-    elif isinstance(tokenizer, Tokenizer):
-        tok = tokenizer
-    else:
-        raise TypeError(f"tokenizer must be a Tokenizer or one of {TOKENIZER_NAMES}, got {tokenizer!r}")
+    tok = _resolve_tokenizer(tokenizer, base, prompt_list)
 
     if max_new_tokens is None:
         max_new_tokens = base.max_new_tokens
@@ -243,16 +266,17 @@ def make_env_config(
 def make_action_mask(tokenizer: Tokenizer, allowed_tokens: Sequence[str | int] | None = None) -> np.ndarray:
     """(vocab_size,) read-only bool mask of the tokens an agent may emit.
 
-    ``None`` allows every token but ``<pad>``, ``<bos>`` and ``<unk>``, which never belong in a
-    completion. Otherwise only ``<eos>`` (so an episode can always end) and the given tokens:
+    ``None`` allows every token but ``<pad>``, ``<bos>``, ``<unk>`` and any other of the
+    tokenizer's :meth:`~textgym.tokenizers.Tokenizer.reserved_ids`, which never belong in a completion. Otherwise only ``<eos>`` (so an episode can always end) and the given tokens:
     ids, token strings as :meth:`~textgym.tokenizers.Tokenizer.id_to_token` spells them, or
     strings that encode to exactly one known token.
     """
     V = tokenizer.vocab_size
     mask = np.zeros(V, dtype=bool)
+    reserved = list(tokenizer.reserved_ids())
     if allowed_tokens is None:
         mask[:] = True
-        mask[[PAD_ID, BOS_ID, UNK_ID]] = False
+        mask[reserved] = False
     else:
         if isinstance(allowed_tokens, str | bytes) or not isinstance(allowed_tokens, Sequence | np.ndarray):
             raise TypeError(
@@ -274,8 +298,11 @@ def make_action_mask(tokenizer: Tokenizer, allowed_tokens: Sequence[str | int] |
                     f"allowed_tokens: {token!r} is neither a token of the {type(tokenizer).__name__} "
                     f"nor an id in [0, {V})"
                 )
-        if mask[[PAD_ID, BOS_ID, UNK_ID]].any():
-            raise ValueError("allowed_tokens may not include <pad>, <bos> or <unk>")
+        if mask[reserved].any():
+            bad = [tokenizer.id_to_token(i) for i in reserved if mask[i]]
+            raise ValueError(
+                f"allowed_tokens may not include <pad>, <bos> or <unk> (or another reserved token), got {bad}"
+            )
     mask.flags.writeable = False
     return mask
 

@@ -57,6 +57,10 @@ class Tokenizer(ABC):
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary entry of ``token_id`` (special tokens by their ``<name>``)."""
 
+    def reserved_ids(self) -> tuple[int, ...]:
+        """Ids that never belong in a completion: left out of the env's default action mask."""
+        return (PAD_ID, BOS_ID, UNK_ID)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a sequence of ids; special tokens other than ``<unk>`` are skipped."""
         row = np.asarray(list(ids), dtype=np.int64).reshape(1, -1)  # (1, T)

@@ -1,4 +1,5 @@
-"""The language-model scripts (pretrain, train_reward, train --init-policy, pipeline) end to end.
+"""The language-model scripts (pretrain, train_reward, train --init-policy / --policy-model, pipeline,
+benchmark hf) end to end.
 
 The main runs are subprocesses, as a user runs them, with tiny budgets; argument errors and
 variants are checked in-process through each script's ``parse_args`` / ``main`` (same code, no
@@ -273,3 +274,119 @@ def test_pipeline_refuses_a_non_empty_out(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert script("pipeline").parse_args(["--out", str(empty)]).out == empty
+
+
+# ------------------------------------------------------------- Hugging Face models (the hf extra)
+requires_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs textgym[hf]")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 of width 32 with a BPE tokenizer trained on the sentiment corpus."""
+    from agents.hf import tiny_causal_lm
+    from textgym.hf import train_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("gpt2")
+    task = get_task("sentiment")
+    tokenizer = train_bpe_tokenizer([*task.corpus, *task.prompts], 400)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    tiny_causal_lm(tokenizer, d_model=32, n_layers=2, n_heads=2, max_positions=64).save_pretrained(path)
+    return path
+
+
+@requires_hf
+def test_train_with_a_policy_model(gpt2_dir, tmp_path):
+    common = ["--eval-episodes", "4", "--no-progress", "--device", "cpu"]
+    run(
+        "scripts/train.py", "--task", "sentiment", "--policy-model", str(gpt2_dir), "--total-timesteps", "64",
+        "--num-envs", "4", "--ppo-config", '{"n_steps": 8, "kl_coef": 0.05}', "--logdir", str(tmp_path), *common,
+    )  # fmt: skip
+    (run_dir,) = tmp_path.iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["policy_model"] == str(gpt2_dir)
+    assert config["env_kwargs"]["tokenizer"] == str(gpt2_dir)  # the model's tokenizer became the env's
+    model = PPO.load(run_dir / "checkpoint.pt", device="cpu")
+    from agents.hf import HFPolicy
+    from textgym.hf import HFTokenizer
+
+    assert isinstance(model.policy, HFPolicy) and isinstance(model.reference, HFPolicy)
+    assert isinstance(model.tokenizer, HFTokenizer) and model.num_timesteps == 64
+    # The fine-tuned weights, not the directory's, are what the checkpoint restores.
+    fresh = HFPolicy.from_pretrained(gpt2_dir, model.tokenizer, model.seq_len)
+    changed = [
+        name
+        for (name, a), (_, b) in zip(
+            model.policy.state_dict().items(), fresh.state_dict().items(), strict=True
+        )
+        if not torch.equal(a, b)
+    ]
+    assert changed
+    # The reference stays the directory's model.
+    for (name, a), (_, b) in zip(
+        model.reference.model.state_dict().items(), fresh.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@requires_hf
+def test_train_refuses_a_missing_policy_model(tmp_path, capsys):
+    argv = ["--policy-model", str(tmp_path / "nope"), "--logdir", str(tmp_path / "runs")]
+    assert exit_code(script("train").parse_args, argv) == 2
+    assert "--policy-model: no directory" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "extra", [["--agent", "sb3-ppo"], ["--init-policy", "lm.pt"]], ids=["sb3-agent", "with-init-policy"]
+)
+@requires_hf
+def test_train_refuses_policy_model_with(extra, gpt2_dir, tmp_path, capsys):
+    argv = ["--policy-model", str(gpt2_dir), *extra, "--logdir", str(tmp_path)]
+    assert exit_code(script("train").parse_args, argv) == 2
+    assert "--policy-model applies to a new --agent ppo run" in capsys.readouterr().err
+
+
+@requires_hf
+def test_pipeline_with_the_hf_backbone(tmp_path):
+    out = tmp_path / "pipe"
+    proc = run(
+        "scripts/pipeline.py", "--backbone", "hf", "--hf-vocab-size", "300", "--pretrain-steps", "5",
+        "--total-timesteps", "128", "--num-envs", "4", "--eval-episodes", "4", "--no-progress",
+        "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    assert "hf backbone" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["evaluation"]) == {"pretrained", "ppo_kl", "ppo_no_kl"}
+    assert results["evaluation"]["pretrained"]["kl_mean"] == 0.0
+    # lm/ is a transformers directory that PPO fine-tunes and HFTokenizer reads.
+    assert {"config.json", "model.safetensors", "tokenizer.json", "value_head.pt"} <= {
+        p.name for p in (out / "lm").iterdir()
+    }
+    from agents.hf import HFPolicy
+    from textgym.hf import HFTokenizer
+
+    model = PPO.load(out / "ppo_kl" / "checkpoint.pt", device="cpu")
+    assert model.policy_model == str(out / "lm") and isinstance(model.policy, HFPolicy)
+    assert model.tokenizer == HFTokenizer(out / "lm")
+
+
+@pytest.mark.parametrize("size", ["0", "257"])
+def test_pipeline_refuses_a_tiny_hf_vocabulary(size, capsys):
+    assert exit_code(script("pipeline").parse_args, ["--backbone", "hf", "--hf-vocab-size", size]) == 2
+    assert "--hf-vocab-size must be above 257" in capsys.readouterr().err
+
+
+@requires_hf
+def test_benchmark_hf(tmp_path):
+    out = tmp_path / "hf.json"
+    proc = run(
+        "scripts/benchmark.py", "hf", "--total-timesteps", "256", "--num-envs", "4", "--max-new-tokens", "4",
+        "--out", str(out),
+    )  # fmt: skip
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["max_new_tokens"] == 4
+    for key in ("builtin", "hf_kv_cache", "hf_recompute"):
+        assert row[key] > 0
+    assert row["kv_cache_vs_recompute"] == pytest.approx(row["hf_kv_cache"] / row["hf_recompute"])
+    assert "cache gain" in proc.stdout

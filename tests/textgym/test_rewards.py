@@ -361,9 +361,17 @@ def test_as_reward_model_built_in_names(name, cls):
 
 
 def test_built_in_registry():
-    assert set(REWARD_MODELS) == {"sentiment", "keyword", "regex", "length", "exact_match", "learned"}
+    assert set(REWARD_MODELS) == {
+        "sentiment",
+        "keyword",
+        "regex",
+        "length",
+        "exact_match",
+        "learned",
+        "hf-classifier",
+    }
     for name, cls in REWARD_MODELS.items():
-        if name != "learned":  # a loader of checkpoints, named after the file it loads
+        if name not in ("learned", "hf-classifier"):  # loaders of saved models, named after what they load
             assert cls.name == name
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.policy import last_real_column
+from agents.policy import RowCache, last_real_column, real_positions
 from textgym.hf import HFTokenizer, _local_dir, require
 from textgym.io import save_torch
 from textgym.tasks import make_action_mask
@@ -138,11 +138,20 @@ class HFPolicy(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T, C) of textgym ids (B, T), left or right padded."""
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
-        out = self.model.base_model(
-            input_ids=self.model_ids[input_ids], attention_mask=attention_mask, position_ids=positions
+        return self.trunk(input_ids, attention_mask, real_positions(attention_mask)).last_hidden_state
+
+    def trunk(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, past: Any = None
+    ) -> Any:
+        """The model's trunk on textgym ids at ``positions``; with ``past`` (a ``DynamicCache``) it
+        attends to the cached keys too and appends its own."""
+        return self.model.base_model(
+            input_ids=self.model_ids[input_ids],
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=past is not None,
         )
-        return out.last_hidden_state
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (..., V) over textgym ids and values (...) from final hidden states (..., C)."""
@@ -211,7 +220,7 @@ class RecomputeCache:
         return self.rebuild(input_ids, attention_mask)
 
 
-class HFKVCache:
+class HFKVCache(RowCache):
     """Per-env keys and values of every layer, one slot per observation column, as
     :class:`agents.policy.KVCache` keeps them, fed to the model as a ``transformers.DynamicCache``.
 
@@ -224,18 +233,6 @@ class HFKVCache:
         self.keys: list[torch.Tensor] = []  # per layer (N, kv heads, L, head size)
         self.values: list[torch.Tensor] = []
 
-    def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Any
-    ) -> tuple[torch.Tensor, Any]:
-        out = self.policy.model.base_model(
-            input_ids=self.policy.model_ids[ids],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=True,
-        )
-        return out.last_hidden_state, out.past_key_values
-
     def _new_cache(self) -> Any:
         return require("transformers").DynamicCache(config=self.policy.model.config)
 
@@ -245,74 +242,46 @@ class HFKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Refill every row from full observations (N, L); logits (N, V) and values (N,) at each
         row's last real token."""
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        hidden, past = self._forward(input_ids, attention_mask, positions, self._new_cache())
+        out = self.policy.trunk(input_ids, attention_mask, real_positions(attention_mask), self._new_cache())
+        hidden, past = out.last_hidden_state, out.past_key_values
         self.keys = [layer.keys for layer in past.layers]
         self.values = [layer.values for layer in past.layers]
         rows = torch.arange(len(input_ids), device=input_ids.device)
         return self.policy.heads(hidden[rows, last_real_column(attention_mask)])
 
-    @torch.no_grad()
     def step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token logits (N, V) and values (N,) for the current observations (N, L).
-
-        Rows with no generated token yet are prefilled over the prompt window; every other row
-        feeds only its newest token, which must be the one appended since the previous call.
-        """
-        P = prompt_window
-        N = input_ids.shape[0]
+        """As :meth:`agents.policy.RowCache.step`; the first call fills every row."""
         if not self.keys:
             return self.rebuild(input_ids, attention_mask)
-        generated = attention_mask[:, P:].sum(1)  # (N,)
-        logits = torch.empty(N, self.policy.vocab_size, device=input_ids.device)
-        values = torch.empty(N, device=input_ids.device)
-        new = (generated == 0).nonzero().squeeze(1)
-        old = (generated > 0).nonzero().squeeze(1)
-        if new.numel():
-            mask = attention_mask[new, :P]
-            positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-            hidden, past = self._forward(input_ids[new, :P], mask, positions, self._new_cache())
-            for layer, cached in enumerate(past.layers):
-                self.keys[layer][new, :, :P] = cached.keys
-                self.values[layer][new, :, :P] = cached.values
-            logits[new], values[new] = self.policy.heads(hidden[:, -1])
-        if old.numel():
-            col = P - 1 + generated[old]  # (n,) the newest token's column
-            everything = old.numel() == N
-            past = self._new_cache()
-            for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-                past.update(k if everything else k[old], v if everything else v[old], layer)
-            mask = attention_mask[old].clone()
-            rows = torch.arange(old.numel(), device=input_ids.device)
-            mask[rows, col] = 0  # its key is not cached yet: the model appends it after slot L - 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (n, L + 1)
-            positions = (attention_mask[old].sum(1) - 1).unsqueeze(1)  # (n, 1)
-            newest = input_ids[old, col].unsqueeze(1)  # (n, 1)
-            hidden, past = self._forward(newest, mask, positions, past)
-            for layer, cached in enumerate(past.layers):
-                self.keys[layer][old, :, col] = cached.keys[:, :, -1]
-                self.values[layer][old, :, col] = cached.values[:, :, -1]
-            logits[old], values[old] = self.policy.heads(hidden[:, -1])
-        return logits, values
+        return super().step(input_ids, attention_mask, prompt_window)
 
+    def _prefill(
+        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = attention_mask[rows, :P]
+        out = self.policy.trunk(input_ids[rows, :P], mask, real_positions(mask), self._new_cache())
+        for layer, cached in enumerate(out.past_key_values.layers):
+            self.keys[layer][rows, :, :P] = cached.keys
+            self.values[layer][rows, :, :P] = cached.values
+        return self.policy.heads(out.last_hidden_state[:, -1])
 
-def tiny_causal_lm(
-    tokenizer: Any, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, max_positions: int = 128
-) -> nn.Module:
-    """A randomly initialised GPT-2 sized for ``tokenizer`` (a ``transformers`` tokenizer), built
-    offline from its config: for tests, and for ``scripts/pipeline.py --backbone hf``."""
-    transformers = require("transformers")
-    end = tokenizer.eos_token_id
-    config = transformers.GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=d_model,
-        n_layer=n_layers,
-        n_head=n_heads,
-        n_positions=max_positions,
-        bos_token_id=end,
-        eos_token_id=end,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return transformers.GPT2LMHeadModel(config)
+    def _decode(
+        self, rows: torch.Tensor, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        everything = rows.numel() == input_ids.shape[0]
+        past = self._new_cache()
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            past.update(k if everything else k[rows], v if everything else v[rows], layer)
+        mask = attention_mask[rows].clone()
+        n = torch.arange(rows.numel(), device=input_ids.device)
+        mask[n, col] = 0  # its key is not cached yet: the model appends it after slot L - 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (n, L + 1)
+        positions = (attention_mask[rows].sum(1) - 1).unsqueeze(1)  # (n, 1)
+        newest = input_ids[rows, col].unsqueeze(1)  # (n, 1)
+        out = self.policy.trunk(newest, mask, positions, past)
+        for layer, cached in enumerate(out.past_key_values.layers):
+            self.keys[layer][rows, :, col] = cached.keys[:, :, -1]
+            self.values[layer][rows, :, col] = cached.values[:, :, -1]
+        return self.policy.heads(out.last_hidden_state[:, -1])

@@ -145,7 +145,7 @@ class TransformerDecoder(nn.Module):
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final (layer-normed) hidden states (B, T, C) of a full causal pass."""
         mask = attention_mask.bool()  # (B, T)
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        positions = real_positions(attention_mask)  # (B, T)
         T = input_ids.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
         allowed = causal & mask[:, None, :]  # (B, T, T): causal, and never attend to padding
@@ -198,6 +198,11 @@ class TransformerPolicy(TransformerDecoder):
         return KVCache(self, num_envs, device)
 
 
+def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each column: the number of real tokens before it (``cumsum(mask) - 1``)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def last_real_column(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) column of the last real token of each row of a TextGen observation mask (B, L)."""
     L = attention_mask.shape[1]
@@ -205,7 +210,50 @@ def last_real_column(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), cols, -1).max(dim=1).values
 
 
-class KVCache:
+class RowCache:
+    """Acting through a cache of per-env rows: how a step splits rows, for every cache class.
+
+    Subclasses prefill rows that start an episode (``_prefill``) and feed the newest token of the
+    others (``_decode``), each returning next-token logits (n, V) and values (n,) of those rows.
+    """
+
+    policy: nn.Module
+
+    @torch.no_grad()
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits (N, V) and values (N,) for the current observations (N, L).
+
+        Rows with no generated token yet are prefilled over the prompt window; every other row
+        feeds only its newest token, which must be the one appended since the previous call.
+        """
+        P = prompt_window
+        N = input_ids.shape[0]
+        generated = attention_mask[:, P:].sum(1)  # (N,) tokens generated so far
+        logits = torch.empty(N, self.policy.vocab_size, device=input_ids.device)
+        values = torch.empty(N, device=input_ids.device)
+        new = (generated == 0).nonzero().squeeze(1)
+        old = (generated > 0).nonzero().squeeze(1)
+        if new.numel():
+            logits[new], values[new] = self._prefill(new, input_ids, attention_mask, P)
+        if old.numel():
+            col = P - 1 + generated[old]  # (n,) the newest token's column
+            logits[old], values[old] = self._decode(old, col, input_ids, attention_mask)
+        return logits, values
+
+    def _prefill(
+        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _decode(
+        self, rows: torch.Tensor, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class KVCache(RowCache):
     """Per-env keys and values of every layer, one slot per observation column.
 
     :param policy: the policy whose keys and values are cached.
@@ -234,32 +282,20 @@ class KVCache:
         last = last_real_column(attention_mask)  # (N,)
         return logits[rows, last], values[rows, last]
 
-    @torch.no_grad()
-    def step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+    def _prefill(
+        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token logits (N, V) and values (N,) for the current observations (N, L).
+        lg, val = self._run(
+            rows, input_ids[rows, :P], attention_mask[rows, :P], torch.arange(P, device=input_ids.device)
+        )
+        return lg[:, -1], val[:, -1]
 
-        Rows with no generated token yet are prefilled over the prompt window; every other row
-        feeds only its newest token, which must be the one appended since the previous call.
-        """
-        P = prompt_window
-        N = input_ids.shape[0]
-        generated = attention_mask[:, P:].sum(1)  # (N,) tokens generated so far
-        logits = torch.empty(N, self.policy.vocab_size, device=input_ids.device)
-        values = torch.empty(N, device=input_ids.device)
-        new = (generated == 0).nonzero().squeeze(1)
-        old = (generated > 0).nonzero().squeeze(1)
-        if new.numel():
-            lg, val = self._run(
-                new, input_ids[new, :P], attention_mask[new, :P], torch.arange(P, device=input_ids.device)
-            )
-            logits[new], values[new] = lg[:, -1], val[:, -1]
-        if old.numel():
-            col = (P - 1 + generated[old]).unsqueeze(1)  # (n, 1): the newest token's column
-            lg, val = self._run(old, input_ids[old].gather(1, col), attention_mask[old], col)
-            logits[old], values[old] = lg[:, -1], val[:, -1]
-        return logits, values
+    def _decode(
+        self, rows: torch.Tensor, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        col = col.unsqueeze(1)  # (n, 1)
+        lg, val = self._run(rows, input_ids[rows].gather(1, col), attention_mask[rows], col)
+        return lg[:, -1], val[:, -1]
 
     def _run(
         self, rows: torch.Tensor, ids: torch.Tensor, full_mask: torch.Tensor, cols: torch.Tensor

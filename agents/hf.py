@@ -285,3 +285,23 @@ class HFKVCache(RowCache):
             self.keys[layer][rows, :, col] = cached.keys[:, :, -1]
             self.values[layer][rows, :, col] = cached.values[:, :, -1]
         return self.policy.heads(out.last_hidden_state[:, -1])
+
+
+def tiny_causal_lm(
+    tokenizer: Any, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, max_positions: int = 128
+) -> nn.Module:
+    """A randomly initialised GPT-2 sized for ``tokenizer`` (a ``transformers`` tokenizer), built
+    offline from its config: for tests, and for ``scripts/pipeline.py --backbone hf``."""
+    transformers = require("transformers")
+    end = tokenizer.eos_token_id
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=d_model,
+        n_layer=n_layers,
+        n_head=n_heads,
+        n_positions=max_positions,
+        bos_token_id=end,
+        eos_token_id=end,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return transformers.GPT2LMHeadModel(config)

@@ -7,7 +7,7 @@ model.learn(total_timesteps=50_000)
 
 from agents.baselines import SB3_AGENTS, evaluate, make_sb3_model
 from agents.policy import KVCache, PolicyConfig, TransformerPolicy
-from agents.ppo import PPO, PPOConfig
+from agents.ppo import PPO, PPOConfig, TrainingDivergedError
 
 __all__ = [
     "PPO",
@@ -15,6 +15,7 @@ __all__ = [
     "KVCache",
     "PPOConfig",
     "PolicyConfig",
+    "TrainingDivergedError",
     "TransformerPolicy",
     "evaluate",
     "make_sb3_model",

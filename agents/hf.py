@@ -23,6 +23,7 @@ observation every step instead, for architectures whose caches do not fit that l
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -77,6 +78,7 @@ class HFPolicy(nn.Module):
                 "lower max_new_tokens or max_prompt_tokens"
             )
         self.model, self.tokenizer, self.max_len, self.cache = model, tokenizer, max_len, cache
+        self._cache_argument = cache_argument(model.base_model)  # asked once, not per call
         self.vocab_size = tokenizer.vocab_size
         self.cfg = None  # the architecture is the model's own (model.config)
         self.value_head = nn.Linear(head.in_features, 1)
@@ -144,13 +146,13 @@ class HFPolicy(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, past: Any = None
     ) -> Any:
         """The model's trunk on textgym ids at ``positions``; with ``past`` (a ``DynamicCache``) it
-        attends to the cached keys too and appends its own."""
+        attends to the cached keys too and appends its own to ``past``, in place."""
         return self.model.base_model(
             input_ids=self.model_ids[input_ids],
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=past,
             use_cache=past is not None,
+            **{self._cache_argument: past},
         )
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,12 +244,12 @@ class HFKVCache(RowCache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Refill every row from full observations (N, L); logits (N, V) and values (N,) at each
         row's last real token."""
-        out = self.policy.trunk(input_ids, attention_mask, real_positions(attention_mask), self._new_cache())
-        hidden, past = out.last_hidden_state, out.past_key_values
+        past = self._new_cache()
+        out = self.policy.trunk(input_ids, attention_mask, real_positions(attention_mask), past)
         self.keys = [layer.keys for layer in past.layers]
         self.values = [layer.values for layer in past.layers]
         rows = torch.arange(len(input_ids), device=input_ids.device)
-        return self.policy.heads(hidden[rows, last_real_column(attention_mask)])
+        return self.policy.heads(out.last_hidden_state[rows, last_real_column(attention_mask)])
 
     def step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
@@ -261,8 +263,9 @@ class HFKVCache(RowCache):
         self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mask = attention_mask[rows, :P]
-        out = self.policy.trunk(input_ids[rows, :P], mask, real_positions(mask), self._new_cache())
-        for layer, cached in enumerate(out.past_key_values.layers):
+        past = self._new_cache()
+        out = self.policy.trunk(input_ids[rows, :P], mask, real_positions(mask), past)
+        for layer, cached in enumerate(past.layers):
             self.keys[layer][rows, :, :P] = cached.keys
             self.values[layer][rows, :, :P] = cached.values
         return self.policy.heads(out.last_hidden_state[:, -1])
@@ -281,10 +284,17 @@ class HFKVCache(RowCache):
         positions = (attention_mask[rows].sum(1) - 1).unsqueeze(1)  # (n, 1)
         newest = input_ids[rows, col].unsqueeze(1)  # (n, 1)
         out = self.policy.trunk(newest, mask, positions, past)
-        for layer, cached in enumerate(out.past_key_values.layers):
+        for layer, cached in enumerate(past.layers):
             self.keys[layer][rows, :, col] = cached.keys[:, :, -1]
             self.values[layer][rows, :, col] = cached.values[:, :, -1]
         return self.policy.heads(out.last_hidden_state[:, -1])
+
+
+def cache_argument(trunk: nn.Module) -> str:
+    """The name under which ``trunk.forward`` takes its key/value cache: ``"cache"`` where its
+    signature has it (transformers renamed ``past_key_values`` to ``cache``; the old name warns,
+    and goes in 5.40), else ``"past_key_values"`` (the releases of the ``>=5`` range before that)."""
+    return "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
 
 
 def tiny_causal_lm(

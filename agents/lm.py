@@ -13,10 +13,11 @@ observations: a model trained here reads TextGen-v0 observations unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,33 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from agents.policy import PolicyConfig, TransformerPolicy
 from textgym.checks import is_positive_int, is_real
 from textgym.core import resolve_device
 from textgym.io import load_torch_checkpoint, save_torch
+from textgym.learned import check_vocabulary, vocabulary
 from textgym.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+# vocabulary and check_vocabulary (textgym.learned, where the environment's reward models use them)
+# stay importable from here.
+__all__ = [
+    "LM_SCHEMA",
+    "PretrainConfig",
+    "check_vocabulary",
+    "encode_texts",
+    "evaluate_lm",
+    "fit",
+    "lm_loss",
+    "load_lm",
+    "pretrain",
+    "read_lm_checkpoint",
+    "sample_with_kl",
+    "save_lm",
+    "summary_writer",
+    "vocabulary",
+]
 
 LM_SCHEMA = "textgym-lm/1"
 
@@ -77,11 +99,6 @@ class PretrainConfig:
             raise ValueError(f"PretrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not is_real(self.val_fraction) or not 0 < self.val_fraction < 1:
             raise ValueError(f"PretrainConfig.val_fraction must be in (0, 1), got {self.val_fraction!r}")
-
-
-def vocabulary(tokenizer: Tokenizer) -> list[str]:
-    """Every token's spelling, by id: what must agree for a checkpoint to fit an environment."""
-    return [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
 
 
 def encode_texts(
@@ -175,59 +192,38 @@ def pretrain(
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
         return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
-    writer = None
-    if tensorboard_log is not None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(tensorboard_log))
-        architecture = asdict(policy.cfg) if isinstance(policy, TransformerPolicy) else type(policy).__name__
-        writer.add_text("config", f"```\n{asdict(config)}\n{architecture}\n```", 0)
-    initial_val = evaluate_lm(policy, va_ids, va_mask)
-    history = [(0, initial_val)]
-    if writer is not None:
-        writer.add_scalar("pretrain/val_loss", initial_val, 0)
-        writer.add_scalar("pretrain/val_perplexity", math.exp(initial_val), 0)
-    bar = None
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, unit="step", dynamic_ncols=True)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     start = time.perf_counter()
-    policy.train()
-    try:
-        for step in range(config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            batch = torch.randint(0, len(tr_ids), (config.batch_size,), generator=gen).to(dev)
-            loss = lm_loss(policy, tr_ids[batch], tr_mask[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            optimizer.step()
-            done = step + 1
-            if writer is not None and (done % 10 == 0 or done == config.steps):
-                writer.add_scalar("pretrain/train_loss", loss.item(), done)
-                writer.add_scalar("pretrain/learning_rate", lr_at(step), done)
-            if done % config.eval_interval == 0 or done == config.steps:
-                val = evaluate_lm(policy, va_ids, va_mask)
-                history.append((done, val))
-                if writer is not None:
-                    writer.add_scalar("pretrain/val_loss", val, done)
-                    writer.add_scalar("pretrain/val_perplexity", math.exp(val), done)
-                    if samples_from:
-                        writer.add_text("samples", _samples_markdown(policy, tokenizer, samples_from), done)
-                if bar is not None:
-                    bar.set_postfix(val_loss=f"{val:.3f}", ppl=f"{math.exp(val):.1f}")
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    with summary_writer(tensorboard_log) as writer:
         if writer is not None:
-            writer.close()
-    policy.eval()
-    final_val = history[-1][1]
+            architecture = (
+                asdict(policy.cfg) if isinstance(policy, TransformerPolicy) else type(policy).__name__
+            )
+            writer.add_text("config", f"```\n{asdict(config)}\n{architecture}\n```", 0)
+
+        def evaluate(step: int) -> dict[str, float]:
+            val = evaluate_lm(policy, va_ids, va_mask)
+            if writer is not None and samples_from:
+                writer.add_text("samples", _samples_markdown(policy, tokenizer, samples_from), step)
+            return {"val_loss": val, "val_perplexity": math.exp(val)}
+
+        evaluations = fit(
+            policy,
+            optimizer,
+            lambda rows: lm_loss(policy, tr_ids[rows], tr_mask[rows]),
+            evaluate,
+            n_train=len(tr_ids),
+            steps=config.steps,
+            batch_size=config.batch_size,
+            eval_interval=config.eval_interval,
+            max_grad_norm=config.max_grad_norm,
+            lr_at=lr_at,
+            seed=seed,
+            writer=writer,
+            prefix="pretrain",
+            progress_bar=progress_bar,
+        )
+    history = [(step, metrics["val_loss"]) for step, metrics in evaluations]
+    initial_val, final_val = history[0][1], history[-1][1]
     report = {
         "initial_val_loss": initial_val,
         "initial_val_perplexity": math.exp(initial_val),
@@ -240,6 +236,86 @@ def pretrain(
         "seconds": time.perf_counter() - start,
     }
     return policy, report
+
+
+def summary_writer(log_dir: str | os.PathLike[str] | None) -> contextlib.AbstractContextManager[Any]:
+    """A TensorBoard ``SummaryWriter`` on ``log_dir``, closed on leaving the ``with``; ``None`` when
+    ``log_dir`` is ``None``."""
+    if log_dir is None:
+        return contextlib.nullcontext()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    minibatch_loss: Callable[[torch.Tensor], torch.Tensor],
+    evaluate: Callable[[int], dict[str, float]],
+    *,
+    n_train: int,
+    steps: int,
+    batch_size: int,
+    eval_interval: int,
+    max_grad_norm: float,
+    lr_at: Callable[[int], float],
+    seed: int,
+    writer: Any = None,
+    prefix: str,
+    progress_bar: bool = False,
+) -> list[tuple[int, dict[str, float]]]:
+    """The minibatch loop of pretraining, which reward-model training shares.
+
+    Each of ``steps`` steps sets the learning rate to ``lr_at(step)``, draws ``batch_size`` of the
+    ``n_train`` training rows uniformly with replacement (from a CPU generator seeded with
+    ``seed``), and takes one optimizer step on ``minibatch_loss(rows)`` with the gradient norm
+    clipped to ``max_grad_norm``. ``evaluate(step)`` returns held-out metrics by name (it must leave
+    the model in training mode); it runs before the first step, every ``eval_interval`` steps and
+    after the last.
+
+    TensorBoard, when ``writer`` is a ``SummaryWriter``: ``<prefix>/train_loss`` (that step's
+    minibatch) and ``<prefix>/learning_rate`` every 10 steps, and each metric of every evaluation
+    as ``<prefix>/<name>``.
+
+    :return: ``(step, metrics)`` of every evaluation, step 0 first; the model is left in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    history: list[tuple[int, dict[str, float]]] = []
+
+    def record(step: int) -> dict[str, float]:
+        metrics = evaluate(step)
+        history.append((step, metrics))
+        if writer is not None:
+            for name, value in metrics.items():
+                writer.add_scalar(f"{prefix}/{name}", value, step)
+        return metrics
+
+    record(0)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    model.train()
+    with tqdm(total=steps, unit="step", dynamic_ncols=True, disable=not progress_bar) as bar:
+        for step in range(steps):
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = torch.randint(0, n_train, (batch_size,), generator=gen).to(device)
+            loss = minibatch_loss(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            done = step + 1
+            if writer is not None and (done % 10 == 0 or done == steps):
+                writer.add_scalar(f"{prefix}/train_loss", loss.item(), done)
+                writer.add_scalar(f"{prefix}/learning_rate", lr, done)
+            if done % eval_interval == 0 or done == steps:
+                bar.set_postfix({name: f"{value:.3g}" for name, value in record(done).items()})
+            bar.update(1)
+    model.eval()
+    return history
 
 
 def _samples_markdown(policy: TransformerPolicy, tokenizer: Tokenizer, prompts: Sequence[str]) -> str:
@@ -306,21 +382,6 @@ def load_lm(
 
 def read_lm_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return load_torch_checkpoint(path, LM_SCHEMA, "language-model")
-
-
-def check_vocabulary(saved: Sequence[str], tokenizer: Tokenizer, where: str) -> None:
-    """Raise ValueError unless ``tokenizer`` spells every id as ``saved`` does."""
-    current = vocabulary(tokenizer)
-    if list(saved) != current:
-        if len(saved) != len(current):
-            detail = f"{len(saved)} tokens in the checkpoint, {len(current)} in the environment"
-        else:
-            i = next(i for i, (a, b) in enumerate(zip(saved, current, strict=True)) if a != b)
-            detail = f"id {i} is {saved[i]!r} in the checkpoint but {current[i]!r} in the environment"
-        raise ValueError(
-            f"{where}: the checkpoint's vocabulary differs from the environment's tokenizer ({detail}); "
-            "pretrain with the same task and tokenizer as the environment"
-        )
 
 
 @torch.no_grad()

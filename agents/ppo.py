@@ -17,15 +17,18 @@ is complete and there is no future to estimate.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,15 +42,21 @@ from agents.buffer import Rollout, compute_gae, segments
 from agents.kl import KLController
 from agents.policy import PolicyConfig, TransformerPolicy, last_real_column
 from textgym.checks import is_positive_int, is_real
-from textgym.core import resolve_device
-from textgym.io import save_torch
+from textgym.core import device_memory, resolve_device
+from textgym.io import check_zip_integrity, save_torch
 from textgym.vector import TextGenVectorEnv
 
 if TYPE_CHECKING:
     from agents.hf import HFPolicy
 
-CHECKPOINT_SCHEMA = 3  # 3: policy_model (a Hugging Face policy's directory)
+CHECKPOINT_SCHEMA = 4  # 3: policy_model (a Hugging Face policy's directory); 4: env_spec
+READABLE_SCHEMAS = (3, 4)  # 3 lacks env_spec only
 ENV_IDS = ("TextGen-v0", "textgym:TextGen-v0")
+BOOL_FIELDS = ("anneal_lr", "normalize_advantage", "bootstrap_truncated", "mask_actions")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The policy's logits, the loss or the gradient became NaN or infinite during training."""
 
 
 @dataclass(frozen=True)
@@ -104,10 +113,17 @@ class PPOConfig:
     """Architecture of the Transformer policy."""
 
     def __post_init__(self) -> None:
+        for name in BOOL_FIELDS:
+            value = getattr(self, name)
+            # Only real booleans: bool("false") is True, so a string would silently mean the opposite.
+            if not isinstance(value, bool | np.bool_):
+                raise ValueError(f"PPOConfig.{name} must be true or false (a bool), got {value!r}")
+            object.__setattr__(self, name, bool(value))
         for name in ("n_steps", "n_epochs", "num_minibatches", "sample_interval", "kl_horizon"):
             value = getattr(self, name)
             if not is_positive_int(value):
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers become plain ints (JSON, torch)
         for name in ("learning_rate", "adam_eps", "clip_range", "max_grad_norm"):
             value = getattr(self, name)
             if not is_real(value) or not 0 < value < math.inf:
@@ -124,6 +140,10 @@ class PPOConfig:
             value = getattr(self, name)
             if value is not None and (not is_real(value) or not 0 < value < math.inf):
                 raise ValueError(f"PPOConfig.{name} must be None or a positive number, got {value!r}")
+        for f in dataclasses.fields(self):  # numpy floats become plain floats (JSON, torch)
+            value = getattr(self, f.name)
+            if f.name not in BOOL_FIELDS and is_real(value) and not isinstance(value, int):
+                object.__setattr__(self, f.name, float(value))
         if self.kl_target is not None and self.kl_coef == 0:
             raise ValueError(
                 "PPOConfig.kl_target needs kl_coef > 0 as the starting β (β adapts by multiplication)"
@@ -226,6 +246,7 @@ class PPO:
         self.num_envs = env.num_envs
         self.prompt_window = env.prompt_window
         self.seq_len = env.config.seq_len
+        _check_rollout_fits(self.config.n_steps, self.num_envs, self.seq_len, self.device)
         self.tokenizer = env.tokenizer
         self.init_policy = None if init_policy is None else str(init_policy)
         self.policy_model = None if policy_model is None else str(policy_model)
@@ -282,15 +303,32 @@ class PPO:
         callback: Callable[[PPO], bool | None] | None = None,
     ) -> PPO:
         """Train for ``total_timesteps`` env steps (counted from 0, or added to the current count
-        with ``reset_num_timesteps=False``, which also continues the TensorBoard run).
+        with ``reset_num_timesteps=False``, which also continues the TensorBoard run). Training
+        runs in whole rollouts of ``n_steps * num_envs`` env steps, so it stops at the first
+        multiple of that at or past the target.
 
         :param progress_bar: show a tqdm bar of env steps.
         :param checkpoint_path: where :meth:`save` writes; on Ctrl-C a checkpoint is written there
-            and the logs are flushed before ``KeyboardInterrupt`` propagates.
+            and the logs are flushed before ``KeyboardInterrupt`` propagates (see below).
         :param checkpoint_interval: also save every this many updates (0: only at the end of
             ``learn`` and on Ctrl-C).
         :param callback: called with the model after every update (``num_timesteps`` and
             ``last_stats`` are current); returning ``False`` stops training.
+
+        **Interrupts.** What Ctrl-C saves is always the state at the end of an update, so that
+        resuming from it (:meth:`load`, then ``learn(..., reset_num_timesteps=False)``) gives
+        exactly the weights of an uninterrupted run:
+
+        - during a rollout (the policy acting, the env stepping, the reward model scoring), the
+          agent is rolled back to the start of that rollout (env, counters, RNG states; the
+          weights have not changed since) and that state is saved;
+        - during an update, in the main thread, the update is finished first and then saved
+          (a second Ctrl-C stops at once and saves nothing, keeping the last checkpoint);
+        - a save that fails leaves the previous checkpoint in place.
+
+        :raises TrainingDivergedError: when the policy's logits, the loss or the gradient norm
+            becomes NaN or infinite; the weights are left as they were before the failing
+            optimizer step and nothing is saved, so the last checkpoint stays the last good one.
         """
         if not is_positive_int(total_timesteps):
             raise ValueError(f"total_timesteps must be a positive integer, got {total_timesteps!r}")
@@ -304,36 +342,52 @@ class PPO:
             self._episode_return.zero_()
             self._episode_length.zero_()
             self._episode_kl.zero_()
-        self._target_timesteps = (0 if reset_num_timesteps else self.num_timesteps) + total_timesteps
+        self._target_timesteps = (0 if reset_num_timesteps else self.num_timesteps) + int(total_timesteps)
+        rollout_size = cfg.n_steps * self.num_envs
+        planned = self.num_timesteps + rollout_size * math.ceil(
+            max(self._target_timesteps - self.num_timesteps, 0) / rollout_size
+        )
         self._open_writer(tb_log_name, new_run=reset_num_timesteps)
         if self.verbose:
             print(f"PPOConfig: {json.dumps(cfg.to_dict())}")
+            if planned != self._target_timesteps:
+                print(
+                    f"training to {planned:,} env steps: {self._target_timesteps:,} rounded up to whole "
+                    f"rollouts of {rollout_size:,} (n_steps {cfg.n_steps} x num_envs {self.num_envs})"
+                )
         start_steps, start_time = self.num_timesteps, time.perf_counter()
         bar = None
         if progress_bar:
             from tqdm.auto import tqdm
 
-            bar = tqdm(
-                total=self._target_timesteps, initial=self.num_timesteps, unit="step", dynamic_ncols=True
-            )
+            bar = tqdm(total=planned, initial=self.num_timesteps, unit="step", dynamic_ncols=True)
+        phase, consistent = "between", None
         try:
             while self.num_timesteps < self._target_timesteps:
+                # The weights and the optimizer change only inside the update below, so this
+                # snapshot plus the current weights is a consistent checkpoint until then.
+                consistent, phase = self._training_state(copy_tensors=True), "rollout"
                 if cfg.anneal_lr:
                     frac = 1.0 - self.num_timesteps / self._target_timesteps
                     for group in self.optimizer.param_groups:
                         group["lr"] = frac * cfg.learning_rate
                 rollout, last_values, last_dones = self.collect_rollout()
-                stats = self.update(rollout, last_values, last_dones)
-                if self.reference is not None:
-                    stats.update(self._kl_stats())
-                    self.kl.update(stats["train/kl_ref"], cfg.n_steps * self.num_envs)
-                self.n_updates += 1
+                with _interrupt_after_block() as interrupted:
+                    phase = "update"
+                    stats = self.update(rollout, last_values, last_dones)
+                    if self.reference is not None:
+                        stats.update(self._kl_stats())
+                        self.kl.update(stats["train/kl_ref"], cfg.n_steps * self.num_envs)
+                    self.n_updates += 1
+                    phase, consistent = "between", None
                 fps = (self.num_timesteps - start_steps) / (time.perf_counter() - start_time)
                 self._log(stats, fps)
                 if bar is not None:
                     bar.update(self.num_timesteps - bar.n)
                     if "rollout/ep_rew_mean" in self.last_stats:
                         bar.set_postfix(ep_rew_mean=f"{self.last_stats['rollout/ep_rew_mean']:.3f}")
+                if interrupted:
+                    raise KeyboardInterrupt
                 if (
                     checkpoint_path is not None
                     and checkpoint_interval
@@ -343,7 +397,15 @@ class PPO:
                 if callback is not None and callback(self) is False:
                     break
         except KeyboardInterrupt:
-            if checkpoint_path is not None:
+            if phase == "rollout" and consistent is not None:
+                self._set_training_state(consistent)  # back to the end of the last update
+            if phase == "update":
+                print(
+                    f"\ninterrupted inside update {self.n_updates + 1}: the weights are half-updated, so "
+                    "nothing was saved"
+                    + (f"; {Path(checkpoint_path)} is the last checkpoint" if checkpoint_path else "")
+                )
+            elif checkpoint_path is not None:
                 self.save(checkpoint_path)
             raise
         finally:
@@ -380,6 +442,8 @@ class PPO:
             ids[t], masks[t] = obs["input_ids"], obs["attention_mask"]
             starts[t] = (obs["attention_mask"][:, self.prompt_window :].sum(1) == 0).float()
             masked = self._masked(logits)
+            if not bool(torch.isfinite(masked).all()):
+                self._diverged("the policy's logits contain NaN or infinity")
             action = Categorical(logits=masked).sample()
             # log_softmax, as for the reference and in the update: identical numbers when π == π_ref
             log_probs = F.log_softmax(masked, dim=-1)  # (N, V)
@@ -423,6 +487,13 @@ class PPO:
         _, last_values = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
         rollout = Rollout(ids, masks, actions, logprobs, values, rewards, starts, dones)
         return rollout, last_values, dones[-1]
+
+    def _diverged(self, what: str) -> None:
+        raise TrainingDivergedError(
+            f"training diverged at env step {self.num_timesteps:,} (update {self.n_updates + 1}): {what}. "
+            "The weights were not stepped with it and nothing was saved, so the last checkpoint is the "
+            "last good one; lower learning_rate or check the reward model's scale."
+        )
 
     def _masked(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (..., V) with the tokens outside the env's action mask made impossible."""
@@ -539,9 +610,17 @@ class PPO:
                 if cfg.target_kl is not None and approx_kl > 1.5 * cfg.target_kl:
                     continue_training = False
                     break
+                if not math.isfinite(pg_losses[-1] + value_losses[-1] + entropy_losses[-1]):
+                    self._diverged(
+                        f"the loss is not finite (policy-gradient {pg_losses[-1]}, value {value_losses[-1]}, "
+                        f"entropy {entropy_losses[-1]}; returns in [{returns.min().item():.3g}, "
+                        f"{returns.max().item():.3g}])"
+                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                if not math.isfinite(grad_norm.item()):
+                    self._diverged(f"the gradient norm is {grad_norm.item()}")
                 self.optimizer.step()
             if not continue_training:
                 break
@@ -644,24 +723,53 @@ class PPO:
 
     # ---------------------------------------------------------------------------- checkpoints
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write a checkpoint atomically (a temporary file, then a rename)."""
-        core = self.env._core
-        env_kwargs = _jsonable_or_none(self.env_kwargs)
-        ckpt = {
+        """Write a checkpoint atomically (a unique temporary file, flushed to disk, then a rename):
+        a save that fails or is interrupted leaves the previous file at ``path`` as it was."""
+        return save_torch(path, self._checkpoint(self._training_state(copy_tensors=False)))
+
+    def _checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of the current weights and optimizer with ``state`` (:meth:`_training_state`)."""
+        return {
             "schema_version": CHECKPOINT_SCHEMA,
             "config": self.config.to_dict(),
-            "env_kwargs": env_kwargs,
+            "env_kwargs": _jsonable_or_none(self.env_kwargs),
+            "env_spec": self._env_spec(),
             "num_envs": self.num_envs,
             "seed": self.seed,
             "model": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "num_timesteps": self.num_timesteps,
-            "n_updates": self.n_updates,
-            "target_timesteps": self._target_timesteps,
-            "ep_info_buffer": list(self.ep_info_buffer),
             "init_policy": self.init_policy,
             "policy_model": self.policy_model,
             "reference": None if self.reference is None else self.reference.state_dict(),
+            "tb_dir": None if self._tb_dir is None else str(self._tb_dir.resolve()),
+            **state,
+        }
+
+    def _env_spec(self) -> dict[str, Any]:
+        """The settings of the env that the policy's shapes depend on, to name them on a mismatch."""
+        cfg = self.env.config
+        return {
+            "task": cfg.task,
+            "vocab_size": int(self.env.single_action_space.n),
+            "max_prompt_tokens": int(self.prompt_window),
+            "max_new_tokens": int(cfg.max_new_tokens),
+        }
+
+    def _training_state(self, copy_tensors: bool) -> dict[str, Any]:
+        """What changes while training, apart from the weights and the optimizer: counters, the
+        KL coefficient, the global RNG states and the env's episodes in flight. ``copy_tensors``
+        makes it a snapshot that later steps cannot alter."""
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=copy_tensors)
+
+        core = self.env._core
+        return {
+            "num_timesteps": self.num_timesteps,
+            "n_updates": self.n_updates,
+            "target_timesteps": self._target_timesteps,
+            "ep_info_buffer": [dict(e) for e in self.ep_info_buffer],
+            "samples": [list(x) for x in self._samples],
             "kl_coef": self.kl.value,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -672,18 +780,36 @@ class PPO:
             "env_state": None
             if self._obs is None
             else {
-                "tokens": core.tokens.cpu(),
-                "mask": core.mask.cpu(),
-                "gen_len": core.gen_len.cpu(),
-                "prompt_index": core.prompt_index.cpu(),
+                "tokens": host(core.tokens),
+                "mask": host(core.mask),
+                "gen_len": host(core.gen_len),
+                "prompt_index": host(core.prompt_index),
                 "rngs": json.dumps([g.bit_generator.state for g in self.env._rngs or []]),
-                "episode_return": self._episode_return.cpu(),
-                "episode_length": self._episode_length.cpu(),
-                "episode_kl": self._episode_kl.cpu(),
+                "episode_return": host(self._episode_return),
+                "episode_length": host(self._episode_length),
+                "episode_kl": host(self._episode_kl),
             },
-            "tb_dir": None if self._tb_dir is None else str(self._tb_dir.resolve()),
         }
-        return save_torch(path, ckpt)
+
+    def _set_training_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`_training_state`."""
+        self.num_timesteps, self.n_updates = state["num_timesteps"], state["n_updates"]
+        self._target_timesteps = state["target_timesteps"]
+        self.ep_info_buffer.clear()
+        self.ep_info_buffer.extend(state["ep_info_buffer"])
+        self._samples.clear()
+        self._samples.extend(tuple(x) for x in state.get("samples", []))
+        self.kl.value = state["kl_coef"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, pos, has_gauss, gauss = json.loads(rng["numpy"])
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        py_state = json.loads(rng["python"])
+        random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
+        if state["env_state"] is not None:
+            self._restore_env(state["env_state"])
 
     @classmethod
     def load(
@@ -696,14 +822,18 @@ class PPO:
         """A PPO agent from a checkpoint, ready to ``predict``, ``generate`` or continue to ``learn``.
 
         :param env_kwargs: the environment's keyword arguments; needed when the checkpoint could
-            not store them (a reward given as a Python function).
+            not store them (a reward given as a Python function). The env they make must have the
+            vocabulary, prompt window and ``max_new_tokens`` the checkpoint was trained with.
 
-        Loading restores the global torch, NumPy and Python RNG states saved in the checkpoint, so
-        that a resumed run continues exactly as the uninterrupted one would have.
+        The file is checked for damage first (every zip entry's CRC-32, see
+        :func:`textgym.io.check_zip_integrity`). Loading restores the global torch, NumPy and
+        Python RNG states saved in the checkpoint, so that a resumed run continues exactly as
+        the uninterrupted one would have.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+        check_zip_integrity(path)
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -711,7 +841,7 @@ class PPO:
                 f"{str(path)!r} is not a textgym PPO checkpoint ({type(exc).__name__}: {exc})"
             ) from None
         version = ckpt.get("schema_version") if isinstance(ckpt, dict) else None
-        if version != CHECKPOINT_SCHEMA:
+        if version not in READABLE_SCHEMAS:
             raise ValueError(
                 f"{str(path)!r} is not a textgym PPO checkpoint of schema {CHECKPOINT_SCHEMA} (got {version!r})"
             )
@@ -731,33 +861,50 @@ class PPO:
             tensorboard_log=tensorboard_log,
             policy_model=ckpt["policy_model"],
         )
+        model._check_env_matches(ckpt, path)
         model.policy.load_state_dict(ckpt["model"])
         model.init_policy = ckpt["init_policy"]
         if model.reference is not None:
             model.reference.load_state_dict(ckpt["reference"])
-        model.kl.value = ckpt["kl_coef"]
         model.optimizer.load_state_dict(ckpt["optimizer"])
-        model.num_timesteps, model.n_updates = ckpt["num_timesteps"], ckpt["n_updates"]
-        model._target_timesteps = ckpt["target_timesteps"]
-        model.ep_info_buffer.extend(ckpt["ep_info_buffer"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        name, keys, pos, has_gauss, gauss = json.loads(rng["numpy"])
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        py_state = json.loads(rng["python"])
-        random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
+        model._set_training_state(ckpt)
         if ckpt["tb_dir"] is not None and tensorboard_log is not None:
             model._tb_dir = Path(ckpt["tb_dir"])
-        state = ckpt["env_state"]
-        if state is not None:
-            model._restore_env(state)
         return model
+
+    def _check_env_matches(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """Refuse an env whose shapes differ from the checkpoint's, naming both settings."""
+        mine = self._env_spec()
+        saved = ckpt.get("env_spec")
+        if saved is not None:
+            differ = [k for k in ("vocab_size", "max_prompt_tokens", "max_new_tokens") if saved[k] != mine[k]]
+            if differ:
+                raise ValueError(
+                    f"{str(path)!r} was trained on task {saved['task']!r} with "
+                    + ", ".join(f"{k}={saved[k]}" for k in differ)
+                    + f"; the env made from these env_kwargs (task {mine['task']!r}) has "
+                    + ", ".join(f"{k}={mine[k]}" for k in differ)
+                    + ". Load it with the environment arguments it was trained with."
+                )
+        expected = self.policy.state_dict()
+        shapes = {
+            k: (tuple(v.shape), tuple(expected[k].shape))
+            for k, v in ckpt["model"].items()
+            if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+        }
+        if shapes:  # a schema-3 checkpoint has no env_spec: name the tensors instead
+            first = next(iter(shapes.items()))
+            raise ValueError(
+                f"{str(path)!r} does not fit this environment (vocab_size={mine['vocab_size']}, "
+                f"max_prompt_tokens={mine['max_prompt_tokens']}, max_new_tokens={mine['max_new_tokens']}): "
+                f"{len(shapes)} weight shapes differ, e.g. {first[0]} is {first[1][0]} in the checkpoint "
+                f"and {first[1][1]} here. Load it with the environment arguments it was trained with."
+            )
 
     def _restore_env(self, state: Mapping[str, Any]) -> None:
         env, core, dev = self.env, self.env._core, self.device
-        env.reset(seed=0)  # allocates the per-env generators, then every piece is overwritten
+        if env._rngs is None:
+            env.reset(seed=0)  # allocates the per-env generators, then every piece is overwritten
         core.tokens.copy_(state["tokens"].to(dev))
         core.mask.copy_(state["mask"].to(dev))
         core.gen_len.copy_(state["gen_len"].to(dev))
@@ -767,7 +914,49 @@ class PPO:
         self._episode_return.copy_(state["episode_return"].to(dev))
         self._episode_length.copy_(state["episode_length"].to(dev))
         self._episode_kl.copy_(state["episode_kl"].to(dev))
+        env._needs_reset[:] = False  # every row is a valid episode again
         self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
+
+
+@contextlib.contextmanager
+def _interrupt_after_block() -> Iterator[list[bool]]:
+    """Hold a Ctrl-C back until the block has run (the list it yields is then ``[True]``), so a
+    half-done update is never what gets saved; a second Ctrl-C raises at once.
+
+    Only in the main thread and while SIGINT has Python's default handler; elsewhere the block
+    runs unprotected and the list stays empty."""
+    interrupted: list[bool] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield interrupted
+        return
+
+    def hold(signum: int, frame: Any) -> None:
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        print("\ninterrupt: finishing this update, then saving (Ctrl-C again to stop without saving it)")
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_rollout_fits(n_steps: int, num_envs: int, seq_len: int, device: torch.device) -> None:
+    """Refuse a rollout buffer larger than the device's memory before torch tries to allocate it."""
+    # Per transition: the observation (ids and mask, int64) and seven other numbers.
+    need = n_steps * num_envs * (2 * seq_len * 8 + 8 + 6 * 4)
+    have = device_memory(device)
+    if have is not None and need > have:
+        raise ValueError(
+            f"a rollout of n_steps={n_steps} x num_envs={num_envs} transitions of {seq_len} tokens needs "
+            f"{need / 2**30:,.1f} GiB for its buffer alone, more than the {have / 2**30:,.1f} GiB of {device}; "
+            "lower n_steps or num_envs"
+        )
 
 
 def _as_tensor(value: Any, device: torch.device) -> torch.Tensor:

@@ -9,11 +9,14 @@ last real token of ``<bos> prompt completion <eos>``) either
 
 and reports held-out accuracy: the share of held-out pairs it orders as the data do (for labels,
 pairs of held-out examples with different scores). :func:`save_reward_model` writes a checkpoint
-that :class:`LearnedReward` loads as a batched :class:`textgym.RewardModel`, so the environment
-takes it by path or by name::
+that :class:`textgym.learned.LearnedReward` loads as a batched :class:`textgym.RewardModel`, so
+the environment takes it by path or by name::
 
     gym.make("TextGen-v0", reward="runs/reward_sentiment_s0_<time>/reward.pt")
     gym.make("TextGen-v0", reward={"name": "learned", "path": "reward.pt", "device": "cpu"})
+
+The network, the input encoding and the checkpoint reader are in :mod:`textgym.learned`, so the
+environment loads reward models without the agents; they are re-exported here.
 
 :func:`textgym.preferences.reward_data` generates training data for the built-in tasks.
 """
@@ -31,48 +34,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from agents.lm import check_vocabulary, vocabulary
-from agents.policy import PolicyConfig, TransformerDecoder
+from agents.lm import fit, summary_writer
+from agents.policy import PolicyConfig
 from textgym.checks import is_positive_int, is_real
 from textgym.core import resolve_device
-from textgym.io import load_torch_checkpoint, save_torch
-from textgym.rewards import RewardModel
-from textgym.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from textgym.io import save_torch
+from textgym.learned import REWARD_SCHEMA, LearnedReward, RewardNet, encode_pairs, vocabulary
+from textgym.tokenizers import Tokenizer
 
-REWARD_SCHEMA = "textgym-reward/1"
-
-
-class RewardNet(nn.Module):
-    """The policy's decoder with a scalar head on the last real token."""
-
-    def __init__(self, vocab_size: int, max_len: int, cfg: PolicyConfig | None = None):
-        super().__init__()
-        cfg = cfg or PolicyConfig()
-        self.decoder = TransformerDecoder(vocab_size, max_len, cfg)
-        self.decoder.reset_parameters()
-        self.head = nn.Linear(cfg.d_model, 1)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores (B,) of right- or left-padded sequences (B, L)."""
-        return self.head(self.decoder.last_hidden(input_ids, attention_mask)).squeeze(-1)
-
-
-def encode_pairs(
-    tokenizer: Tokenizer, prompts: Sequence[str], completions: Sequence[str], max_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``<bos> prompt completion <eos>`` rows, right-padded to ``max_len``; the prompt is cut
-    from the left when the whole does not fit, so the completion and ``<eos>`` always do."""
-    ids = torch.full((len(prompts), max_len), PAD_ID, dtype=torch.long)
-    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        tail = [*tokenizer.encode(completion), EOS_ID][-(max_len - 1) :]
-        head = [BOS_ID, *tokenizer.encode(prompt)]
-        row = [BOS_ID, *head[1:][max(0, len(head) + len(tail) - max_len) :], *tail]
-        ids[i, : len(row)] = torch.tensor(row)
-    return ids, (ids != PAD_ID).long()
+__all__ = [
+    "REWARD_SCHEMA",
+    "LearnedReward",
+    "RewardNet",
+    "RewardTrainConfig",
+    "check_examples",
+    "encode_pairs",
+    "save_reward_model",
+    "train_reward_model",
+]
 
 
 @dataclass(frozen=True)
@@ -184,7 +164,7 @@ def train_reward_model(
         return -F.logsigmoid(margin).mean()
 
     @torch.no_grad()
-    def evaluate() -> tuple[float, float]:
+    def evaluate(step: int) -> dict[str, float]:
         net.eval()
         loss = float(loss_of(va))
         if kind == "labels":
@@ -192,55 +172,32 @@ def train_reward_model(
         else:
             acc = float((net(va["ids"], va["mask"]) > net(va["r_ids"], va["r_mask"])).float().mean())
         net.train()
-        return loss, acc
+        return {"val_loss": loss, "val_accuracy": acc}
 
-    writer = None
-    if tensorboard_log is not None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(tensorboard_log))
-    initial_loss, initial_acc = evaluate()
-    history = [(0, initial_loss, initial_acc)]
-    bar = None
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, unit="step", dynamic_ncols=True)
-    gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    n_train = len(train)
-    try:
-        for step in range(config.steps):
-            idx = torch.randint(0, n_train, (min(config.batch_size, n_train),), generator=gen).to(dev)
-            loss = loss_of({k: v[idx] for k, v in tr.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-            done = step + 1
-            if writer is not None and (done % 10 == 0 or done == config.steps):
-                writer.add_scalar("reward_model/train_loss", loss.item(), done)
-            if done % config.eval_interval == 0 or done == config.steps:
-                val_loss, val_acc = evaluate()
-                history.append((done, val_loss, val_acc))
-                if writer is not None:
-                    writer.add_scalar("reward_model/val_loss", val_loss, done)
-                    writer.add_scalar("reward_model/val_accuracy", val_acc, done)
-                if bar is not None:
-                    bar.set_postfix(val_acc=f"{val_acc:.3f}")
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-    net.eval()
+    with summary_writer(tensorboard_log) as writer:
+        evaluations = fit(
+            net,
+            optimizer,
+            lambda rows: loss_of({k: v[rows] for k, v in tr.items()}),
+            evaluate,
+            n_train=len(train),
+            steps=config.steps,
+            batch_size=min(config.batch_size, len(train)),
+            eval_interval=config.eval_interval,
+            max_grad_norm=1.0,
+            lr_at=lambda step: config.learning_rate,
+            seed=seed,
+            writer=writer,
+            prefix="reward_model",
+            progress_bar=progress_bar,
+        )
+    history = [(step, metrics["val_loss"], metrics["val_accuracy"]) for step, metrics in evaluations]
     return net, {
         "kind": kind,
-        "initial_val_accuracy": initial_acc,
+        "initial_val_accuracy": history[0][2],
         "final_val_accuracy": history[-1][2],
-        "initial_val_loss": initial_loss,
+        "initial_val_loss": history[0][1],
         "final_val_loss": history[-1][1],
         "history": history,
         "train_examples": len(train),
@@ -256,9 +213,9 @@ def save_reward_model(
     tokenizer: Tokenizer,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a reward-model checkpoint atomically.
+    """Write a reward-model checkpoint atomically (the layout of :mod:`textgym.learned`).
 
-    :param tokenizer_spec: how :class:`LearnedReward` rebuilds the tokenizer:
+    :param tokenizer_spec: how :class:`~textgym.learned.LearnedReward` rebuilds the tokenizer:
         ``{"task": <task>, "tokenizer": <kind or None>}`` (the task's env tokenizer).
     """
     ckpt = {
@@ -272,44 +229,3 @@ def save_reward_model(
         "meta": dict(meta or {}),
     }
     return save_torch(path, ckpt)
-
-
-class LearnedReward(RewardModel):
-    """A checkpoint of :func:`save_reward_model` as a batched reward model.
-
-    :param path: the checkpoint.
-    :param device: where the network runs (``"cpu"``, ``"cuda"``, ``"auto"``).
-    :param batch_size: completions scored per forward pass.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], device: str = "cpu", batch_size: int = 256):
-        from textgym.tasks import make_env_config
-
-        path = Path(path)
-        ckpt = load_torch_checkpoint(path, REWARD_SCHEMA, "reward-model")
-        spec = ckpt["tokenizer_spec"]
-        kwargs = {"tokenizer": spec["tokenizer"]} if spec.get("tokenizer") else {}
-        self.tokenizer = make_env_config(spec["task"], **kwargs).tokenizer
-        check_vocabulary(ckpt["vocabulary"], self.tokenizer, str(path))
-        self.device = resolve_device(device)
-        self.net = RewardNet(ckpt["vocab_size"], ckpt["max_len"], PolicyConfig(**ckpt["policy_config"]))
-        self.net.load_state_dict(ckpt["state_dict"])
-        self.net.to(self.device).eval()
-        self.path, self.batch_size, self.meta = str(path), batch_size, ckpt["meta"]
-        self.name = f"learned({path.name})"
-
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            ids, mask = encode_pairs(
-                self.tokenizer,
-                prompts[start : start + self.batch_size],
-                completions[start : start + self.batch_size],
-                self.net.decoder.max_len,
-            )
-            out.append(self.net(ids.to(self.device), mask.to(self.device)).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
-
-    def __repr__(self) -> str:
-        return f"LearnedReward({self.path!r})"

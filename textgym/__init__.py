@@ -38,6 +38,8 @@ if ENV_ID not in gym.registry:
         id=ENV_ID,
         entry_point="textgym.env:TextGenEnv",
         vector_entry_point="textgym.vector:TextGenVectorEnv",
+        # The default task's; another task= has its own, get_task(name).reward_threshold.
+        reward_threshold=get_task("default").reward_threshold,
     )
 
 __all__ = [

@@ -18,6 +18,7 @@ its slot in an agent's KV cache.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -45,6 +46,57 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+#: The episode state (token ids and attention mask) may take at most this share of the total
+#: memory of its device. It is not the whole footprint: the environment also returns a copy of the
+#: state as each observation, the vector env's batched observation space holds two arrays of the
+#: same size, and the agent needs room of its own.
+MAX_STATE_FRACTION = 0.25
+#: The bound used where a device's memory cannot be read (1 TiB).
+FALLBACK_MEMORY_BYTES = 2**40
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (the machine's physical memory for the CPU), or None."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def state_nbytes(config: EnvConfig, num_envs: int) -> int:
+    """Bytes of the core's tensors for ``num_envs`` rows: token ids and mask, (N, L) int64 each;
+    the prompt tables, (num_prompts, L) int64 each; three (N,) int64 vectors."""
+    L = config.seq_len
+    return 8 * (2 * num_envs * L + 2 * len(config.prompts) * L + 3 * num_envs)
+
+
+def check_state_fits(config: EnvConfig, num_envs: int, device: torch.device) -> None:
+    """Refuse sizes whose state cannot fit, before torch's allocator is asked for it.
+
+    The bound is :data:`MAX_STATE_FRACTION` of the device's total memory (not of what is free at
+    the moment, which would make construction succeed or fail with the load of the machine).
+    """
+    need = state_nbytes(config, num_envs)
+    total = device_memory(device)
+    limit = int((FALLBACK_MEMORY_BYTES if total is None else total) * MAX_STATE_FRACTION)
+    if need <= limit:
+        return
+    of = "of an assumed" if total is None else "of the"
+    raise ValueError(
+        f"num_envs={num_envs} episodes of seq_len={config.seq_len} tokens (max_prompt_tokens="
+        f"{config.max_prompt_tokens} + max_new_tokens={config.max_new_tokens}) need {_gib(need)} for the "
+        f"episode state alone (token ids and attention mask: num_envs x seq_len x 2 x 8 bytes), over "
+        f"the limit of {_gib(limit)}: {MAX_STATE_FRACTION:.0%} {of} {_gib(total or FALLBACK_MEMORY_BYTES)} "
+        f"of memory on {device}; lower num_envs or max_new_tokens"
+    )
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB"
+
+
 class StepResult(NamedTuple):
     """What one step of the core produced, for all N rows."""
 
@@ -67,6 +119,7 @@ class TextGenCore:
     """
 
     def __init__(self, config: EnvConfig, num_envs: int, device: torch.device):
+        check_state_fits(config, num_envs, device)
         self.config = config
         self.num_envs = num_envs
         self.device = device
@@ -166,8 +219,27 @@ class TextGenCore:
             reward, terminated, truncated, finished, prompts, completions, scores, packed[:, M + 1]
         )
 
+    def texts(self, rows: torch.Tensor | None = None) -> tuple[list[str], list[str]]:
+        """(prompts, completions so far) of ``rows`` (k,) (all rows if None), ``<eos>`` excluded:
+        one device-to-host copy and one ``decode_batch`` call."""
+        P, M = self.prompt_window, self.max_new_tokens
+        sel = self._all_rows if rows is None else rows
+        packed = (
+            torch.cat(
+                [
+                    self.tokens[sel, P:],  # (k, M)
+                    self.gen_len[sel].unsqueeze(1),
+                    self.prompt_index[sel].unsqueeze(1),
+                ],
+                dim=1,
+            )
+            .cpu()
+            .numpy()
+        )  # (k, M + 2)
+        completions = self.config.tokenizer.decode_batch(packed[:, :M], packed[:, M])
+        return [self.config.prompts[i] for i in packed[:, M + 1].tolist()], completions
+
     def text(self, row: int) -> tuple[str, str]:
         """(prompt, completion so far) of one row, for rendering."""
-        n = int(self.gen_len[row])
-        gen = self.tokens[row, self.prompt_window : self.prompt_window + n].cpu().numpy()[None]  # (1, n)
-        return self.config.prompts[int(self.prompt_index[row])], self.config.tokenizer.decode_batch(gen)[0]
+        prompts, completions = self.texts(torch.tensor([row], device=self.device))
+        return prompts[0], completions[0]

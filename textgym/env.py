@@ -12,6 +12,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
+from textgym.checks import describe, is_bool, is_integer
 from textgym.core import TextGenCore
 from textgym.rewards import RewardFn, RewardModel
 from textgym.tasks import EnvConfig, make_env_config
@@ -27,6 +28,23 @@ def observation_space(config: EnvConfig) -> spaces.Dict:
             "attention_mask": spaces.Box(0, 1, shape=(L,), dtype=np.int64),
         }
     )
+
+
+def check_stable_info(stable_info: Any) -> bool:
+    if not is_bool(stable_info):
+        raise TypeError(f"stable_info must be True or False, got {describe(stable_info)}")
+    return bool(stable_info)
+
+
+def check_seed(seed: Any, where: str = "seed") -> int | None:
+    """``seed`` as a Python int (NumPy integers accepted, as Gymnasium's seeding is not) or None."""
+    if seed is None:
+        return None
+    if not is_integer(seed):
+        raise TypeError(f"{where} must be None or an integer >= 0 (Python or NumPy), got {describe(seed)}")
+    if seed < 0:
+        raise ValueError(f"{where} must be None or an integer >= 0, got {int(seed)}")
+    return int(seed)
 
 
 class RenderModeError(ValueError, TypeError):
@@ -89,6 +107,13 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     holds ``"prompt"``, ``"completion"`` and ``"reward_components"``:
     ``{"score": ..., "length_penalty": ...}``, each summed over the episode.
 
+    Other steps give an empty ``info`` and ``reset`` gives ``{"prompt": ...}``, as Gymnasium allows.
+    With ``stable_info=True`` every ``reset`` and ``step`` gives the same keys with the same types,
+    which libraries that preallocate their info buffers from the first step need (Tianshou,
+    TorchRL): ``"prompt"`` (str), ``"completion"`` (str, the text generated so far) and
+    ``"reward_components"`` (``{"score": float, "length_penalty": float}``, 0.0 before the last step
+    and the values above at it).
+
     ## Starting State
     A prompt drawn uniformly from the task's prompts with ``self.np_random``; no token generated.
     ``reset(options={"prompt_index": i})`` starts from prompt ``i`` instead.
@@ -127,6 +152,11 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
       ``<unk>``. The mask is advice for agents that read it (sb3-contrib's MaskablePPO, the
       custom PPO with ``mask_actions=True``); the env itself accepts any token id.
     - ``render_mode``: ``"ansi"`` returns the text so far, ``"human"`` prints it.
+    - ``stable_info``: the same ``info`` keys and types at every step (see Rewards); it decodes
+      the completion so far at every step.
+
+    Integer arguments take Python or NumPy integers and ``length_penalty`` any real number; they
+    are stored as plain ``int`` and ``float``.
 
     ## Version History
     - v0: initial version.
@@ -145,9 +175,11 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         length_penalty: float = 0.0,
         allowed_tokens: Sequence[str | int] | None = None,
         render_mode: str | None = None,
+        stable_info: bool = False,
     ):
         check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
+        self.stable_info = check_stable_info(stable_info)
         self.config = make_env_config(
             task,
             reward,
@@ -169,7 +201,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        super().reset(seed=seed)
+        super().reset(seed=check_seed(seed))
         index = (options or {}).get("prompt_index")
         if index is None:
             (index,) = self._core.sample_prompts([self.np_random])
@@ -185,7 +217,10 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         self._needs_reset, self._ended = False, ""
         if self.render_mode == "human":
             self.render()
-        return self._obs(), {"prompt": self.config.prompts[int(index)]}
+        prompt = self.config.prompts[int(index)]
+        if self.stable_info:
+            return self._obs(), _info(prompt, "", 0.0, 0.0)
+        return self._obs(), {"prompt": prompt}
 
     def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         if self._needs_reset:
@@ -203,16 +238,16 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         if terminated or truncated:
             self._ended = "terminated: <eos> emitted" if terminated else "truncated: max_new_tokens reached"
             n = int(result.lengths[0])
-            info = {
-                "prompt": result.prompts[0],
-                "completion": result.completions[0],
-                "reward_components": {
-                    "score": float(result.scores[0]),
-                    "length_penalty": 0.0 - self.config.length_penalty * n,
-                },
-            }
+            info = _info(
+                result.prompts[0],
+                result.completions[0],
+                float(result.scores[0]),
+                0.0 - self.config.length_penalty * n,
+            )
         else:
             self._needs_reset, self._ended = False, ""
+            if self.stable_info:
+                info = _info(*self._core.text(0), 0.0, 0.0)
         if self.render_mode == "human":
             self.render()
         return self._obs(), float(result.reward[0]), terminated, truncated, info
@@ -242,3 +277,12 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     def prompt_window(self) -> int:
         """``P``: generated token t is in observation column ``P + t``."""
         return self.config.max_prompt_tokens
+
+
+def _info(prompt: str, completion: str, score: float, length_penalty: float) -> dict[str, Any]:
+    """The info of an episode's last step; with ``stable_info``, of every step (zeros before the last)."""
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "reward_components": {"score": score, "length_penalty": length_penalty},
+    }

@@ -349,7 +349,7 @@ def train_bpe_tokenizer(
 
     It covers every byte, so any text encodes without ``unk``, and declares ``end_token`` as its
     bos, eos and pad token (GPT-2's layout). ``save_pretrained(path)`` writes it for
-    ``HFTokenizer(path)``; used by the tests and ``scripts/hf_demo.py``, offline.
+    ``HFTokenizer(path)``; used by the tests and the README, offline.
     """
     tokenizers = require("tokenizers")
     transformers = require("transformers")

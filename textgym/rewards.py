@@ -16,11 +16,12 @@ import numbers
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
 
-from textgym.checks import is_positive_int
+from textgym.checks import describe, is_positive_int
 from textgym.lexicon import sentiment_score
 
 RewardFn = Callable[[str, str], float]
@@ -49,7 +50,9 @@ class RewardModel(ABC):
         if len(prompts) != n:
             raise ValueError(f"got {len(prompts)} prompts for {n} completions")
         try:
-            raw = self.score(prompts, completions)
+            # Copies: a model that mutates what it is given (pop, clear, sort) must not alter the
+            # environment's record of the episodes it reports in ``info``.
+            raw = self.score(list(prompts), list(completions))
         except RewardModelError:
             raise
         except Exception as exc:
@@ -63,8 +66,15 @@ class RewardModel(ABC):
         n = len(completions)
         count: int
         if isinstance(raw, np.ndarray) and raw.dtype.kind in "iuf":
-            scores = raw.astype(np.float64, copy=False).reshape(-1) if raw.size == n else None
+            # A copy, so a model that reuses its output buffer cannot change scores already given.
+            scores = raw.astype(np.float64).reshape(-1) if raw.size == n else None
             count = raw.size
+        elif isinstance(raw, Mapping | AbstractSet | str | bytes | bytearray):
+            # Iterating these would give keys, an arbitrary order or characters, not scores.
+            raise RewardModelError(
+                f"reward model {self.name!r} returned {describe(raw)}; a batched reward model must return "
+                f"one number per completion, {n} in all, in their order: a list, a tuple or a numpy array"
+            )
         else:
             try:
                 values = list(raw)
@@ -200,10 +210,10 @@ class LengthReward(RewardModel):
 
     def __init__(self, target: int = 8, unit: str = "words"):
         if not is_positive_int(target):
-            raise ValueError(f"target must be a positive integer, got {target!r}")
+            raise ValueError(f"target must be a positive integer (Python or NumPy), got {describe(target)}")
         if unit not in ("words", "chars"):
             raise ValueError(f"unit must be 'words' or 'chars', got {unit!r}")
-        self.target, self.unit = target, unit
+        self.target, self.unit = int(target), unit  # a plain int, whatever integer type was given
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         size = (lambda c: len(c.split())) if self.unit == "words" else len
@@ -249,8 +259,8 @@ class ExactMatchReward(RewardModel):
 
 
 def _learned(path: str, device: str = "cpu", batch_size: int = 256) -> RewardModel:
-    """A reward-model checkpoint of ``scripts/train_reward.py`` (see :mod:`agents.reward_model`)."""
-    from agents.reward_model import LearnedReward
+    """A reward-model checkpoint of ``scripts/train_reward.py`` (see :mod:`textgym.learned`)."""
+    from textgym.learned import LearnedReward  # here, not at the top: textgym.learned imports this module
 
     return LearnedReward(path, device, batch_size)
 

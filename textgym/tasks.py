@@ -15,9 +15,8 @@ arguments (:func:`make_env_config`).
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from textgym import corpora
-from textgym.checks import is_positive_int, is_real
+from textgym.checks import as_int, describe, is_finite_real, is_positive_int, short_repr
 from textgym.rewards import (
     ExactMatchReward,
     KeywordReward,
@@ -116,31 +115,64 @@ def _tokenizer(kind: str, corpus: tuple[str, ...], prompts: tuple[str, ...]) -> 
     return make_tokenizer(kind, corpus + prompts)
 
 
+PROMPTS_ACCEPTED = "the path of a UTF-8 text file (one prompt a line) or a list or tuple of strings"
+
+
 def load_prompts(prompts: Sequence[str] | str | os.PathLike[str]) -> tuple[str, ...]:
-    """Prompts from a list of strings, or from a text file with one prompt per non-empty line."""
+    """Prompts from a sequence of strings, or from a UTF-8 text file with one prompt per non-empty line.
+
+    A list or tuple (any ``Sequence``, a 1-D array, or an iterator such as a generator) is taken
+    in order, as given. Mappings and sets are refused: a dict would give its keys and a set no
+    stable order, so the prompt a seed draws would change from run to run.
+    """
     if isinstance(prompts, str | os.PathLike):
-        path = Path(prompts)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"prompts: no file {str(path)!r}; pass a path to a text file (one prompt a line) "
-                "or a list of strings"
-            )
-        loaded = tuple(line.rstrip("\r\n") for line in path.read_text("utf-8-sig").splitlines())
-        loaded = tuple(p for p in loaded if p.strip())
-        where = f"file {str(path)!r}"
-    else:
-        try:
-            loaded = tuple(prompts)
-        except TypeError:
-            raise TypeError(
-                f"prompts must be a list of strings or a path to a text file, got {type(prompts).__name__}"
-            ) from None
-        for i, p in enumerate(loaded):
-            if not isinstance(p, str):
-                raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__}: {p!r}")
-        where = "list"
+        return _read_prompts_file(Path(prompts))
+    ordered = isinstance(prompts, Sequence | np.ndarray | Iterator) and not isinstance(
+        prompts, bytes | bytearray
+    )
+    if not ordered:
+        why = ""
+        if isinstance(prompts, Mapping):
+            why = " (a mapping: its keys would be taken as the prompts)"
+        elif isinstance(prompts, Set):
+            why = " (a set: it has no order, so the prompt a seed draws would change from run to run)"
+        raise TypeError(
+            f"prompts must be a list of strings or a path to a text file, got {type(prompts).__name__}: "
+            f"{short_repr(prompts)}{why}; accepted: {PROMPTS_ACCEPTED}"
+        )
+    loaded = tuple(prompts)
+    for i, p in enumerate(loaded):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] must be a string, got {type(p).__name__}: {p!r}")
     if not loaded:
-        raise ValueError(f"prompts: the {where} holds no prompts; at least one is needed")
+        raise ValueError("prompts: the list holds no prompts; at least one is needed")
+    return tuple(str(p) for p in loaded)  # plain str, not str subclasses such as numpy.str_
+
+
+def _read_prompts_file(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        why = " (it is a directory)" if path.is_dir() else ""
+        raise FileNotFoundError(
+            f"prompts: no file {str(path)!r}{why}; pass a path to a text file (one prompt a line) "
+            "or a list of strings"
+        )
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not a prompt
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"prompts: file {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); prompts must be {PROMPTS_ACCEPTED}"
+        ) from None
+    if b"\0" in data:
+        raise ValueError(
+            f"prompts: file {str(path)!r} is binary, not text (a NUL byte at offset {data.index(0)}); "
+            f"prompts must be {PROMPTS_ACCEPTED}"
+        )
+    loaded = tuple(line.rstrip("\r\n") for line in text.splitlines())
+    loaded = tuple(p for p in loaded if p.strip())
+    if not loaded:
+        raise ValueError(f"prompts: the file {str(path)!r} holds no prompts; at least one is needed")
     return loaded
 
 
@@ -171,6 +203,40 @@ class EnvConfig:
         return self.max_prompt_tokens + self.max_new_tokens
 
 
+TOKENIZER_FILE_ACCEPTED = "a Hugging Face tokenizer.json file or a directory written by save_pretrained"
+
+
+def _hf_tokenizer(path: Any, **kwargs: Any) -> Tokenizer:
+    """``HFTokenizer(path, **kwargs)``; a file that is not a ``tokenizer.json`` is refused by name.
+
+    The ``tokenizers`` library reports such a file only as "expected value at line 1 column 1",
+    without its name, so a file that does not open with a JSON object is refused before it is
+    parsed, and a parse failure is reported with the file's name.
+    """
+    from textgym.hf import HFTokenizer
+
+    if not isinstance(path, str | os.PathLike) or not os.path.isfile(path):
+        return HFTokenizer(path, **kwargs)
+    with open(path, "rb") as f:
+        head = f.read(1024).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"{"):
+        opening = f"it starts with {head[:24]!r}" if head else "it is empty"
+        raise ValueError(
+            f"tokenizer: file {str(path)!r} is not a tokenizer.json ({opening}, not a JSON object); "
+            f"a tokenizer path must be {TOKENIZER_FILE_ACCEPTED}"
+        )
+    try:
+        return HFTokenizer(path, **kwargs)
+    except Exception as exc:
+        if type(exc) is not Exception:  # ours (ValueError, TypeError, ImportError, ...) pass as raised
+            raise
+        # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(
+            f"tokenizer: file {str(path)!r} is not a valid tokenizer.json ({exc}); "
+            f"a tokenizer path must be {TOKENIZER_FILE_ACCEPTED}"
+        ) from None
+
+
 def _resolve_tokenizer(
     tokenizer: Tokenizer | str | os.PathLike[str] | Mapping[str, Any] | None,
     base: Task,
@@ -179,28 +245,24 @@ def _resolve_tokenizer(
     hf = "or a local Hugging Face tokenizer: its path, or {'name': 'hf', 'path': ..., 'eos_token': ...}"
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
-    if tokenizer is None or tokenizer in TOKENIZER_NAMES:
-        return _tokenizer(base.tokenizer_kind if tokenizer is None else tokenizer, base.corpus, prompts)
+    if tokenizer is None or (isinstance(tokenizer, str) and tokenizer in TOKENIZER_NAMES):
+        return _tokenizer(base.tokenizer_kind if tokenizer is None else str(tokenizer), base.corpus, prompts)
     if isinstance(tokenizer, Mapping):
         args = dict(tokenizer)
         if args.pop("name", None) != "hf" or "path" not in args:
             raise ValueError(f"tokenizer: a mapping must be {{'name': 'hf', 'path': ...}}, got {tokenizer!r}")
-        from textgym.hf import HFTokenizer
-
         try:
-            return HFTokenizer(args.pop("path"), **args)
+            return _hf_tokenizer(args.pop("path"), **args)
         except TypeError as exc:
             raise TypeError(f"tokenizer: {exc}") from None
     if isinstance(tokenizer, str | os.PathLike) and os.path.exists(tokenizer):
-        from textgym.hf import HFTokenizer
-
-        return HFTokenizer(tokenizer)
+        return _hf_tokenizer(tokenizer)
     if isinstance(tokenizer, str | os.PathLike):
         raise ValueError(
             f"unknown tokenizer {str(tokenizer)!r}; accepted: {', '.join(TOKENIZER_NAMES)} or a Tokenizer, {hf}"
         )
     raise TypeError(
-        f"tokenizer must be a Tokenizer, one of {', '.join(TOKENIZER_NAMES)}, {hf}; got {tokenizer!r}"
+        f"tokenizer must be a Tokenizer, one of {', '.join(TOKENIZER_NAMES)}, {hf}; got {describe(tokenizer)}"
     )
 
 
@@ -233,16 +295,27 @@ def make_env_config(
     if max_new_tokens is None:
         max_new_tokens = base.max_new_tokens
     if not is_positive_int(max_new_tokens):
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not is_real(length_penalty) or not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+        raise ValueError(
+            f"max_new_tokens must be a positive integer, got {describe(max_new_tokens)}; accepted: an "
+            "integer >= 1 (Python or NumPy), or None for the task's default"
+        )
+    if not is_finite_real(length_penalty):
+        raise ValueError(
+            f"length_penalty must be a finite number, got {describe(length_penalty)}; accepted: any "
+            "finite real number (Python or NumPy), e.g. 0.01"
+        )
 
     prompt_ids = tuple((BOS_ID, *tok.encode(p)) for p in prompt_list)
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     if max_prompt_tokens is None:
         max_prompt_tokens = len(prompt_ids[longest])
     if not is_positive_int(max_prompt_tokens):
-        raise ValueError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
+        raise ValueError(
+            f"max_prompt_tokens must be a positive integer, got {describe(max_prompt_tokens)}; accepted: "
+            "an integer >= 1 (Python or NumPy), or None to fit the longest prompt"
+        )
+    # Stored as plain Python numbers: NumPy scalars would leak into JSON configs and repr.
+    max_new_tokens, max_prompt_tokens = as_int(max_new_tokens), as_int(max_prompt_tokens)
     if len(prompt_ids[longest]) > max_prompt_tokens:
         over = sum(len(ids) > max_prompt_tokens for ids in prompt_ids)
         raise ValueError(

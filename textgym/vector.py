@@ -17,6 +17,16 @@ Autoreset (Gymnasium 1.x, ``metadata["autoreset_mode"]``):
   action is used; an agent bootstraps truncated episodes from ``final_obs``. Unlike
   ``SyncVectorEnv``'s object array of per-env dicts, ``final_obs`` is one dict of (N, L) arrays
   (zero rows for sub-envs that did not finish), so it stays a tensor on the device.
+
+Infos follow Gymnasium's vector layout: each key holds an array over sub-envs and ``"_key"`` a
+bool mask of the sub-envs it is given for, and a key appears only in the steps that have it.
+With ``stable_info=True`` every ``reset`` and ``step`` returns the same keys, the same types and
+all-True masks, for libraries that preallocate buffers from the first step (TorchRL, Tianshou):
+``"prompt"`` and ``"completion"`` (object arrays of str: each sub-env's current episode and its
+text so far) and ``"reward_components"`` (``"score"`` and ``"length_penalty"``, float64 arrays,
+0.0 except where an episode ended in this step). Under ``"same_step"`` they describe the episodes
+now running, and ``"final_obs"``/``"final_info"`` (same layout, ``""`` and 0.0 where no episode
+ended, masked by ``"_final_obs"``/``"_final_info"``) are present at every step.
 """
 
 from __future__ import annotations
@@ -34,8 +44,9 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from textgym.checks import describe, is_bool, is_integer, is_positive_int
 from textgym.core import TextGenCore, resolve_device
-from textgym.env import check_render_mode, observation_space
+from textgym.env import check_render_mode, check_seed, check_stable_info, observation_space
 from textgym.rewards import RewardFn, RewardModel
 from textgym.tasks import make_env_config
 from textgym.tokenizers import Tokenizer
@@ -53,6 +64,11 @@ class TextGenVectorEnv(VectorEnv):
     :param autoreset_mode: ``"next_step"`` (default) or ``"same_step"`` (see the module docstring).
     :param array_type: ``"numpy"`` (the Gymnasium contract) or ``"torch"``: observations, rewards
         and flags as tensors on ``device``, so an agent on the GPU pays no copy.
+    :param stable_info: the same info keys and types at every step (see the module docstring);
+        it decodes every sub-env's completion so far at every step.
+
+    ``num_envs`` and ``max_new_tokens`` whose episode state cannot fit in a quarter of the
+    device's memory are refused at construction (:func:`textgym.core.check_state_fits`).
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -72,9 +88,10 @@ class TextGenVectorEnv(VectorEnv):
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         array_type: str = "numpy",
         render_mode: str | None = None,
+        stable_info: bool = False,
     ):
-        if isinstance(num_envs, bool) or not isinstance(num_envs, int | np.integer) or num_envs < 1:
-            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        if not is_positive_int(num_envs):
+            raise ValueError(f"num_envs must be an integer >= 1 (Python or NumPy), got {describe(num_envs)}")
         modes = {"next_step": AutoresetMode.NEXT_STEP, "same_step": AutoresetMode.SAME_STEP}
         modes.update({m.value: m for m in modes.values()})  # Gymnasium's spellings, "NextStep", ...
         mode = autoreset_mode.value if isinstance(autoreset_mode, AutoresetMode) else autoreset_mode
@@ -91,6 +108,7 @@ class TextGenVectorEnv(VectorEnv):
         self.metadata = {**type(self).metadata, "autoreset_mode": self.autoreset_mode}
         self.array_type = array_type
         self.render_mode = render_mode
+        self.stable_info = check_stable_info(stable_info)
 
         self.config = make_env_config(
             task,
@@ -126,15 +144,17 @@ class TextGenVectorEnv(VectorEnv):
         N = self.num_envs
         if seed is None:
             seeds: list[int | None] = [None] * N
-        elif isinstance(seed, int | np.integer) and not isinstance(seed, bool):
-            seeds = [int(seed) + i for i in range(N)]
-            self._np_random, self._np_random_seed = seeding.np_random(int(seed))
-        elif isinstance(seed, Sequence) and not isinstance(seed, str):
-            seeds = list(seed)
+        elif is_integer(seed):
+            first = check_seed(seed)
+            assert first is not None
+            seeds = [first + i for i in range(N)]
+            self._np_random, self._np_random_seed = seeding.np_random(first)
+        elif isinstance(seed, Sequence | np.ndarray) and not isinstance(seed, str | bytes):
+            seeds = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
             if len(seeds) != N:
                 raise ValueError(f"seed: a list of seeds must have num_envs={N} entries, got {len(seeds)}")
         else:
-            raise TypeError(f"seed must be None, an int or a list of {N} ints/None, got {seed!r}")
+            raise TypeError(f"seed must be None, an int or a list of {N} ints/None, got {describe(seed)}")
         unknown = sorted(set(options or {}) - {"reset_mask"})
         if unknown:
             raise ValueError(f"unsupported reset options {unknown}; the vector env accepts only 'reset_mask'")
@@ -155,8 +175,9 @@ class TextGenVectorEnv(VectorEnv):
         prompt_index = self._reset_rows(rows)
         self._autoreset[torch.from_numpy(mask).to(self.device)] = False
         self._needs_reset[mask] = False
-        infos = self._prompt_infos(rows, prompt_index)
-        return self._obs(), infos
+        if self.stable_info:
+            return self._obs(), self._stable_infos()
+        return self._obs(), self._prompt_infos(rows, prompt_index)
 
     def _reset_rows(self, rows: np.ndarray) -> list[int]:
         assert self._rngs is not None
@@ -182,7 +203,9 @@ class TextGenVectorEnv(VectorEnv):
         active = None
         if self.autoreset_mode is AutoresetMode.NEXT_STEP and bool(self._autoreset.any()):
             rows = self._autoreset.nonzero().squeeze(1).cpu().numpy()
-            infos = self._prompt_infos(rows, self._reset_rows(rows))
+            prompt_index = self._reset_rows(rows)
+            if not self.stable_info:
+                infos = self._prompt_infos(rows, prompt_index)
             active = ~self._autoreset
 
         try:
@@ -195,13 +218,20 @@ class TextGenVectorEnv(VectorEnv):
 
         if self.autoreset_mode is AutoresetMode.NEXT_STEP:
             self._autoreset = done
-            _add(infos, self._final_infos(finished, result), finished, N)
-        elif finished.size:
+            if self.stable_info:  # the rows that ended still hold their episode: its final values
+                infos = self._stable_infos(*self._components(finished, result))
+            else:
+                _add(infos, self._final_infos(finished, result), finished, N)
+        elif finished.size or self.stable_info:
             final_obs = self._obs(rows=result.finished)
             infos["final_obs"] = final_obs
             infos["final_info"] = self._final_infos(finished, result)
             infos["_final_obs"] = infos["_final_info"] = _mask(finished, N)
-            _add(infos, self._prompt_infos(finished, self._reset_rows(finished)), finished, N)
+            prompt_index = self._reset_rows(finished) if finished.size else []
+            if self.stable_info:  # the rows that ended hold new episodes now
+                infos.update(self._stable_infos())
+            else:
+                _add(infos, self._prompt_infos(finished, prompt_index), finished, N)
 
         rewards, terminated, truncated = result.reward, result.terminated, result.truncated
         if self.array_type == "numpy":
@@ -216,27 +246,37 @@ class TextGenVectorEnv(VectorEnv):
 
     def _check_actions(self, actions: Any) -> torch.Tensor:
         N, V = self.num_envs, self.tokenizer.vocab_size
+        accepted = (
+            f"accepted: {N} integer token ids in [0, {V}), one per sub-env, as a numpy array, tensor or list"
+        )
         if isinstance(actions, torch.Tensor):
             if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
-                raise TypeError(f"actions must be integer token ids, got a tensor of dtype {actions.dtype}")
+                raise TypeError(
+                    f"actions must be integer token ids, got a tensor of dtype {actions.dtype}; {accepted}"
+                )
             values: torch.Tensor | np.ndarray = actions
         else:
+            if isinstance(actions, list | tuple):
+                # numpy turns [True, 5] into [1, 5]; the single env refuses a bool, so does this one.
+                bad = next((i for i, a in enumerate(actions) if _is_boolean(a)), None)
+                if bad is not None:
+                    raise TypeError(
+                        f"actions[{bad}] (sub-env {bad}) is {describe(actions[bad])}, a boolean, not a token "
+                        f"id; {accepted}"
+                    )
             values = np.asarray(actions)
             if values.dtype == object:  # e.g. a list mixing ints and other things
                 flat = values.reshape(-1)
-                bad = next(
-                    (
-                        i
-                        for i, a in enumerate(flat)
-                        if isinstance(a, bool | np.bool_) or not isinstance(a, int | np.integer)
-                    ),
-                    None,
-                )
+                bad = next((i for i, a in enumerate(flat) if not is_integer(a)), None)
                 if bad is not None:
-                    raise TypeError(f"actions must be integer token ids (sub-env {bad}: {flat[bad]!r})")
+                    raise TypeError(
+                        f"actions must be integer token ids (sub-env {bad}: {flat[bad]!r}); {accepted}"
+                    )
                 values = values.astype(np.int64)
             elif values.dtype.kind not in "iu":
-                raise TypeError(f"actions must be integer token ids, got an array of dtype {values.dtype}")
+                raise TypeError(
+                    f"actions must be integer token ids, got an array of dtype {values.dtype}; {accepted}"
+                )
         if tuple(values.shape) != (N,):
             raise ValueError(
                 f"actions must have shape ({N},), one token id per sub-env, got {tuple(values.shape)}"
@@ -270,30 +310,41 @@ class TextGenVectorEnv(VectorEnv):
             infos["prompt"], infos["_prompt"] = prompts, _mask(rows, self.num_envs)
         return infos
 
-    def _final_infos(self, rows: np.ndarray, result: Any) -> dict[str, Any]:
-        """The info a single env gives at an episode's end, as masked arrays over sub-envs."""
-        N = self.num_envs
-        if not rows.size:
-            return {}
-        prompts, completions = np.empty(N, dtype=object), np.empty(N, dtype=object)
-        prompts[rows], completions[rows] = result.prompts, result.completions
-        score, penalty = np.zeros(N), np.zeros(N)
+    def _components(self, rows: np.ndarray, result: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) score and (N,) summed length penalty: the episodes' that ended in ``rows``, else 0."""
+        score, penalty = np.zeros(self.num_envs), np.zeros(self.num_envs)
         score[rows] = result.scores
         penalty[rows] = 0.0 - self.config.length_penalty * result.lengths
-        m = _mask(rows, N)
-        return {
-            "prompt": prompts,
-            "_prompt": m,
-            "completion": completions,
-            "_completion": m,
-            "reward_components": {
-                "score": score,
-                "_score": m,
-                "length_penalty": penalty,
-                "_length_penalty": m,
-            },
-            "_reward_components": m,
-        }
+        return score, penalty
+
+    def _final_infos(self, rows: np.ndarray, result: Any) -> dict[str, Any]:
+        """The info a single env gives at an episode's end, as masked arrays over sub-envs.
+
+        With ``stable_info`` the keys are there even if no episode ended, with ``""`` and 0.0
+        (masked out) for sub-envs whose episode did not end."""
+        N = self.num_envs
+        if not rows.size and not self.stable_info:
+            return {}
+        fill = "" if self.stable_info else None
+        prompts, completions = np.full(N, fill, dtype=object), np.full(N, fill, dtype=object)
+        prompts[rows], completions[rows] = result.prompts, result.completions
+        return _info_arrays(prompts, completions, *self._components(rows, result), _mask(rows, N))
+
+    def _stable_infos(
+        self, score: np.ndarray | None = None, penalty: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """Every sub-env's current episode: prompt, text so far and ``score``/``penalty`` (0 if None)."""
+        N = self.num_envs
+        prompts, completions = np.empty(N, dtype=object), np.empty(N, dtype=object)
+        prompts[:], completions[:] = self._core.texts()
+        zeros = np.zeros(N)
+        return _info_arrays(
+            prompts,
+            completions,
+            zeros if score is None else score,
+            zeros.copy() if penalty is None else penalty,
+            np.ones(N, dtype=bool),
+        )
 
     def action_masks(self) -> Any:
         """(num_envs, vocab_size) bool: the tokens each sub-env's agent may emit, as numpy or
@@ -318,6 +369,31 @@ class TextGenVectorEnv(VectorEnv):
     def prompt_window(self) -> int:
         """``P``: generated token t is in observation column ``P + t``."""
         return self.config.max_prompt_tokens
+
+
+def _info_arrays(
+    prompts: np.ndarray, completions: np.ndarray, score: np.ndarray, penalty: np.ndarray, m: np.ndarray
+) -> dict[str, Any]:
+    """The single env's end-of-episode info as Gymnasium vector arrays, each masked by ``m``."""
+    return {
+        "prompt": prompts,
+        "_prompt": m,
+        "completion": completions,
+        "_completion": m,
+        "reward_components": {
+            "score": score,
+            "_score": m,
+            "length_penalty": penalty,
+            "_length_penalty": m,
+        },
+        "_reward_components": m,
+    }
+
+
+def _is_boolean(value: Any) -> bool:
+    """A bool, a numpy bool or a 0-d bool array or tensor."""
+    dtype = getattr(value, "dtype", None)
+    return is_bool(value) or dtype == np.bool_ or dtype == torch.bool
 
 
 def _mask(rows: np.ndarray, n: int) -> np.ndarray:

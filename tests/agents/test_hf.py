@@ -4,7 +4,9 @@ against the transformers models' own forward passes."""
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from agents.hf import HFKVCache, HFPolicy, RecomputeCache
+from agents.hf import HFKVCache, HFPolicy, RecomputeCache, cache_argument
 from agents.policy import last_real_column
 from agents.ppo import PPO, PPOConfig
 from textgym.hf import HFTokenizer, train_bpe_tokenizer
@@ -271,6 +273,46 @@ def test_kv_cache_rebuild_after_new_weights(model_dirs, arch):
         ref_logits, ref_values = reference.step(obs["input_ids"], obs["attention_mask"], P)
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(values, ref_values, atol=1e-4, rtol=1e-4)
+
+
+def test_acting_and_training_use_no_deprecated_transformers_api(model_dirs, arch, monkeypatch):
+    """transformers announces a renamed argument (``past_key_values`` -> ``cache``) with a
+    FutureWarning on every call, and deprecated attributes with ``logger.warning_once``; a policy
+    step (prefill, decode, rebuild) and a training forward must meet neither."""
+    logged: list[str] = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: logged.append(str(msg)))
+    env = vector_env(model_dirs[arch], 4)
+    P = env.prompt_window
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        policy = load_policy(model_dirs[arch], env)
+        cache = policy.make_cache(4, "cpu")
+        obs, _ = env.reset(seed=0)
+        for _ in range(3):  # the first step fills every row, later ones decode
+            cache.step(obs["input_ids"], obs["attention_mask"], P)
+            obs = env.step(random_actions(gen, env))[0]
+        cache.rebuild(obs["input_ids"], obs["attention_mask"])
+        logits, values = policy.train()(obs["input_ids"], obs["attention_mask"])
+        (logits.logsumexp(-1).mean() + values.mean()).backward()
+    assert not [m for m in logged if "deprecat" in m.lower()], logged
+
+
+class _TrunkBefore(torch.nn.Module):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        raise AssertionError("not called")
+
+
+class _TrunkAfter(torch.nn.Module):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
+        raise AssertionError("not called")
+
+
+def test_cache_argument_follows_the_trunks_signature():
+    """``cache`` where the model takes it, ``past_key_values`` on transformers releases before the rename."""
+    assert cache_argument(_TrunkBefore()) == "past_key_values"
+    assert cache_argument(_TrunkAfter()) == "cache"
 
 
 # ---------------------------------------------------------------------------- errors of HFPolicy

@@ -17,6 +17,7 @@ from agents.lm import (
     check_vocabulary,
     encode_texts,
     evaluate_lm,
+    fit,
     lm_loss,
     load_lm,
     pretrain,
@@ -112,6 +113,52 @@ def test_pretraining_logs_to_tensorboard_and_is_deterministic(tmp_path):
     logged = [(e.step, e.value) for e in acc.Scalars("pretrain/val_loss")]
     assert [s for s, _ in logged] == [0, 5, 10]
     assert [v for _, v in logged] == pytest.approx([v for _, v in report_a["val_history"]], rel=1e-6)
+
+
+def test_fit_evaluates_at_the_documented_steps_and_follows_the_schedule():
+    """The loop pretraining and reward-model training share: evaluations at 0, every k steps and
+    the last; ``lr_at(step)`` set before each step; seeded minibatches; the model left in eval mode."""
+    x, y = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)), torch.arange(20.0)
+
+    def run(seed: int) -> tuple[list, list, list, torch.nn.Module]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=123.0)
+        lrs, batches = [], []
+
+        def loss(rows: torch.Tensor) -> torch.Tensor:
+            assert model.training
+            lrs.append(optimizer.param_groups[0]["lr"])
+            batches.append(rows.tolist())
+            return ((model(x[rows]).squeeze(-1) - y[rows]) ** 2).mean()
+
+        @torch.no_grad()
+        def evaluate(step: int) -> dict[str, float]:
+            return {"val_loss": float(((model(x).squeeze(-1) - y) ** 2).mean()), "step": float(step)}
+
+        history = fit(
+            model,
+            optimizer,
+            loss,
+            evaluate,
+            n_train=20,
+            steps=7,
+            batch_size=4,
+            eval_interval=3,
+            max_grad_norm=1.0,
+            lr_at=lambda step: 0.01 / (step + 1),
+            seed=seed,
+            prefix="test",
+        )
+        return history, lrs, batches, model
+
+    history, lrs, batches, model = run(seed=1)
+    assert [step for step, _ in history] == [0, 3, 6, 7]
+    assert [metrics["step"] for _, metrics in history] == [0.0, 3.0, 6.0, 7.0]
+    assert lrs == [0.01 / (step + 1) for step in range(7)]
+    assert len(batches) == 7 and all(len(b) == 4 and min(b) >= 0 and max(b) < 20 for b in batches)
+    assert not model.training
+    assert run(seed=1)[2] == batches and run(seed=2)[2] != batches
 
 
 def test_pretrain_refuses_too_few_texts():
@@ -224,6 +271,15 @@ def test_load_lm_refuses_another_vocabulary(lm_path):
     with pytest.raises(ValueError, match=r"131 tokens in the checkpoint, 16 in the environment"):
         load_lm(lm_path, make_env_config("arithmetic").tokenizer)
     check_vocabulary(list(ENV.tokenizer.vocabulary), ENV.tokenizer, "here")  # the same: no error
+
+
+def test_the_vocabulary_check_is_the_environments():
+    """One vocabulary check for language-model and reward-model checkpoints, in textgym.learned."""
+    import agents.lm
+    import textgym.learned
+
+    assert agents.lm.check_vocabulary is textgym.learned.check_vocabulary
+    assert agents.lm.vocabulary is textgym.learned.vocabulary
 
 
 def test_load_lm_refuses_other_files(tmp_path):

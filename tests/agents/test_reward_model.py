@@ -1,5 +1,5 @@
-"""Learned reward models: training from labels and preference pairs, checkpoints, the env's use of
-them, and the generated training data."""
+"""Learned reward models: training from labels and preference pairs (agents.reward_model),
+checkpoints and the env's use of them (textgym.learned), and the generated training data."""
 
 from __future__ import annotations
 
@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import textgym  # noqa: F401  (registers TextGen-v0)
+import agents.reward_model
+import textgym.learned  # and textgym, which registers TextGen-v0
 from agents.lm import save_lm
 from agents.policy import PolicyConfig, TransformerPolicy
 from agents.ppo import PPO, PPOConfig
-from agents.reward_model import (
-    REWARD_SCHEMA,
-    LearnedReward,
-    RewardNet,
-    RewardTrainConfig,
-    check_examples,
-    encode_pairs,
-    save_reward_model,
-    train_reward_model,
-)
+from agents.reward_model import RewardTrainConfig, check_examples, save_reward_model, train_reward_model
+from textgym.learned import REWARD_SCHEMA, LearnedReward, RewardNet, encode_pairs, read_reward_checkpoint
 from textgym.preferences import KINDS, reward_data
 from textgym.rewards import arithmetic_answer, as_reward_model
 from textgym.tasks import make_env_config
@@ -332,6 +325,67 @@ def test_bad_reward_checkpoints_are_refused(tmp_path):
     save_reward_model(tmp_path / "mixed.pt", net, SPEC, arithmetic)
     with pytest.raises(ValueError, match="vocabulary differs"):
         LearnedReward(tmp_path / "mixed.pt")
+
+
+def test_the_agents_re_export_what_moved_to_textgym():
+    """Training stays in agents.reward_model; what loading needs moved to textgym.learned."""
+    for name in ("LearnedReward", "RewardNet", "encode_pairs", "REWARD_SCHEMA"):
+        assert getattr(agents.reward_model, name) is getattr(textgym.learned, name), name
+
+
+def test_checkpoints_keep_their_layout(tmp_path):
+    """The keys and state_dict names that checkpoints written before the move hold, so they still load."""
+    cfg = PolicyConfig(d_model=16, n_layers=1, n_heads=2)
+    net = RewardNet(ENV.tokenizer.vocab_size, 16, cfg)
+    block = [f"{m}.{p}" for m in ("ln1", "qkv", "proj", "ln2", "mlp.0", "mlp.2") for p in ("weight", "bias")]
+    assert sorted(net.state_dict()) == sorted(
+        [
+            "decoder.tok_emb.weight",
+            "decoder.pos_emb.weight",
+            *(f"decoder.blocks.0.{name}" for name in block),
+            "decoder.ln_f.weight",
+            "decoder.ln_f.bias",
+            "head.weight",
+            "head.bias",
+        ]
+    )
+    path = save_reward_model(tmp_path / "reward.pt", net, SPEC, ENV.tokenizer, {"note": 1})
+    ckpt = read_reward_checkpoint(path)
+    assert set(ckpt) == {
+        "schema",
+        "policy_config",
+        "vocab_size",
+        "max_len",
+        "tokenizer_spec",
+        "vocabulary",
+        "state_dict",
+        "meta",
+    }
+    assert ckpt["policy_config"] == {
+        "d_model": 16,
+        "n_layers": 1,
+        "n_heads": 2,
+        "mlp_ratio": 4,
+        "positional": "learned",
+    }
+    assert ckpt["schema"] == "textgym-reward/1" and ckpt["meta"] == {"note": 1}
+    assert ckpt["vocabulary"] == list(ENV.tokenizer.vocabulary)
+
+
+def test_training_logs_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = RewardTrainConfig(steps=20, batch_size=16, max_len=24, val_fraction=0.2, eval_interval=10)
+    _, report = train_reward_model(
+        separable_pairs(60), ENV.tokenizer, config, TINY, "cpu", seed=0, tensorboard_log=tmp_path
+    )
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    names = ("train_loss", "learning_rate", "val_loss", "val_accuracy")
+    assert {f"reward_model/{name}" for name in names} <= set(acc.Tags()["scalars"])
+    logged = [(e.step, e.value) for e in acc.Scalars("reward_model/val_accuracy")]
+    assert logged == [(s, pytest.approx(a)) for s, _, a in report["history"]]
+    assert [s for s, _ in logged] == [0, 10, 20]
 
 
 def test_save_reward_model_is_atomic(tmp_path, monkeypatch):

@@ -507,8 +507,11 @@ def test_wrong_number_of_scores_is_refused(returned):
 
 
 def test_batched_string_is_refused():
+    # Refused as a whole, by type: its characters are not scores.
     rm = FunctionReward(lambda p, c: "ab", batched=True, name="stringy")
-    with pytest.raises(RewardModelError, match=r"reward model 'stringy' returned 'a' \(str\)"):
+    with pytest.raises(
+        RewardModelError, match=r"reward model 'stringy' returned 'ab' \(str\); .*2 in all.*a list"
+    ):
         rm(["a", "b"], ["x", "y"])
 
 

@@ -178,6 +178,24 @@ def test_seed_then_reset_is_reproducible():
     assert not np.array_equal(venv.reset()["input_ids"], first["input_ids"])
 
 
+def test_numpy_integer_seed_is_the_same_as_the_int():
+    # SB3's VecEnv.seed(np.int64(...)) hands numpy seeds to reset(), which Gymnasium's seeding refuses.
+    venv = make_sb3_vec_env(num_envs=3, monitor=False)
+    venv.seed(np.int64(7))
+    by_numpy = venv.reset()["input_ids"]
+    venv.seed(7)
+    np.testing.assert_array_equal(venv.reset()["input_ids"], by_numpy)
+
+
+def test_stable_info_passes_through_to_the_vector_env():
+    venv = make_sb3_vec_env(num_envs=2, monitor=False, task="arithmetic", stable_info=True)
+    venv.reset()
+    _, _, dones, infos = venv.step(np.array([EOS, 5]))
+    assert dones.tolist() == [True, False]
+    assert infos[0]["completion"] == "" and "terminal_observation" in infos[0]
+    assert venv.reset_infos[0]["prompt"] == venv.venv.config.prompts[venv.venv._core.prompt_index[0]]
+
+
 def test_reset_options_are_refused():
     venv = make_sb3_vec_env(num_envs=2, monitor=False)
     venv.set_options({"reset_mask": np.array([True, False])})

@@ -1,0 +1,175 @@
+"""The decoder-only Transformer trunk that the agents' policy and the learned reward models share.
+
+:class:`TransformerDecoder` (token and position embeddings, pre-LayerNorm causal blocks) reads
+TextGen-v0 observations directly: ``input_ids`` and ``attention_mask`` of shape ``(B, L)``, left
+or right padded. Positions count real tokens only (``cumsum(mask) - 1``), so a prompt means the
+same thing whatever its padding, and attention never looks at padding.
+
+It lives in the environment package because the environment loads learned reward models
+(:mod:`textgym.learned`) built on it; :mod:`agents.policy` puts the policy and value heads and
+the key/value cache on the same trunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textgym.checks import is_positive_int
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Size and shape of the Transformer: the agents' policy and the learned reward models.
+
+    A reward-model or language-model checkpoint stores it as ``"policy_config"`` (its fields).
+    """
+
+    d_model: int = 64
+    """Width of the residual stream."""
+    n_layers: int = 2
+    """Number of Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads per block; must divide ``d_model``."""
+    mlp_ratio: int = 4
+    """Hidden width of each MLP as a multiple of ``d_model``."""
+    positional: str = "learned"
+    """``"learned"`` position embeddings or fixed ``"sinusoidal"`` encodings."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
+            value = getattr(self, name)
+            if not is_positive_int(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.positional not in ("learned", "sinusoidal"):
+            raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {self.positional!r}")
+
+
+def sinusoidal_encoding(length: int, dim: int) -> torch.Tensor:
+    """Fixed sine/cosine position encodings (Vaswani et al. 2017, section 3.5): (length, dim)."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (length, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10_000.0) / dim))
+    enc = torch.zeros(length, dim)
+    enc[:, 0::2] = torch.sin(position * freq)
+    enc[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    return enc
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: causal self-attention, then a GELU MLP, each around a residual."""
+
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``x`` (B, T, C); ``attn_mask`` (B, 1, T, S) bool, True where attention is allowed.
+
+        With ``cache = (k_cache, v_cache, rows, cols)`` the new keys/values of ``x`` are written
+        into ``k_cache[rows, :, cols]`` and attention runs over all S cached slots of those rows.
+        """
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k_cache, v_cache, rows, cols = cache  # caches (N, nh, S, hs); rows (B,), cols (B, T)
+            k_cache[rows.unsqueeze(1), :, cols] = k.transpose(1, 2)  # (B, T, nh, hs) into slots
+            v_cache[rows.unsqueeze(1), :, cols] = v.transpose(1, 2)
+            k, v = k_cache[rows], v_cache[rows]  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        x = x + self.proj(y)
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerDecoder(nn.Module):
+    """Token embedding + positions and pre-LN causal blocks: the trunk every model here shares.
+
+    The agents' policy (``agents.policy.TransformerPolicy``), their Stable-Baselines3 features
+    extractor and the learned reward models (:class:`textgym.learned.RewardNet`) put their heads
+    on this trunk, so one architecture and one initialisation serve all of them.
+
+    :param vocab_size: number of token ids (the env's ``Discrete`` action space).
+    :param max_len: longest sequence (observation length ``P + M``).
+    :param cfg: the architecture.
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, cfg: PolicyConfig = PolicyConfig()):
+        super().__init__()
+        self.cfg, self.vocab_size, self.max_len = cfg, vocab_size, max_len
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        if cfg.positional == "learned":
+            self.pos_emb = nn.Embedding(max_len, cfg.d_model)
+        else:
+            self.register_buffer("pos_table", sinusoidal_encoding(max_len, cfg.d_model), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights for every Linear and Embedding, zero biases, unit LayerNorms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        pos = self.pos_emb(positions) if self.cfg.positional == "learned" else self.pos_table[positions]
+        return self.tok_emb(ids) + pos  # (B, T, C)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final (layer-normed) hidden states (B, T, C) of a full causal pass."""
+        mask = attention_mask.bool()  # (B, T)
+        positions = real_positions(attention_mask)  # (B, T)
+        T = input_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        allowed = causal & mask[:, None, :]  # (B, T, T): causal, and never attend to padding
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # pads see themselves
+        x = self._embed(input_ids, positions)
+        for block in self.blocks:
+            x = block(x, allowed.unsqueeze(1))
+        return self.ln_f(x)
+
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden state (B, C) of each row's last real token."""
+        hidden = self.hidden(input_ids, attention_mask)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_real_column(attention_mask)]
+
+
+def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each column: the number of real tokens before it (``cumsum(mask) - 1``)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def last_real_column(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) column of the last real token of each row of a TextGen observation mask (B, L)."""
+    L = attention_mask.shape[1]
+    cols = torch.arange(L, device=attention_mask.device)
+    return torch.where(attention_mask.bool(), cols, -1).max(dim=1).values

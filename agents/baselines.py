@@ -16,7 +16,12 @@ token ids read as numbers).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+import inspect
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -27,6 +32,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from agents.extractor import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
+from textgym.checks import is_positive_int, is_real
 from textgym.sb3 import make_sb3_vec_env
 from textgym.vector import TextGenVectorEnv
 
@@ -87,6 +93,82 @@ class _Linear:
 
     def __repr__(self) -> str:
         return f"lin_{self.start}"
+
+
+# The arguments make_sb3_model sets itself, from the script's own options.
+_SET_BY_CALLER = {"seed": "--seed", "device": "--device", "tensorboard_log": "--logdir", "verbose": None}
+_NOT_FROM_JSON = {"_init_setup_model", "rollout_buffer_class"}
+
+
+def hyperparams_error(agent: str, hyperparams: Mapping[str, Any] | None, num_envs: int = 64) -> str | None:
+    """Why ``hyperparams`` (overrides of :data:`DEFAULT_HYPERPARAMS`) cannot build ``agent`` with
+    ``num_envs`` envs, or None: an argument the SB3 class does not take, one the caller sets
+    (seed, device, ...), or a value SB3 would reject with an ``AssertionError`` or only fail on
+    later in training (a non-positive ``n_steps``, ``batch_size`` below 2, ``gamma`` outside
+    [0, 1], ...). What this cannot see (``policy_kwargs`` contents) :func:`make_sb3_model` reports
+    as a ValueError."""
+    if agent not in SB3_AGENTS:
+        return f"unknown SB3 agent {agent!r}; accepted: {', '.join(SB3_AGENTS)}"
+    if not isinstance(hyperparams, Mapping):
+        return f"{agent}: hyperparameters must be a JSON object, got {hyperparams!r}"
+    accepted = set(inspect.signature(SB3_AGENTS[agent].__init__).parameters) - {"self", "policy", "env"}
+    accepted -= _NOT_FROM_JSON
+    if unknown := sorted(set(hyperparams) - accepted):
+        return (
+            f"{agent}: bad hyperparameters {dict(hyperparams)}: {SB3_AGENTS[agent].__name__} has no "
+            f"argument(s) {unknown}; accepted: {sorted(accepted - set(_SET_BY_CALLER))}"
+        )
+    if own := sorted(set(hyperparams) & set(_SET_BY_CALLER)):
+        options = ", ".join(f"{k} ({_SET_BY_CALLER[k] or 'fixed'})" for k in own)
+        return f"{agent}: bad hyperparameters: set by the script's own options, not here: {options}"
+    params = {**DEFAULT_HYPERPARAMS[agent], **dict(hyperparams)}
+    problems = []
+
+    def check(name: str, ok: Callable[[Any], bool], accepted: str) -> None:
+        if name in params and not ok(params[name]):
+            problems.append(f"{name} must be {accepted}, got {params[name]!r}")
+
+    def number_in(low: float, high: float, low_open: bool = False) -> Callable[[Any], bool]:
+        return lambda v: is_real(v) and (low < v if low_open else low <= v) and v <= high
+
+    def positive_or_none(v: Any) -> bool:
+        return v is None or (is_real(v) and 0 < v < math.inf)
+
+    def rate(v: Any) -> bool:
+        try:
+            value = learning_rate(v)
+        except ValueError:
+            return False
+        if isinstance(value, _Linear):
+            return 0 < value.start < math.inf
+        return is_real(value) and 0 < value < math.inf
+
+    for name in ("n_steps", "n_epochs", "batch_size", "stats_window_size"):
+        check(name, is_positive_int, "a positive integer")
+    check("sde_sample_freq", lambda v: is_real(v) and v == int(v), "an integer (-1: only at the start)")
+    check("gamma", number_in(0, 1), "a number in [0, 1]")
+    check("gae_lambda", number_in(0, 1), "a number in [0, 1]")
+    check("learning_rate", rate, "a positive number or 'lin_<positive number>'")
+    for name in ("clip_range", "max_grad_norm", "rms_prop_eps"):
+        check(name, number_in(0, math.inf, low_open=True), "a positive number")
+    for name in ("clip_range_vf", "target_kl"):
+        check(name, positive_or_none, "null or a positive number")
+    for name in ("ent_coef", "vf_coef"):
+        check(name, lambda v: is_real(v) and 0 <= v < math.inf, "a finite number >= 0")
+    for name in ("normalize_advantage", "use_sde", "use_rms_prop"):
+        check(name, lambda v: isinstance(v, bool), "true or false")
+    check("policy_kwargs", lambda v: isinstance(v, Mapping), "a JSON object")
+    check("rollout_buffer_kwargs", lambda v: isinstance(v, Mapping), "a JSON object")
+    normalize = params.get("normalize_advantage", agent != "sb3-a2c")
+    if not problems and normalize and agent != "sb3-a2c":
+        # SB3 asserts both (the advantages of a minibatch are normalised by their std).
+        if params.get("batch_size", 64) < 2:
+            problems.append(f"batch_size must be >= 2 with normalize_advantage, got {params['batch_size']}")
+        elif params.get("n_steps", 2048) * num_envs < 2:
+            problems.append(f"n_steps x num_envs must be >= 2, got {params.get('n_steps')} x {num_envs}")
+    if problems:
+        return f"{agent}: bad hyperparameters: " + "; ".join(problems)
+    return None
 
 
 def make_sb3_vec_env_for(
@@ -153,6 +235,8 @@ def make_sb3_model(
         raise ValueError(f"unknown SB3 agent {agent!r}; accepted: {', '.join(SB3_AGENTS)}")
     if extractor not in EXTRACTORS:
         raise ValueError(f"extractor must be one of {', '.join(EXTRACTORS)}, got {extractor!r}")
+    if (problem := hyperparams_error(agent, dict(hyperparams or {}), num_envs)) is not None:
+        raise ValueError(problem)
     # A deep copy: SB3 writes into policy_kwargs (A2C adds its optimizer), and the caller's dict
     # must not carry that into the next model.
     params = copy.deepcopy({**DEFAULT_HYPERPARAMS[agent], **dict(hyperparams or {})})
@@ -171,7 +255,7 @@ def make_sb3_model(
         return SB3_AGENTS[agent](
             policy, venv, seed=seed, device=device, tensorboard_log=tensorboard_log, verbose=0, **params
         )
-    except TypeError as exc:
+    except (TypeError, ValueError, AssertionError) as exc:  # SB3 asserts on some of its arguments
         venv.close()
         raise ValueError(f"{agent}: bad hyperparameters {dict(hyperparams or {})}: {exc}") from exc
 
@@ -232,10 +316,78 @@ def evaluate(
                     final = infos["final_info"]
                     samples.append((final["prompt"][i], final["completion"][i], float(running[i])))
             running[i] = 0.0
+    reward_name = getattr(venv.config.reward, "name", None)
     venv.close()
     return {
         "mean": float(np.mean(returns)),
         "std": float(np.std(returns)),
         "episodes": len(returns),
         "samples": samples,
+        "reward_name": reward_name,
     }
+
+
+def sb3_hyperparameters(agent: str, hyperparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every constructor argument :func:`make_sb3_model` gives ``agent``: the defaults of
+    :data:`DEFAULT_HYPERPARAMS` with ``hyperparams`` over them, as JSON-ready data."""
+    return {**DEFAULT_HYPERPARAMS[agent], **dict(hyperparams or {})}
+
+
+def repeated_word(samples: Sequence[tuple[str, str, float]], share: float = 0.5) -> str | None:
+    """The word that most completions of ``samples`` are mostly made of, if they are degenerate:
+    in at least three quarters of the samples of three words or more, one word makes up at least
+    ``share`` of the words and it is the same word in most of them; else None."""
+    tops = []
+    for _, completion, _ in samples:
+        words = completion.split()
+        if len(words) >= 3:
+            word, count = Counter(words).most_common(1)[0]
+            if count >= share * len(words):
+                tops.append(word)
+    if not samples or len(tops) < 0.75 * len(samples):
+        return None
+    word, count = Counter(tops).most_common(1)[0]
+    return word if count >= 0.5 * len(samples) else None
+
+
+def log_evaluation(
+    tb_dir: str | Path,
+    step: int,
+    random_level: Mapping[str, Any],
+    trained: Mapping[str, Any],
+    run_config: Mapping[str, Any],
+    hparams: Mapping[str, Any],
+    agent_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a run's evaluation into its TensorBoard directory ``tb_dir`` (beside its training
+    curves): scalars ``eval/mean_reward`` (the trained agent's greedy evaluation, at ``step``) and
+    ``eval/mean_reward_random`` (the random policy on the same episodes, at step 0); text
+    ``eval/samples`` (the evaluation's samples as a table), ``run/config`` (``run_config``) and,
+    when given, ``config`` (the agent's hyperparameters, the tag under which the custom PPO logs
+    its own); and an HParams entry of ``hparams`` with ``eval/mean_reward`` as its metric
+    (TensorBoard's HPARAMS tab). Values of ``hparams`` that are not numbers, strings or booleans
+    are written as JSON."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    def text(value: Any) -> str:
+        return f"```\n{json.dumps(value, indent=2, default=repr)}\n```"
+
+    writer = SummaryWriter(str(tb_dir))
+    try:
+        writer.add_scalar("eval/mean_reward_random", random_level["mean"], 0)
+        writer.add_scalar("eval/mean_reward", trained["mean"], step)
+        rows = "\n".join(f"| {p} | {c} | {r:.3f} |" for p, c, r in trained["samples"])
+        writer.add_text("eval/samples", f"| prompt | completion | return |\n|---|---|---|\n{rows}", step)
+        writer.add_text("run/config", text(run_config), step)
+        if agent_config is not None:
+            writer.add_text("config", text(agent_config), step)
+        plain = {
+            k: v if isinstance(v, bool | int | float | str) else json.dumps(v, default=repr)
+            for k, v in hparams.items()
+        }
+        for summary in hparams_summary(plain, {"eval/mean_reward": trained["mean"]}):
+            writer.file_writer.add_summary(summary, step)
+    finally:
+        writer.close()
+    return Path(tb_dir)

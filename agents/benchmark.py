@@ -5,11 +5,21 @@
   masked out so every episode runs to full length).
 - :func:`training_speed`: env steps per second of :class:`agents.ppo.PPO` training, with the split
   between collecting rollouts and updating.
+- :func:`sb3_ratio`, :func:`hf_speed`: the custom PPO against SB3 PPO, and a Hugging Face policy
+  against the built-in one.
+- :func:`busy_speed`: the main job's training speed on an idle machine and beside one busy
+  process per core, for each torch thread setting: whether threads that spin-wait for cores held
+  by other processes slow it down (see :mod:`agents.runtime`).
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import queue
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -241,4 +251,128 @@ def hf_speed(
         **results,
         "kv_cache_vs_recompute": results["hf_kv_cache"] / results["hf_recompute"],
         "hf_vs_builtin": results["hf_kv_cache"] / results["builtin"],
+    }
+
+
+# ------------------------------------------------------------------------------ busy machine
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _train_in_process(
+    results: Any, threads: int, updates: int, num_envs: int, task: str, device: str
+) -> None:
+    """Child process of :func:`busy_speed`: time ``updates`` PPO updates after one warm-up."""
+    from agents.runtime import set_threads
+
+    in_effect = set_threads(threads)
+    model = PPO("TextGen-v0", PPOConfig(), num_envs, {"task": task}, device, seed=0)
+    per_update = model.config.n_steps * num_envs
+    model.learn(per_update)  # warm-up: first-call costs (allocation, lazy initialisation)
+    start = time.perf_counter()
+    model.learn(updates * per_update, reset_num_timesteps=False)
+    _sync(model.device)
+    seconds = time.perf_counter() - start
+    results.put({"threads": in_effect, "env_steps": updates * per_update, "seconds": seconds})
+
+
+def _spin(deadline: float, ready: Any) -> None:
+    """Keep one core busy in pure Python until ``deadline`` (time.time()), as another job would."""
+    ready.release()
+    x = 0
+    while True:
+        for _ in range(100_000):
+            x += 1
+        if time.time() > deadline:
+            return
+
+
+@contextmanager
+def _without_thread_env() -> Iterator[None]:
+    """Children started inside get torch's own default thread count, whatever OMP_NUM_THREADS says here."""
+    saved = {k: os.environ.pop(k) for k in _THREAD_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def busy_speed(
+    thread_settings: Sequence[int] = (1, 0),
+    updates: int = 3,
+    num_envs: int = 64,
+    task: str = "default",
+    device: str = "cpu",
+    busy_processes: int | None = None,
+    timeout: float = 600.0,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Env steps per second of the main job (custom PPO, ``PPOConfig`` defaults, ``num_envs`` envs,
+    ``task``) on an idle machine and beside ``busy_processes`` (default: one per core) processes
+    spinning in pure Python, for each torch thread setting (0: torch's default, one per core).
+
+    Every measurement runs in a fresh process (thread counts cannot be lowered reliably once
+    torch has started its pools) with ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` removed from its
+    environment, times ``updates`` updates after one warm-up update, and is stopped after
+    ``timeout`` seconds (its figure is then None). The busy processes stop themselves after
+    ``timeout`` seconds at the latest and are terminated when each measurement ends. The
+    ``slowdown`` of a setting is idle env steps/s over busy ones.
+    """
+    spawn = mp.get_context("spawn")
+    fork = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else spawn
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy_processes = cores if busy_processes is None else busy_processes
+    rows = []
+    for threads in thread_settings:
+        row: dict[str, Any] = {"threads_setting": threads}
+        for load in ("idle", "busy"):
+            spinners = []
+            if load == "busy":
+                ready = fork.Semaphore(0)
+                deadline = time.time() + timeout
+                spinners = [
+                    fork.Process(target=_spin, args=(deadline, ready), daemon=True)
+                    for _ in range(busy_processes)
+                ]
+                for p in spinners:
+                    p.start()
+                for _ in spinners:
+                    ready.acquire(timeout=60)
+            results = spawn.Queue()
+            with _without_thread_env():
+                child = spawn.Process(
+                    target=_train_in_process, args=(results, threads, updates, num_envs, task, device)
+                )
+                child.start()
+            try:
+                result = results.get(timeout=timeout)
+            except queue.Empty:
+                result = None
+            finally:
+                if child.is_alive():
+                    child.join(5)
+                if child.is_alive():
+                    child.terminate()
+                    child.join()
+                for p in spinners:
+                    p.terminate()
+                for p in spinners:
+                    p.join()
+            speed = None if result is None else result["env_steps"] / result["seconds"]
+            row[f"{load}_env_steps_per_second"] = speed
+            if result is not None:
+                row["threads"] = result["threads"]
+                row["env_steps"] = result["env_steps"]
+            progress(
+                f"threads {threads or 'torch default'}: {load:>4} "
+                + ("timed out" if speed is None else f"{speed:,.0f} env steps/s")
+            )
+        idle, busy = row["idle_env_steps_per_second"], row["busy_env_steps_per_second"]
+        row["slowdown"] = idle / busy if idle and busy else None
+        rows.append(row)
+    return {
+        "benchmark": "busy",
+        "cores": cores,
+        "busy_processes": busy_processes,
+        "settings": {"updates": updates, "num_envs": num_envs, "task": task, "device": device},
+        "runs": rows,
     }

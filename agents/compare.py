@@ -350,16 +350,47 @@ def hyperparameters(
     agent: str, ppo_config: Any = None, sb3_hyperparams: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Every setting of ``agent`` in the comparison, as JSON-ready data."""
-    from agents.baselines import DEFAULT_HYPERPARAMS
+    from agents.baselines import sb3_hyperparameters
     from agents.ppo import PPOConfig
 
     if agent == "ppo":
         return (ppo_config or PPOConfig()).to_dict()
     if agent == RANDOM:
         return {"policy": "uniform over the vocabulary"}
-    params = {**DEFAULT_HYPERPARAMS[agent], **dict((sb3_hyperparams or {}).get(agent, {}))}
+    params = sb3_hyperparameters(agent, (sb3_hyperparams or {}).get(agent))
     params.setdefault("policy_kwargs", {})
     return {"policy": "TransformerExtractor (PolicyConfig defaults) + linear heads", **params}
+
+
+def agents_error(
+    agents: Sequence[str],
+    env_kwargs: Mapping[str, Any],
+    num_envs: int = 64,
+    device: str = "auto",
+    ppo_config: Any = None,
+    sb3_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str | None:
+    """Why one of ``agents`` cannot be built with these settings, or None: each is built once
+    (no training, nothing written), so that a comparison never stops half-way on a setting that
+    could have been refused at the start."""
+    from agents.baselines import SB3_AGENTS, make_sb3_model
+    from agents.ppo import PPO, PPOConfig
+
+    for agent in agents:
+        try:
+            if agent == "ppo":
+                PPO("TextGen-v0", ppo_config or PPOConfig(), num_envs, env_kwargs, device, seed=0)
+            elif agent in SB3_AGENTS:
+                model = make_sb3_model(
+                    agent, env_kwargs, num_envs, 0, device, None, (sb3_hyperparams or {}).get(agent)
+                )
+                model.get_env().close()
+            else:
+                return f"unknown agent {agent!r}; accepted: ppo, {', '.join(SB3_AGENTS)}"
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+            option = "--ppo-config" if agent == "ppo" else "--sb3-hyperparams"
+            return f"{option}: {agent} cannot be built: {exc}"
+    return None
 
 
 def run_comparison(
@@ -382,7 +413,9 @@ def run_comparison(
     Runs are interleaved (seed by seed, every agent within a seed) so that a slow spell of a
     shared machine does not fall on one agent. Each run ends with a greedy evaluation on the same
     ``eval_episodes`` episodes (fixed evaluation seed). The random policy gets one run per seed.
-    Ctrl-C stops after writing the summary of the runs that finished, then re-raises.
+    The tables and the plot are written once, at the end (atomically, by :func:`summarize`);
+    Ctrl-C stops after writing those of the runs that finished, then re-raises. Any other error
+    writes none: no half-made results beside the TensorBoard runs.
     """
     from tqdm.auto import tqdm
 
@@ -411,7 +444,7 @@ def run_comparison(
         disable=not progress,
         dynamic_ncols=True,
     )
-    done_steps, summary = 0, None
+    done_steps, summary, finished = 0, None, False
     try:
         for seed in seeds:
             random_level = evaluate(None, env, eval_episodes, num_envs, seed=10_000 + seed)
@@ -469,9 +502,13 @@ def run_comparison(
                 )
                 done_steps += total_timesteps
                 bar.update(done_steps - bar.n)
+        finished = True
+    except KeyboardInterrupt:
+        finished = True  # summarise the runs that finished, then stop
+        raise
     finally:
         bar.close()
-        if any(tb_root.iterdir()):
+        if finished and any(tb_root.iterdir()):
             try:
                 summary = summarize(out, threshold)
             except FileNotFoundError:  # interrupted before any run finished

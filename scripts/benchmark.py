@@ -7,6 +7,7 @@
     python scripts/benchmark.py sb3                    # custom PPO vs SB3 PPO at matched settings
     python scripts/benchmark.py sb3 --max-new-tokens 8 32 64 --profile benchmarks/sb3_profile.txt
     python scripts/benchmark.py hf                     # Hugging Face GPT-2 policy vs built-in (hf extra)
+    python scripts/benchmark.py busy                   # the main job idle and beside busy processes
 
 ``env`` drives every face of TextGen-v0 with the same random policy and the same reward (by
 default the cheap built-in ``length`` reward on the default task) and prints env steps per second,
@@ -19,26 +20,49 @@ Transformer, number of envs, rollout length, minibatch size and epochs, at each 
 length, and reports their env steps per second and the ratio; ``--profile`` writes a cProfile
 report of the SB3 run. ``hf`` trains PPO with the built-in policy and with a randomly initialised
 ``transformers`` GPT-2 of the same size (built offline), acting through its KV cache and, as the
-baseline, recomputing every step. Each report is saved as JSON.
+baseline, recomputing every step. ``busy`` trains the custom PPO (the main job's settings, a fixed number
+of updates) on an idle machine and beside one process per core spinning in pure Python, with one
+torch thread and with torch's default (one per core), each in a fresh process, and reports the
+slowdown idle/busy: torch's OpenMP threads spin-wait for cores that the other processes hold.
+Each report is saved as JSON; ``--threads`` sets the torch threads of the others (default 1; 0,
+torch's default, for ``hf``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 import textgym  # noqa: F401  (registers TextGen-v0)
+from agents.runtime import (
+    HelpFormatter,
+    device_error,
+    json_value,
+    non_negative_int,
+    output_dir_error,
+    set_threads,
+)
 from textgym.benchmark import format_env_table, run_env_benchmark
 from textgym.io import write_json
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    env = sub.add_parser("env", help="env steps per second of every face of TextGen-v0")
+
+    def command(name: str, help: str, threads: str = "1") -> argparse.ArgumentParser:
+        sub_parser = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        sub_parser.add_argument(
+            "--threads",
+            type=non_negative_int,
+            default=int(threads),
+            metavar="N",
+            help="torch threads of the measurement; 0: torch's default, one per core (or OMP_NUM_THREADS)",
+        )
+        return sub_parser
+
+    env = command("env", "env steps per second of every face of TextGen-v0")
     env.add_argument("--sizes", type=int, nargs="+", default=[16, 256, 1024], help="batch sizes N")
     env.add_argument("--seconds", type=float, default=3.0, help="timed wall-clock budget per measurement")
     env.add_argument(
@@ -47,46 +71,97 @@ def main(argv: list[str] | None = None) -> int:
     env.add_argument("--device", default="cpu", help="device of the batched env: cpu, cuda, auto")
     env.add_argument(
         "--env-kwargs",
-        type=json.loads,
+        type=json_value,
         default=None,
         help='JSON keyword arguments of the env (default: {"reward": {"name": "length"}})',
     )
     env.add_argument("--out", default="benchmarks/env.json", help="where to save the JSON report")
-    roll = sub.add_parser("rollout", help="KV cache vs full recompute when acting")
-    roll.add_argument("--num-envs", type=int, default=64)
-    roll.add_argument("--max-new-tokens", type=int, default=64)
+    roll = command("rollout", "KV cache vs full recompute when acting")
+    roll.add_argument("--num-envs", type=int, default=64, help="episodes in flight")
+    roll.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per episode")
     roll.add_argument("--episodes", type=int, default=2, help="episodes per env and mode")
-    roll.add_argument("--device", default="cpu")
-    roll.add_argument("--out", default="benchmarks/rollout.json")
-    train = sub.add_parser("train", help="PPO training env steps per second")
-    train.add_argument("--total-timesteps", type=int, default=16_384)
-    train.add_argument("--num-envs", type=int, default=64)
-    train.add_argument("--task", default="default")
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--out", default="benchmarks/train.json")
-    sb3 = sub.add_parser("sb3", help="custom PPO vs SB3 PPO env steps/s at matched settings")
+    roll.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    roll.add_argument("--out", default="benchmarks/rollout.json", help="where to save the JSON report")
+    train = command("train", "PPO training env steps per second")
+    train.add_argument("--total-timesteps", type=int, default=16_384, help="env steps to train for")
+    train.add_argument("--num-envs", type=int, default=64, help="episodes in flight")
+    train.add_argument("--task", default="default", help="built-in task")
+    train.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    train.add_argument("--out", default="benchmarks/train.json", help="where to save the JSON report")
+    sb3 = command("sb3", "custom PPO vs SB3 PPO env steps/s at matched settings")
     sb3.add_argument("--total-timesteps", type=int, default=8192, help="env steps per agent and length")
-    sb3.add_argument("--num-envs", type=int, default=64)
+    sb3.add_argument("--num-envs", type=int, default=64, help="episodes in flight")
     sb3.add_argument(
         "--max-new-tokens", type=int, nargs="+", default=[8, 32, 64], help="generation lengths to measure"
     )
-    sb3.add_argument("--task", default="default")
-    sb3.add_argument("--device", default="cpu")
-    sb3.add_argument("--profile", default=None, help="cProfile report of the SB3 run (longest length)")
-    sb3.add_argument("--out", default="benchmarks/sb3.json")
-    hf = sub.add_parser(
-        "hf", help="PPO with a Hugging Face GPT-2 policy (KV cache, recompute) vs the built-in"
+    sb3.add_argument("--task", default="default", help="built-in task")
+    sb3.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    sb3.add_argument(
+        "--profile",
+        default=None,
+        help="file for a cProfile report of the SB3 run at the longest length (default: no profile)",
+    )
+    sb3.add_argument("--out", default="benchmarks/sb3.json", help="where to save the JSON report")
+    hf = command(
+        "hf", "PPO with a Hugging Face GPT-2 policy (KV cache, recompute) vs the built-in", threads="0"
     )
     hf.add_argument("--total-timesteps", type=int, default=8192, help="env steps per run and length")
-    hf.add_argument("--num-envs", type=int, default=64)
+    hf.add_argument("--num-envs", type=int, default=64, help="episodes in flight")
     hf.add_argument("--max-new-tokens", type=int, nargs="+", default=[8, 32], help="generation lengths")
-    hf.add_argument("--task", default="sentiment")
-    hf.add_argument("--device", default="cpu")
-    hf.add_argument("--out", default="benchmarks/hf.json")
+    hf.add_argument("--task", default="sentiment", help="built-in task: its corpus trains the tokenizer")
+    hf.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    hf.add_argument("--out", default="benchmarks/hf.json", help="where to save the JSON report")
+    busy = sub.add_parser(
+        "busy",
+        help="the main job's speed idle and beside one busy process per core, per thread setting",
+        description="The main job (custom PPO, PPOConfig defaults, 64 envs, default task) idle and beside\n"
+        "one process per core spinning in pure Python, for each --thread-settings value, each in a\n"
+        "fresh process without OMP_NUM_THREADS; prints env steps/s and the slowdown idle/busy.",
+        formatter_class=HelpFormatter,
+    )
+    busy.add_argument(
+        "--thread-settings",
+        type=non_negative_int,
+        nargs="+",
+        default=[1, 0],
+        help="torch thread counts to measure; 0: torch's default (one per core)",
+    )
+    busy.add_argument(
+        "--updates", type=int, default=3, help="timed PPO updates (2,048 env steps each), after one warm-up"
+    )
+    busy.add_argument("--num-envs", type=int, default=64, help="episodes in flight")
+    busy.add_argument("--task", default="default", help="built-in task")
+    busy.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    busy.add_argument(
+        "--busy-processes",
+        type=non_negative_int,
+        default=None,
+        help="spinning processes beside the main job (default: one per core)",
+    )
+    busy.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a measurement is stopped (and busy processes end)",
+    )
+    busy.add_argument("--out", default="benchmarks/busy.json", help="where to save the JSON report")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("num_envs", "max_new_tokens", "episodes", "total_timesteps"):
+    for name in ("num_envs", "max_new_tokens", "episodes", "total_timesteps", "updates"):
         if isinstance(getattr(args, name, 1), int) and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.command == "env" and args.env_kwargs is not None and not isinstance(args.env_kwargs, dict):
+        parser.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
+    if (problem := device_error(args.device)) is not None:
+        parser.error(problem)
+    if (problem := output_dir_error(Path(args.out).parent, "--out")) is not None or Path(args.out).is_dir():
+        parser.error(problem or f"--out: {args.out!r} is a directory; give a file name")
+    if args.command != "busy":
+        set_threads(args.threads)
 
     if args.command == "env":
         if any(n < 1 for n in args.sizes):
@@ -141,6 +216,38 @@ def main(argv: list[str] | None = None) -> int:
             )
         print("(PPO training env steps per second; same env, tokens and model size)")
         print(f"saved {write_json(args.out, {'runs': rows})}")
+    elif args.command == "busy":
+        from agents.benchmark import busy_speed
+
+        report = busy_speed(
+            args.thread_settings,
+            args.updates,
+            args.num_envs,
+            args.task,
+            args.device,
+            args.busy_processes,
+            args.timeout,
+        )
+        print(
+            f"\nmain job (custom PPO, {args.num_envs} envs, task {args.task!r}, {args.updates} updates) on "
+            f"{report['cores']} cores, beside {report['busy_processes']} busy processes:"
+        )
+        print(f"{'threads':>16} {'idle':>10} {'busy':>10} {'slowdown':>9}")
+        for r in report["runs"]:
+            name = (
+                str(r["threads_setting"]) if r["threads_setting"] else f"0 ({r.get('threads', '?')}, torch)"
+            )
+
+            def cell(value: float | None) -> str:
+                return "timed out" if value is None else f"{value:,.0f}"
+
+            slowdown = "–" if r["slowdown"] is None else f"{r['slowdown']:.2f}x"
+            print(
+                f"{name:>16} {cell(r['idle_env_steps_per_second']):>10} "
+                f"{cell(r['busy_env_steps_per_second']):>10} {slowdown:>9}"
+            )
+        print("(env steps per second; slowdown = idle / busy)")
+        print(f"saved {write_json(args.out, report)}")
     else:
         from agents.benchmark import training_speed
 

@@ -1,6 +1,6 @@
 """Compare agents on TextGen-v0: every agent x seed at the same env-step budget, and a random policy.
 
-    python scripts/compare.py --quick                                  # a few minutes on a 2-core CPU
+    python scripts/compare.py --quick                                  # about 90 s on a 2-core CPU, one thread
     python scripts/compare.py --agents ppo sb3-ppo sb3-a2c --seeds 0 1 2 3 4 --total-timesteps 50000
     python scripts/compare.py --task keyword --device cuda --out runs/compare_keyword
     python scripts/compare.py --summarize runs/compare_<time>          # recompute the tables and plot
@@ -20,31 +20,45 @@ Writes into ``--out`` (default ``runs/compare_<time>``):
 All agents share the Transformer architecture (SB3 through ``agents.extractor``) and, where the
 algorithms share a meaning, the hyperparameters; none bootstraps the value of an episode cut at
 ``max_new_tokens`` (its reward is already complete). Runs are sequential and interleaved by seed.
+
+Every argument is checked before anything is written (each agent is built once, without
+training, so that a setting only SB3 can check is refused at the start, not half-way). The tables
+and the plot are written at the end, each file atomically; Ctrl-C writes those of the runs that
+finished. ``--threads`` (default 1) sets torch's thread count: a second thread gains the built-in
+policy about 1.2x on free cores, and torch's default (one per core) slows it 4-6x whenever other
+processes keep the cores busy (``python scripts/benchmark.py busy``).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from agents.baselines import SB3_AGENTS
-from agents.compare import run_comparison, save_config, summarize
+from agents.baselines import SB3_AGENTS, hyperparams_error
+from agents.compare import agents_error, run_comparison, save_config, summarize
 from agents.ppo import PPOConfig
+from agents.runtime import (
+    HelpFormatter,
+    add_threads_argument,
+    device_error,
+    json_value,
+    output_dir_error,
+    seed,
+    set_threads,
+)
 from textgym.tasks import TASKS, env_arguments_error, get_task
 
 AGENTS = ("ppo", *SB3_AGENTS)
 QUICK = {"agents": ["ppo", "sb3-ppo", "sb3-a2c"], "seeds": [0, 1, 2], "total_timesteps": 16_384}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--agents",
         nargs="+",
@@ -52,21 +66,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="agents to compare (default: ppo sb3-ppo sb3-a2c)",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0 1 2)")
+    parser.add_argument(
+        "--seeds", nargs="+", type=seed, default=None, help="seeds, each 0 to 2**32-1 (default: 0 1 2)"
+    )
     parser.add_argument(
         "--total-timesteps", type=int, default=None, help="env-step budget of every run (default: 50000)"
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"preset for a few minutes on a 2-core CPU: {json.dumps(QUICK)}; explicit options override it",
+        help=f"preset: {json.dumps(QUICK)}, about 90 s on a 2-core CPU with --threads 1 (the default); "
+        "explicit options override it",
     )
     parser.add_argument("--task", default="default", help=f"built-in task: default, {', '.join(TASKS)}")
     parser.add_argument(
-        "--env-kwargs", type=json.loads, default={}, help="JSON object of further environment arguments"
+        "--env-kwargs", type=json_value, default={}, help="JSON object of further environment arguments"
     )
     parser.add_argument("--num-envs", type=int, default=64, help="episodes in flight, for every agent")
-    parser.add_argument("--device", default="auto", help="torch device of every agent: auto, cpu, cuda")
+    parser.add_argument(
+        "--device", default="auto", help="torch device of every agent: auto, cpu, cuda, cuda:N"
+    )
+    add_threads_argument(parser)
     parser.add_argument(
         "--threshold",
         type=float,
@@ -74,10 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="reward threshold (default: the task's reward_threshold)",
     )
     parser.add_argument("--eval-episodes", type=int, default=256, help="episodes of each greedy evaluation")
-    parser.add_argument("--ppo-config", type=json.loads, default={}, help="JSON object of PPOConfig fields")
+    parser.add_argument("--ppo-config", type=json_value, default={}, help="JSON object of PPOConfig fields")
     parser.add_argument(
         "--sb3-hyperparams",
-        type=json.loads,
+        type=json_value,
         default={},
         help='JSON object {agent: {SB3 argument: value}}, e.g. \'{"sb3-a2c": {"n_steps": 16}}\'',
     )
@@ -86,9 +106,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--summarize",
         metavar="OUT",
         default=None,
-        help="only recompute the tables and plot of an earlier --out",
+        help="only recompute the tables and plot of an earlier --out (default: run a comparison)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked (agents built once, without training) before anything is
+    written; a mistake exits 2 with a usage error naming the option."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     preset = (
@@ -109,32 +136,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if len(set(args.agents)) != len(args.agents) or len(set(args.seeds)) != len(args.seeds):
         parser.error("--agents and --seeds must not repeat a value")
-    if any(s < 0 for s in args.seeds):
-        parser.error(f"--seeds must be non-negative, got {args.seeds}")
     bad = [a for a in args.sb3_hyperparams if a not in SB3_AGENTS]
     if bad or not all(isinstance(v, dict) for v in args.sb3_hyperparams.values()):
         parser.error(f"--sb3-hyperparams must map SB3 agents ({', '.join(SB3_AGENTS)}) to JSON objects")
     for agent, params in args.sb3_hyperparams.items():
-        accepted = set(inspect.signature(SB3_AGENTS[agent].__init__).parameters) - {"self", "policy", "env"}
-        if unknown := sorted(set(params) - accepted):
-            parser.error(f"--sb3-hyperparams: {agent} has no argument(s) {unknown}")
+        if (problem := hyperparams_error(agent, params, args.num_envs)) is not None:
+            parser.error(f"--sb3-hyperparams: {problem}")
     try:
         args.ppo = PPOConfig.from_dict(args.ppo_config)
     except (TypeError, ValueError) as exc:
         parser.error(f"--ppo-config: {exc}")
-    if args.summarize is not None and not (Path(args.summarize) / "tb").is_dir():
-        parser.error(f"--summarize: {args.summarize!r} holds no tb/ directory of a comparison")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        parser.error(f"--threshold must be a finite number, got {args.threshold}")
+    if (problem := device_error(args.device)) is not None:
+        parser.error(problem)
+    args.threads = 1 if args.threads is None else args.threads
+    if args.summarize is not None:
+        if not (Path(args.summarize) / "tb").is_dir():
+            parser.error(f"--summarize: {args.summarize!r} holds no tb/ directory of a comparison")
+        if (problem := output_dir_error(args.summarize, "--summarize")) is not None:
+            parser.error(problem)
+        return args
     if args.out is None:
         args.out = f"runs/compare_{time.strftime('%Y%m%d-%H%M%S')}"
-    elif (
-        args.summarize is None and (Path(args.out) / "tb").is_dir() and any((Path(args.out) / "tb").iterdir())
-    ):
+    elif (Path(args.out) / "tb").is_dir() and any((Path(args.out) / "tb").iterdir()):
         parser.error(f"--out: {args.out!r} already holds a comparison; choose another directory")
+    if (problem := output_dir_error(args.out, "--out")) is not None:
+        parser.error(problem)
+    set_threads(args.threads)
+    problem = agents_error(
+        args.agents,
+        {"task": args.task, **args.env_kwargs},
+        args.num_envs,
+        args.device,
+        args.ppo,
+        args.sb3_hyperparams,
+    )
+    if problem is not None:
+        parser.error(problem)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     if args.summarize is not None:
         config_file = Path(args.summarize) / "config.json"
         saved = json.loads(config_file.read_text()) if config_file.is_file() else {}

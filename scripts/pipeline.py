@@ -1,6 +1,6 @@
 """The language-model pipeline end to end: pretrain -> PPO with a KL penalty (and without) -> compare.
 
-    python scripts/pipeline.py                                  # sentiment task, about 5 minutes on 2 CPU cores
+    python scripts/pipeline.py                                  # sentiment task: about 1 minute on a 2-core CPU, one thread
     python scripts/pipeline.py --total-timesteps 100000 --kl-target 3 --device cuda
     python scripts/pipeline.py --reward runs/reward_sentiment_s0_<time>/reward.pt   # a learned reward model
     python scripts/pipeline.py --backbone hf                    # the same with a Hugging Face GPT-2 (hf extra)
@@ -22,13 +22,16 @@ and saved with ``save_pretrained`` in ``lm/``; PPO then fine-tunes it as ``polic
 
 Writes into ``--out`` (default ``runs/pipeline_<time>``): ``lm.pt``, ``ppo_kl/`` and ``ppo_no_kl/``
 (checkpoints and TensorBoard runs), ``pretrain/`` (TensorBoard), ``results.md`` and
-``results.json`` (the table and the samples).
+``results.json`` (the table and the samples), the last two only once every step has finished,
+each written atomically. Every argument is checked before anything is written. ``--threads``
+defaults to 1 (see ``agents.runtime``: more threads than free cores spin-wait).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -36,17 +39,26 @@ from typing import Any
 
 from agents.lm import PretrainConfig, pretrain, sample_with_kl, save_lm
 from agents.ppo import PPO, PPOConfig
-from textgym.io import write_json
+from agents.runtime import (
+    HelpFormatter,
+    add_threads_argument,
+    device_error,
+    make_dir,
+    output_dir_error,
+    seed,
+    set_threads,
+)
+from textgym.io import write_json, write_text
 from textgym.tasks import env_arguments_error, get_task, make_env_config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--task", default="sentiment", help="built-in task (default: sentiment)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--task", default="sentiment", help="built-in task: its corpus, prompts and reward")
     parser.add_argument(
-        "--reward", default=None, help="reward model instead of the task's: a name or a reward.pt"
+        "--reward",
+        default=None,
+        help="reward model instead of the task's: a name or a reward.pt (default: the task's reward)",
     )
     parser.add_argument(
         "--backbone",
@@ -63,12 +75,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kl-target", type=float, default=2.0, help="target KL per episode (nats); 0: fixed β"
     )
-    parser.add_argument("--num-envs", type=int, default=64)
-    parser.add_argument("--eval-episodes", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=None, help="output directory (default: runs/pipeline_<time>)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--num-envs", type=int, default=64, help="episodes in flight in each PPO run and in the evaluation"
+    )
+    parser.add_argument(
+        "--eval-episodes", type=int, default=512, help="evaluation episodes of each policy (temperature 1)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of pretraining, both PPO runs and the evaluation, 0 to 2**32-1",
+    )
+    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
+    add_threads_argument(parser)
+    parser.add_argument(
+        "--out", default=None, help="output directory, new or empty (default: runs/pipeline_<time>)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked before anything is written (exit 2 naming the option)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.env_kwargs = {} if args.reward is None else {"reward": args.reward}
     if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
@@ -77,22 +107,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--hf-vocab-size must be above 257 (256 bytes and the end token), got {args.hf_vocab_size}"
         )
+    if args.backbone == "hf":
+        missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+        if missing:
+            parser.error(
+                f"--backbone hf needs the hf extra (missing: {', '.join(missing)}): pip install 'textgym[hf]'"
+            )
     for name in ("pretrain_steps", "total_timesteps", "num_envs", "eval_episodes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.kl_coef > 0 or args.kl_target < 0:
-        parser.error("--kl-coef must be > 0 and --kl-target >= 0")
+    if not 0 < args.kl_coef < float("inf") or not 0 <= args.kl_target < float("inf"):
+        parser.error(
+            f"--kl-coef must be a finite number > 0 and --kl-target one >= 0, got {args.kl_coef} and {args.kl_target}"
+        )
+    try:
+        PPOConfig(kl_coef=args.kl_coef, kl_target=args.kl_target or None)
+        PretrainConfig(steps=args.pretrain_steps)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if (problem := device_error(args.device)) is not None:
+        parser.error(problem)
+    args.threads = 1 if args.threads is None else args.threads
     args.out = Path(args.out or f"runs/pipeline_{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.out.exists() and any(args.out.iterdir()):
+    if args.out.is_dir() and any(args.out.iterdir()):
         parser.error(f"--out: {str(args.out)!r} is not empty; choose another directory")
+    if (problem := output_dir_error(args.out, "--out")) is not None:
+        parser.error(problem)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     out, env_kwargs = args.out, {"task": args.task, **args.env_kwargs}
     env = make_env_config(**env_kwargs)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out", exist_ok=True)
     write_json(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     progress = not args.no_progress
 
@@ -176,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nPPO with KL: final train/kl_ref {kl_model.last_stats.get('train/kl_ref', float('nan')):.2f} "
         f"(target {args.kl_target}), train/kl_coef {kl_model.kl.value:.4f}\n"
     )
-    (out / "results.md").write_text(table + final)
+    # The results, each written whole (atomically), only once every step has finished.
+    write_text(out / "results.md", table + final)
     write_json(
         out / "results.json", {"pretrain": report, "evaluation": results, "kl_coef_final": kl_model.kl.value}
     )

@@ -21,7 +21,6 @@ Writes into ``<logdir>/pretrain_<task>_s<seed>_<time>/``: ``lm.pt`` (written ato
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -29,42 +28,83 @@ from pathlib import Path
 
 from agents.lm import PretrainConfig, pretrain, save_lm
 from agents.policy import PolicyConfig
+from agents.runtime import (
+    HelpFormatter,
+    add_threads_argument,
+    device_error,
+    json_value,
+    make_dir,
+    output_dir_error,
+    seed,
+    set_threads,
+)
 from textgym.io import write_json
 from textgym.tasks import env_arguments_error, get_task, make_env_config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--task",
+        default="default",
+        help="task whose corpus and tokenizer to use (default: default, i.e. sentiment)",
     )
     parser.add_argument(
-        "--task", default="default", help="task whose corpus and tokenizer to use (default: sentiment)"
+        "--env-kwargs",
+        type=json_value,
+        default={},
+        help="JSON object of environment arguments (its tokenizer etc.), as the later PPO run's",
     )
     parser.add_argument(
-        "--env-kwargs", type=json.loads, default={}, help="JSON object: the env's tokenizer etc."
-    )
-    parser.add_argument(
-        "--text", nargs="+", default=None, help="text files (one document per line) instead of the corpus"
+        "--text",
+        nargs="+",
+        default=None,
+        help="text files (one document per line) instead of the corpus (default: the task's corpus)",
     )
     defaults = PretrainConfig()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
     parser.add_argument(
-        "--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})"
+        "--learning-rate",
+        type=float,
+        default=defaults.learning_rate,
+        help="AdamW peak step size (after warm-up, cosine decay to 10%%)",
     )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument(
         "--max-len",
         type=int,
         default=defaults.max_len,
         help="longest sequence; must cover the env's observations",
     )
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--eval-interval", type=int, default=defaults.eval_interval)
-    parser.add_argument("--policy", type=json.loads, default={}, help="JSON object of PolicyConfig fields")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--val-fraction", type=float, default=defaults.val_fraction, help="share of the texts held out"
+    )
+    parser.add_argument(
+        "--eval-interval",
+        type=int,
+        default=defaults.eval_interval,
+        help="steps between validation measurements",
+    )
+    parser.add_argument(
+        "--policy",
+        type=json_value,
+        default={},
+        help="JSON object of PolicyConfig fields (d_model, n_layers, ...; default: {}, the PPO policy's defaults)",
+    )
+    parser.add_argument(
+        "--seed", type=seed, default=0, help="seed of the split and the weights, 0 to 2**32-1"
+    )
+    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
+    add_threads_argument(parser)
     parser.add_argument("--logdir", default="runs", help="parent directory of the run directory")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked before anything is written (exit 2 naming the option)."""
+    parser = build_parser()
+    defaults = PretrainConfig()
     args = parser.parse_args(argv)
     if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
         parser.error(problem)
@@ -91,11 +131,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in args.text or []:
         if not Path(path).is_file():
             parser.error(f"--text: no file at {path!r}")
+    if (problem := device_error(args.device)) is not None:
+        parser.error(problem)
+    if (problem := output_dir_error(args.logdir, "--logdir")) is not None:
+        parser.error(problem)
+    args.threads = 1 if args.threads is None else args.threads
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     env = make_env_config(args.task, **args.env_kwargs)
     if args.text:
         texts = [line for path in args.text for line in Path(path).read_text(encoding="utf-8").splitlines()]
@@ -103,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         texts, source = list(get_task(args.task).corpus), f"built-in corpus of task {env.task!r}"
     run_dir = Path(args.logdir) / f"pretrain_{env.task}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+    make_dir(run_dir, "--logdir")
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "policy_config", "no_progress")}
     write_json(run_dir / "config.json", settings | {"pretrain_config": vars(args.config) | {}})
     print(

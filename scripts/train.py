@@ -1,21 +1,38 @@
 """Train an agent on TextGen-v0 and print what it generates.
 
-    python scripts/train.py                                   # custom PPO, default task, 50k env steps
+    python scripts/train.py                                   # custom PPO, default task, 50k env steps: about 15 s on 2 CPU cores
     python scripts/train.py --agent ppo --task keyword --total-timesteps 100000 --device cuda
     python scripts/train.py --agent sb3-ppo --env-kwargs '{"reward": {"name": "length", "target": 4}}'
     python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "bad"]}'
     python scripts/train.py --agent sb3-a2c --hyperparams '{"n_steps": 16}' --extractor mlp
     python scripts/train.py --task sentiment --policy-model path/to/causal_lm   # a local Hugging Face model
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
+    python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt --total-timesteps 100000
     tensorboard --logdir runs
 
 Each run writes into ``<logdir>/<agent>_<task>_s<seed>_<time>/``: ``config.json`` (every setting of
 the run), TensorBoard events under Stable-Baselines3's tags (``rollout/ep_rew_mean``,
-``train/approx_kl``, ...; x axis = env steps; the custom PPO also logs text samples and its
-config), and the model, written atomically: ``checkpoint.pt`` for ``ppo`` (model, optimizer,
-config, step, RNG and environment state), ``model.zip`` for SB3 agents. Before training the script
-measures the random policy's mean episode reward and afterwards the trained agent's greedy one, on
-the same evaluation episodes, and prints sample generations.
+``train/approx_kl``, ...; x axis = env steps), and the model, written atomically: ``checkpoint.pt``
+for ``ppo`` (model, optimizer, config, step, RNG and environment state), ``model.zip`` for SB3
+agents. Before training the script measures the random policy's mean episode reward and afterwards
+the trained agent's greedy one, on the same evaluation episodes, and prints sample generations.
+Every argument is checked before any work starts or any directory is made.
+
+Training runs in whole rollouts (``n_steps`` x ``--num-envs`` env steps: 32 x 64 = 2,048 for ``ppo``
+by default), so it stops at the first multiple at or past ``--total-timesteps``: 50,000 asked
+trains 51,200. The summary says so.
+
+TensorBoard, beside the training curves (every agent): ``eval/mean_reward`` (the greedy evaluation
+after training, at the last env step), ``eval/mean_reward_random`` (the random policy on the same
+episodes, at step 0), text ``eval/samples`` (the evaluation's samples), ``run/config`` (config.json)
+and ``config`` (the agent's hyperparameters; the custom PPO also logs training samples under
+``samples``), and an HParams entry (agent, task, seed, env kwargs, num envs, total timesteps) with
+``eval/mean_reward`` as its metric, in TensorBoard's HPARAMS tab.
+
+On the default task the trained samples are often "best best best ...": the reward is a word
+lexicon's sentiment and the policy found its highest-valence word. That is reward hacking, and
+the script says so; ``scripts/pipeline.py`` shows the remedy (pretraining, then PPO with a KL
+penalty to the pretrained policy).
 
 SB3 agents (``sb3-ppo``, ``sb3-a2c``, ``sb3-maskable-ppo``) use the custom agent's Transformer as
 their features extractor and hyperparameters matched to ``PPOConfig``'s defaults (see
@@ -27,9 +44,23 @@ saved in ``DIR`` with a value head (``agents.hf.HFPolicy``); the env reads text 
 tokenizer from the same directory unless ``--env-kwargs`` names another ``tokenizer``. Nothing is
 downloaded: ``DIR`` is a directory written by ``save_pretrained``.
 
+Threads: ``--threads`` defaults to 1 for the built-in policy and to torch's default (one per core)
+with ``--policy-model``. On an idle 2-core CPU a second thread trains the built-in policy about
+1.2x faster (5,700 against 4,700 env steps/s), but torch's threads spin-wait for cores that other
+processes hold: beside one busy process per core the main job ran 3.9-5.6x slower with torch's
+default, and 1.4x slower with one thread (``python scripts/benchmark.py busy``). One thread never
+falls off that cliff; ``--threads 0`` takes torch's default on a machine of your own.
+
 Ctrl-C stops training, saves a checkpoint (``ppo``) or the model (SB3) and flushes the logs.
-``--resume CHECKPOINT`` continues a ``ppo`` run where its checkpoint left it, in the same run
-directory and TensorBoard run, to the same ``--total-timesteps``.
+
+Resuming: ``--resume CHECKPOINT`` continues a ``ppo`` run where its checkpoint left it, in the same
+run directory and TensorBoard run. The run's settings come from the checkpoint and the
+``config.json`` beside it: --agent, --task, --env-kwargs, --ppo-config, --hyperparams, --extractor,
+--vec-env, --init-policy, --policy-model, --num-envs, --seed and --logdir are refused unless they
+repeat the run's own values. ``--total-timesteps N`` sets the run's new total: training continues
+until N env steps in all (N below the steps already done is refused); without it, the run trains
+to the total it was started with. --device, --threads, --eval-episodes, --checkpoint-interval and
+--no-progress apply to the resumed session.
 """
 
 from __future__ import annotations
@@ -43,39 +74,68 @@ from pathlib import Path
 from typing import Any
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from agents.baselines import EXTRACTORS, SB3_AGENTS, VEC_ENVS, evaluate, greedy_policy, make_sb3_model
+from agents.baselines import (
+    EXTRACTORS,
+    SB3_AGENTS,
+    VEC_ENVS,
+    evaluate,
+    greedy_policy,
+    hyperparams_error,
+    log_evaluation,
+    make_sb3_model,
+    repeated_word,
+    sb3_hyperparameters,
+)
 from agents.ppo import PPO, PPOConfig
+from agents.runtime import (
+    HelpFormatter,
+    add_threads_argument,
+    default_threads,
+    device_error,
+    explicit_options,
+    json_value,
+    make_dir,
+    output_dir_error,
+    seed,
+    set_threads,
+)
 from textgym.io import write_json
 from textgym.tasks import env_arguments_error
 
 AGENTS = ("ppo", *SB3_AGENTS)
+# The options that make the run what it is: on --resume they come from its config.json.
+RUN_OPTIONS = (
+    "agent", "task", "env_kwargs", "ppo_config", "hyperparams", "extractor", "vec_env", "init_policy",
+    "policy_model", "num_envs", "seed", "logdir",
+)  # fmt: skip
+NOT_SAVED = ("no_progress", "ppo")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--agent", choices=AGENTS, default="ppo", help="which agent to train (default: ppo)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--agent", choices=AGENTS, default="ppo", help="which agent to train")
     parser.add_argument(
         "--task", default="default", help="built-in task: default, sentiment, arithmetic, keyword"
     )
     parser.add_argument(
         "--env-kwargs",
-        type=json.loads,
+        type=json_value,
         default={},
         help="JSON object of further environment arguments, e.g. '{\"max_new_tokens\": 12}'",
     )
     parser.add_argument(
         "--ppo-config",
-        type=json.loads,
+        type=json_value,
         default={},
         help="JSON object of PPOConfig fields for --agent ppo, e.g. '{\"n_steps\": 64}'",
     )
     parser.add_argument(
         "--hyperparams",
-        type=json.loads,
+        type=json_value,
         default={},
-        help="JSON object of SB3 constructor arguments for sb3-* agents, e.g. '{\"n_steps\": 16}'",
+        help="JSON object of SB3 constructor arguments for sb3-* agents, e.g. '{\"n_steps\": 16}' "
+        "(over agents.baselines.DEFAULT_HYPERPARAMS)",
     )
     parser.add_argument(
         "--extractor", choices=EXTRACTORS, default="transformer", help="sb3-* agents: policy network"
@@ -87,48 +147,96 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--init-policy",
         default=None,
         help="ppo: language-model checkpoint (scripts/pretrain.py) to start from; with kl_coef in "
-        "--ppo-config it is also the frozen reference of the KL penalty",
+        "--ppo-config it is also the frozen reference of the KL penalty (default: a random policy)",
     )
     parser.add_argument(
         "--policy-model",
         default=None,
         help="ppo: local directory of a Hugging Face causal LM to fine-tune as the policy (the hf extra); "
-        "its tokenizer becomes the env's unless --env-kwargs gives one",
+        "its tokenizer becomes the env's unless --env-kwargs gives one (default: the built-in Transformer)",
     )
-    parser.add_argument("--total-timesteps", type=int, default=50_000, help="env steps (tokens) to train for")
+    parser.add_argument(
+        "--total-timesteps",
+        type=int,
+        default=None,
+        help="env steps (tokens) to train for, rounded up to whole rollouts; with --resume, the run's "
+        "new total (default: 50000; with --resume, the run's own total)",
+    )
     parser.add_argument("--num-envs", type=int, default=64, help="episodes in flight in the batched env")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the agent and the environment")
+    parser.add_argument(
+        "--seed", type=seed, default=0, help="seed of the agent and the environment, 0 to 2**32-1"
+    )
     parser.add_argument("--logdir", default="runs", help="parent directory of the run directory")
-    parser.add_argument("--device", default="auto", help="torch device of the agent: auto, cpu, cuda")
-    parser.add_argument("--resume", default=None, help="checkpoint.pt of an interrupted ppo run to continue")
+    parser.add_argument("--device", default="auto", help="torch device of the agent: auto, cpu, cuda, cuda:N")
+    add_threads_argument(parser, policy_model_option=True)
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint.pt of a ppo run to continue, with its own settings (see above; default: a new run)",
+    )
     parser.add_argument(
         "--checkpoint-interval",
         type=int,
         default=10,
-        help="ppo: also save the checkpoint every this many updates (0: only at the end)",
+        help="ppo: also save the checkpoint every this many updates (0: only at the end and on Ctrl-C)",
     )
     parser.add_argument("--eval-episodes", type=int, default=256, help="episodes of each evaluation")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    given = explicit_options(parser, argv)
     for name in ("env_kwargs", "ppo_config", "hyperparams"):
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
-    if args.policy_model is not None:
-        if args.agent != "ppo" or args.resume or args.init_policy is not None:
-            parser.error("--policy-model applies to a new --agent ppo run without --init-policy only")
-        if not Path(args.policy_model).is_dir():
-            parser.error(f"--policy-model: no directory at {args.policy_model!r} (nothing is downloaded)")
-        args.env_kwargs.setdefault("tokenizer", args.policy_model)
-    if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
-        parser.error(problem)
-    for name in ("total_timesteps", "num_envs", "eval_episodes"):
+    for name in ("num_envs", "eval_episodes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.resume is not None and not Path(args.resume).is_file():
-        parser.error(f"--resume: no checkpoint file at {args.resume!r}")
+    if args.total_timesteps is not None and args.total_timesteps < 1:
+        parser.error(f"--total-timesteps must be >= 1, got {args.total_timesteps}")
+    if args.checkpoint_interval < 0:
+        parser.error(
+            f"--checkpoint-interval must be >= 0 (0: save only at the end), got {args.checkpoint_interval}"
+        )
+    if (problem := device_error(args.device)) is not None:
+        parser.error(problem)
+    if args.resume is not None:
+        _take_settings_of_resumed_run(parser, args, given)
+    else:
+        _check_new_run(parser, args)
+    args.threads = default_threads(args.policy_model) if args.threads is None else args.threads
+    return args
+
+
+def _check_new_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.total_timesteps is None:
+        args.total_timesteps = 50_000
+    if args.policy_model is not None:
+        if args.agent != "ppo" or args.init_policy is not None:
+            parser.error("--policy-model applies to a new --agent ppo run without --init-policy only")
+        model_dir = Path(args.policy_model)
+        if not model_dir.is_dir():
+            parser.error(f"--policy-model: no directory at {args.policy_model!r} (nothing is downloaded)")
+        if not (model_dir / "config.json").is_file():
+            parser.error(
+                f"--policy-model: {args.policy_model!r} holds no Hugging Face model (no config.json); give a "
+                "directory written by save_pretrained"
+            )
+        if "tokenizer" not in args.env_kwargs:
+            if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+                parser.error(
+                    f"--policy-model: {args.policy_model!r} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+                    "save the model's tokenizer there too, or name one with --env-kwargs '{\"tokenizer\": ...}'"
+                )
+            args.env_kwargs = {**args.env_kwargs, "tokenizer": args.policy_model}
+    if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
+        parser.error(problem)
     if args.ppo_config and args.agent != "ppo":
         parser.error("--ppo-config applies to --agent ppo only")
-    if args.init_policy is not None and (args.agent != "ppo" or args.resume):
+    if args.init_policy is not None and args.agent != "ppo":
         parser.error("--init-policy applies to a new --agent ppo run only")
     if args.init_policy is not None and not Path(args.init_policy).is_file():
         parser.error(f"--init-policy: no checkpoint file at {args.init_policy!r}")
@@ -136,29 +244,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.hyperparams or args.extractor != "transformer" or args.vec_env != "batched"
     ):
         parser.error("--hyperparams, --extractor and --vec-env apply to sb3-* agents only")
+    if args.agent != "ppo" and (problem := hyperparams_error(args.agent, args.hyperparams, args.num_envs)):
+        parser.error(f"--hyperparams: {problem}")
     try:
         args.ppo = PPOConfig.from_dict(args.ppo_config)
     except (TypeError, ValueError) as exc:
         parser.error(f"--ppo-config: {exc}")
-    return args
+    if (problem := output_dir_error(args.logdir, "--logdir")) is not None:
+        parser.error(problem)
 
 
-def make_run_dir(args: argparse.Namespace) -> Path:
-    run_dir = Path(args.logdir) / f"{args.agent}_{args.task}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
+def _take_settings_of_resumed_run(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str]
+) -> None:
+    """Fill ``args`` with the settings of the run being resumed (its config.json), refusing
+    explicitly given options that would change them."""
+    checkpoint = Path(args.resume)
+    if not checkpoint.is_file():
+        parser.error(f"--resume: no checkpoint file at {args.resume!r}")
+    config_file = checkpoint.resolve().parent / "config.json"
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        parser.error(f"--resume: cannot read the run's settings in {str(config_file)!r} ({exc})")
+    if saved.get("agent") != "ppo":
+        parser.error(
+            f"--resume continues ppo runs only; {str(config_file)!r} is a {saved.get('agent')!r} run"
+        )
+    conflicts = []
+    for name in sorted(given & set(RUN_OPTIONS)):
+        value, theirs = getattr(args, name), saved.get(name)
+        if name == "env_kwargs" and saved.get("policy_model") and isinstance(value, dict):
+            value = {"tokenizer": saved["policy_model"], **value}  # as the new run added it
+        if name == "logdir" and theirs is not None and Path(value).resolve() == Path(theirs).resolve():
+            continue
+        if value != theirs:
+            conflicts.append(
+                f"--{name.replace('_', '-')} {json.dumps(value)} (the run has {json.dumps(theirs)})"
+            )
+    if conflicts:
+        parser.error(
+            f"--resume continues the run with its own settings, from {str(config_file)!r}; these options "
+            f"would change it: {'; '.join(conflicts)}. Drop them (only --total-timesteps, --device, --threads, "
+            "--eval-episodes, --checkpoint-interval and --no-progress apply to a resumed run)"
+        )
+    for name in RUN_OPTIONS:
+        setattr(args, name, saved.get(name, getattr(args, name)))
+    args.ppo = None
 
 
-def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> tuple[Any, Any]:
-    checkpoint = run_dir / "checkpoint.pt"
-    if args.resume:
-        model = PPO.load(args.resume, device=args.device, tensorboard_log=run_dir)
-        remaining = max(model._target_timesteps - model.num_timesteps, 0)
-        print(f"resuming at {model.num_timesteps} env steps; {remaining} to go")
-        reset = False
-    else:
-        try:
-            model = PPO(
+def run_dir_for(args: argparse.Namespace) -> Path:
+    return Path(args.logdir) / f"{args.agent}_{args.task}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_model(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> Any:
+    """The new run's agent (nothing is written yet); SystemExit with the reason if it cannot be made."""
+    try:
+        if args.agent == "ppo":
+            return PPO(
                 "TextGen-v0",
                 args.ppo,
                 args.num_envs,
@@ -170,27 +313,7 @@ def train_ppo(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
                 init_policy=args.init_policy,
                 policy_model=args.policy_model,
             )
-        except (ValueError, FileNotFoundError, ImportError) as exc:
-            raise SystemExit(f"error: {exc}") from None
-        if args.init_policy is not None:  # the checkpoint's architecture replaced --ppo-config's
-            saved = json.loads((run_dir / "config.json").read_text())
-            write_json(run_dir / "config.json", saved | {"ppo_config_resolved": model.config.to_dict()})
-        remaining, reset = args.total_timesteps, True
-    if remaining:
-        model.learn(
-            remaining,
-            progress_bar=not args.no_progress,
-            reset_num_timesteps=reset,
-            checkpoint_path=checkpoint,
-            checkpoint_interval=args.checkpoint_interval,
-        )
-
-    return model, greedy_policy(model)
-
-
-def train_sb3(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> tuple[Any, Any]:
-    try:
-        model = make_sb3_model(
+        return make_sb3_model(
             args.agent,
             env_kwargs,
             args.num_envs,
@@ -201,15 +324,37 @@ def train_sb3(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Pat
             args.extractor,
             args.vec_env,
         )
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"error: {exc}") from None
+
+
+def load_for_resume(args: argparse.Namespace, run_dir: Path) -> tuple[PPO, int]:
+    """The checkpoint's agent and the run's total target (``--total-timesteps`` or its own)."""
     try:
-        model.learn(args.total_timesteps, tb_log_name="tb", log_interval=1, progress_bar=not args.no_progress)
-    finally:  # also on Ctrl-C: keep what was learned
-        tmp = run_dir / "model.tmp.zip"
-        model.save(tmp)
-        os.replace(tmp, run_dir / "model.zip")
-    return model, greedy_policy(model)
+        model = PPO.load(args.resume, device=args.device, tensorboard_log=run_dir)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise SystemExit(f"error: --resume: {exc}") from None
+    target = model._target_timesteps if args.total_timesteps is None else args.total_timesteps
+    # The run's own total may lie below the steps done (whole rollouts overshoot it): nothing to train.
+    if target < model.num_timesteps and target != model._target_timesteps:
+        raise SystemExit(
+            f"error: --total-timesteps {target:,} is below the {model.num_timesteps:,} env steps the run has "
+            "already done; give a total at or above it (it counts from the start of the run)"
+        )
+    return model, target
+
+
+def rollout_size(model: Any) -> int:
+    """Env steps per rollout: training stops at the first multiple of it at or past the target."""
+    if isinstance(model, PPO):
+        return model.config.n_steps * model.num_envs
+    return model.n_steps * model.n_envs
+
+
+def tensorboard_dir(model: Any, run_dir: Path) -> Path:
+    if isinstance(model, PPO):
+        return Path(model._tb_dir) if model._tb_dir is not None else run_dir / "ppo_1"
+    return Path(model.logger.get_dir())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,41 +366,83 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    env_kwargs = {"task": args.task, **args.env_kwargs}
     if args.resume:
         run_dir = Path(args.resume).resolve().parent
-        saved = json.loads((run_dir / "config.json").read_text())
-        args.agent, args.task, args.env_kwargs = saved["agent"], saved["task"], saved["env_kwargs"]
+        model, target = load_for_resume(args, run_dir)
+        if args.total_timesteps is not None:  # the run's new total
+            saved = json.loads((run_dir / "config.json").read_text())
+            write_json(run_dir / "config.json", saved | {"total_timesteps": target})
+        args.total_timesteps = target
+        remaining, start = max(target - model.num_timesteps, 0), model.num_timesteps
+        if remaining:
+            print(f"resuming at {model.num_timesteps} env steps; {remaining} to go")
+        else:
+            print(
+                f"the run has done {model.num_timesteps:,} env steps, its total {target:,} included: nothing "
+                "to train (a larger --total-timesteps continues it); evaluating"
+            )
     else:
-        run_dir = make_run_dir(args)
-        write_json(
-            run_dir / "config.json",
-            {k: v for k, v in vars(args).items() if k not in ("no_progress", "ppo")}
-            | {"run_dir": str(run_dir)}
-            # every PPOConfig field, defaults included, so the file alone describes the run
-            | ({"ppo_config_resolved": args.ppo.to_dict()} if args.agent == "ppo" else {}),
-        )
-    env_kwargs = {"task": args.task, **args.env_kwargs}
-    print(
-        "run:",
-        json.dumps({k: v for k, v in vars(args).items() if k not in ("no_progress", "ppo")}, default=repr),
-    )
+        run_dir = run_dir_for(args)
+        model = build_model(args, env_kwargs, run_dir)
+        make_dir(run_dir, "--logdir")
+        settings = {k: v for k, v in vars(args).items() if k not in NOT_SAVED} | {"run_dir": str(run_dir)}
+        if isinstance(model, PPO):
+            # every PPOConfig field, defaults included (an --init-policy's architecture replaces
+            # --ppo-config's), so the file alone describes the run
+            settings["ppo_config_resolved"] = model.config.to_dict()
+        write_json(run_dir / "config.json", settings)
+        remaining, start = args.total_timesteps, 0
+    print("run:", json.dumps({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, default=repr))
 
     random_level = evaluate(None, env_kwargs, args.eval_episodes, args.num_envs)
     print(f"random policy: mean episode reward {random_level['mean']:.3f} ± {random_level['std']:.3f}")
-    start = time.perf_counter()
+    began = time.perf_counter()
     try:
-        model, policy = (train_ppo if args.agent == "ppo" else train_sb3)(args, env_kwargs, run_dir)
+        if isinstance(model, PPO):
+            if remaining:
+                model.learn(
+                    remaining,
+                    progress_bar=not args.no_progress,
+                    reset_num_timesteps=not args.resume,
+                    checkpoint_path=run_dir / "checkpoint.pt",
+                    checkpoint_interval=args.checkpoint_interval,
+                )
+        else:
+            try:
+                model.learn(remaining, tb_log_name="tb", log_interval=1, progress_bar=not args.no_progress)
+            finally:  # also on Ctrl-C: keep what was learned
+                tmp = run_dir / "model.tmp.zip"
+                model.save(tmp)
+                os.replace(tmp, run_dir / "model.zip")
     except KeyboardInterrupt:
-        saved_as = "checkpoint.pt" if args.agent == "ppo" else "model.zip"
-        print(f"\ninterrupted: saved {run_dir / saved_as}; logs flushed")
+        checkpoint = run_dir / "checkpoint.pt"
+        if not isinstance(model, PPO):
+            print(f"\ninterrupted: saved {run_dir / 'model.zip'}; logs flushed")
+        elif checkpoint.is_file():
+            print(
+                f"\ninterrupted: {checkpoint} is the run's last checkpoint; logs flushed. Continue with: "
+                f"python scripts/train.py --resume {checkpoint}"
+            )
+        else:
+            print("\ninterrupted before any checkpoint was saved; logs flushed")
         return 130
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
 
-    trained = evaluate(policy, env_kwargs, args.eval_episodes, args.num_envs)
-    print(
-        f"\ntrained {args.agent}: {model.num_timesteps} env steps in {seconds:.0f} s "
-        f"({model.num_timesteps / seconds:,.0f} env steps/s, evaluation excluded)"
+    trained = evaluate(greedy_policy(model), env_kwargs, args.eval_episodes, args.num_envs)
+    steps, trained_now = model.num_timesteps, model.num_timesteps - start
+    rounded = (
+        f" ({args.total_timesteps:,} asked, rounded up to whole rollouts of {rollout_size(model):,})"
+        if steps != args.total_timesteps
+        else ""
     )
+    if not trained_now:
+        session = ", none in this session"
+    else:
+        session = "" if trained_now == steps else f"; {trained_now:,} in this session"
+        session += f" in {seconds:.1f} s ({trained_now / seconds:,.0f} env steps/s, evaluation excluded)"
+    print(f"\ntrained {args.agent}: {steps:,} env steps{rounded}{session}")
     print(
         f"mean episode reward (greedy): random {random_level['mean']:.3f} -> trained {trained['mean']:.3f} "
         f"± {trained['std']:.3f} ({trained['episodes']} episodes)"
@@ -263,6 +450,26 @@ def run(args: argparse.Namespace) -> int:
     print("\nsample generations (prompt | completion  -> reward):")
     for prompt, completion, reward in trained["samples"]:
         print(f"  {prompt} | {completion}  -> {reward:.3f}")
+    word = repeated_word(trained["samples"])
+    # The lexicon score is in (-1, 1): above 0.8, nearly every word is one of the highest valence.
+    if word is not None and trained["reward_name"] == "sentiment" and trained["mean"] >= 0.8:
+        print(
+            f"\nnote: the samples repeat {word!r}: this is reward hacking of the lexicon reward. The reward is "
+            "the mean sentiment of the completion's words in a word list, so the policy found a word of the "
+            "highest valence and repeats it: a near-maximal reward, and no review. The remedy, as in RLHF: "
+            "start from a policy that writes text and keep it near that policy. python scripts/pipeline.py "
+            "pretrains the policy on the task's corpus, then trains PPO with a KL penalty to the pretrained "
+            "policy (and without it, to compare)."
+        )
+
+    run_config = json.loads((run_dir / "config.json").read_text())
+    hparams = {k: args.__dict__[k] for k in ("agent", "task", "seed", "num_envs", "total_timesteps")}
+    hparams["env_kwargs"] = args.env_kwargs
+    hparams["overrides"] = args.ppo_config if args.agent == "ppo" else args.hyperparams
+    agent_config = None if isinstance(model, PPO) else sb3_hyperparameters(args.agent, args.hyperparams)
+    log_evaluation(
+        tensorboard_dir(model, run_dir), steps, random_level, trained, run_config, hparams, agent_config
+    )
     print(f"\nrun directory: {run_dir}   (tensorboard --logdir {args.logdir})")
     return 0
 

@@ -28,20 +28,38 @@ from pathlib import Path
 
 from agents.policy import PolicyConfig
 from agents.reward_model import RewardTrainConfig, check_examples, save_reward_model, train_reward_model
+from agents.runtime import (
+    HelpFormatter,
+    add_threads_argument,
+    device_error,
+    json_value,
+    make_dir,
+    output_dir_error,
+    seed,
+    set_threads,
+)
 from textgym.io import write_json
 from textgym.preferences import KINDS, reward_data
 from textgym.tasks import env_arguments_error, make_env_config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--task", default="default", help="task whose tokenizer (and generated data) to use")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
-        "--tokenizer", default=None, help="env tokenizer kind if not the task's: byte, char, word"
+        "--task",
+        default="default",
+        help="task whose tokenizer (and generated data) to use (default: default, i.e. sentiment)",
     )
-    parser.add_argument("--data", default=None, help="JSON-lines file of labels or preference pairs")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="env tokenizer kind if not the task's: byte, char, word (default: the task's)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="JSON-lines file of labels or preference pairs (default: data generated from the task)",
+    )
     parser.add_argument(
         "--kind", choices=KINDS, default="pairs", help="generated data: preference pairs or labels"
     )
@@ -49,16 +67,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--examples", type=int, default=4000, help="generated examples (pairs: candidates / 2)"
     )
     defaults = RewardTrainConfig()
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per step")
+    parser.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="optimizer step size"
+    )
     parser.add_argument("--max-len", type=int, default=defaults.max_len, help="longest prompt + completion")
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--policy", type=json.loads, default={}, help="JSON object of PolicyConfig fields")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--logdir", default="runs")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--val-fraction", type=float, default=defaults.val_fraction, help="share of the data held out"
+    )
+    parser.add_argument(
+        "--policy",
+        type=json_value,
+        default={},
+        help="JSON object of PolicyConfig fields of the network (default: {}, the PPO policy's defaults)",
+    )
+    parser.add_argument(
+        "--seed", type=seed, default=0, help="seed of the data, split and weights, 0 to 2**32-1"
+    )
+    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
+    add_threads_argument(parser)
+    parser.add_argument("--logdir", default="runs", help="parent directory of the run directory")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked before anything is written (exit 2 naming the option)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     env_kwargs = {} if args.tokenizer is None else {"tokenizer": args.tokenizer}
     if (problem := env_arguments_error(args.task, env_kwargs)) is not None:
@@ -80,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.policy_config = PolicyConfig(**args.policy)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
+    if (problem := device_error(args.device)) is not None:
+        parser.error(problem)
+    if (problem := output_dir_error(args.logdir, "--logdir")) is not None:
+        parser.error(problem)
+    args.threads = 1 if args.threads is None else args.threads
     return args
 
 
@@ -96,6 +137,7 @@ def load_jsonl(path: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     env = make_env_config(args.task, **({} if args.tokenizer is None else {"tokenizer": args.tokenizer}))
     try:
         if args.data:
@@ -108,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_dir = Path(args.logdir) / f"reward_{env.task}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+    make_dir(run_dir, "--logdir")
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "policy_config", "no_progress")}
     write_json(run_dir / "config.json", settings | {"train_config": vars(args.config)})
     print(f"training a reward model on {len(examples)} examples ({source}); run {run_dir}")

@@ -9,6 +9,7 @@ evaluate() averages what it should.
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -25,8 +26,10 @@ from agents.baselines import (
     SB3_AGENTS,
     VEC_ENVS,
     evaluate,
+    hyperparams_error,
     learning_rate,
     make_sb3_model,
+    repeated_word,
 )
 from agents.extractor import (
     MaskableTransformerActorCriticPolicy,
@@ -306,6 +309,60 @@ def test_bad_arguments_name_the_bad_value(kwargs, match):
     kwargs = {"agent": "sb3-ppo", **kwargs}
     with pytest.raises(ValueError, match=match):
         make_sb3_model(kwargs.pop("agent"), num_envs=2, device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("agent", "params", "match"),
+    [
+        ("sb3-ppo", {"n_steps": -1}, "n_steps must be a positive integer, got -1"),
+        ("sb3-ppo", {"n_steps": 1.5}, "n_steps must be a positive integer"),
+        ("sb3-ppo", {"batch_size": 1}, "batch_size must be >= 2 with normalize_advantage"),
+        ("sb3-maskable-ppo", {"n_epochs": 0}, "n_epochs must be a positive integer"),
+        ("sb3-a2c", {"gamma": 1.5}, r"gamma must be a number in \[0, 1\]"),
+        ("sb3-ppo", {"learning_rate": "lin_-1"}, "learning_rate must be a positive number or 'lin_"),
+        ("sb3-ppo", {"learning_rate": 0}, "learning_rate must be a positive number"),
+        ("sb3-ppo", {"clip_range_vf": -0.1}, "clip_range_vf must be null or a positive number"),
+        ("sb3-ppo", {"ent_coef": -1}, "ent_coef must be a finite number >= 0"),
+        ("sb3-ppo", {"normalize_advantage": "yes"}, "normalize_advantage must be true or false"),
+        ("sb3-ppo", {"policy_kwargs": [1]}, "policy_kwargs must be a JSON object"),
+        ("sb3-ppo", {"seed": 1}, r"seed \(--seed\)"),
+        ("sb3-ppo", {"device": "cpu"}, r"device \(--device\)"),
+        ("sb3-a2c", {"n_epochs": 2}, r"A2C has no argument\(s\) \['n_epochs'\]"),
+    ],
+)
+def test_hyperparams_error_names_the_value_sb3_would_reject(agent, params, match):
+    """What SB3 asserts on (an AssertionError from deep inside its constructor) or fails on only
+    during training is named up front, with the value and what is accepted."""
+    problem = hyperparams_error(agent, params, num_envs=4)
+    assert problem is not None and problem.startswith(f"{agent}: bad hyperparameters")
+    assert re.search(match, problem), problem
+    with pytest.raises(ValueError, match=match):
+        make_sb3_model(agent, num_envs=4, device="cpu", hyperparams=params)
+
+
+def test_hyperparams_error_accepts_the_defaults_and_sensible_overrides():
+    for agent in SB3_AGENTS:
+        assert hyperparams_error(agent, {}, num_envs=64) is None
+        assert hyperparams_error(agent, {"n_steps": 16, "learning_rate": 3e-4, "gamma": 1.0}) is None
+    assert hyperparams_error("sb3-ppo", {"normalize_advantage": False, "batch_size": 1}) is None
+
+
+def test_a_rollout_of_one_transition_is_refused():
+    """SB3 asserts ``n_steps * n_envs > 1`` when normalising advantages: a ValueError instead."""
+    with pytest.raises(ValueError, match="n_steps x num_envs must be >= 2"):
+        make_sb3_model("sb3-ppo", num_envs=1, device="cpu", hyperparams={"n_steps": 1, "batch_size": 2})
+
+
+def test_repeated_word():
+    def samples(*completions):
+        return [("p", c, 0.0) for c in completions]
+
+    assert repeated_word(samples(*["best best best best"] * 8)) == "best"
+    assert repeated_word(samples(*["best good best good best"] * 6, "a b c d", "e f g h")) == "best"
+    assert repeated_word(samples(*["the food was good and hot"] * 8)) is None
+    assert repeated_word(samples(*["best best best"] * 4, *["a b c d"] * 4)) is None  # half only
+    assert repeated_word(samples(*["great great great"] * 4, *["best best best"] * 4)) in ("great", "best")
+    assert repeated_word([]) is None
 
 
 # -------------------------------------------------------------------- truncation bootstrapping

@@ -12,10 +12,12 @@ import pytest
 
 from agents.compare import (
     RunSummary,
+    agents_error,
     aggregate,
     find_run_dir,
     iqm,
     results_markdown,
+    run_comparison,
     stratified_bootstrap_ci,
     summarize,
     summarize_run,
@@ -496,3 +498,56 @@ def test_summarize_without_finished_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         summarize(tmp_path, threshold=0.8)
     assert not (tmp_path / "results.csv").exists()
+
+
+# ------------------------------------------------------------------------ running: failures
+TINY_RUN = {"total_timesteps": 32, "num_envs": 4, "device": "cpu", "eval_episodes": 4, "progress": False}
+TINY_SB3 = {"sb3-ppo": {"n_steps": 8, "batch_size": 16, "n_epochs": 1, "policy_kwargs": {"d_model": 16}}}
+
+
+def tiny_ppo_config():
+    from agents.ppo import PPOConfig
+
+    return PPOConfig(n_steps=8, policy={"d_model": 16, "n_layers": 1, "n_heads": 2})
+
+
+def test_agents_error_builds_each_agent_once():
+    env = {"task": "default"}
+    assert agents_error(["ppo", "sb3-ppo"], env, 4, "cpu", tiny_ppo_config(), TINY_SB3) is None
+    bad = {"sb3-ppo": {"n_steps": 8, "batch_size": 16, "policy_kwargs": {"d_modle": 8}}}
+    problem = agents_error(["ppo", "sb3-ppo"], env, 4, "cpu", tiny_ppo_config(), bad)
+    assert problem.startswith("--sb3-hyperparams: sb3-ppo cannot be built") and "d_modle" in problem
+    assert "unknown agent 'dqn'" in agents_error(["dqn"], env, 4, "cpu")
+
+
+def test_an_error_mid_comparison_writes_no_results(tmp_path):
+    """A run that fails after others finished leaves their TensorBoard runs, and no tables: the
+    results are written once, at the end (a failing run once left a partial results.md)."""
+    bad = {"sb3-ppo": {"n_steps": 8, "batch_size": 16, "policy_kwargs": {"d_modle": 8}}}
+    with pytest.raises(ValueError, match="d_modle"):
+        run_comparison(
+            tmp_path, ["ppo", "sb3-ppo"], [0], ppo_config=tiny_ppo_config(), sb3_hyperparams=bad, **TINY_RUN
+        )
+    assert (tmp_path / "tb" / "ppo_s0_1").is_dir()
+    for name in ("results.md", "results.csv", "runs.csv", "curves.png"):
+        assert not (tmp_path / name).exists(), name
+
+
+def test_ctrl_c_mid_comparison_summarises_the_finished_runs(tmp_path, monkeypatch):
+    import agents.baselines
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agents.baselines, "make_sb3_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(
+            tmp_path,
+            ["ppo", "sb3-ppo"],
+            [0],
+            ppo_config=tiny_ppo_config(),
+            sb3_hyperparams=TINY_SB3,
+            **TINY_RUN,
+        )
+    assert "| ppo | 1 |" in (tmp_path / "results.md").read_text()
+    assert "sb3-ppo" not in (tmp_path / "results.md").read_text()

@@ -5,7 +5,10 @@ its refusals of bad arguments."""
 from __future__ import annotations
 
 import csv
+import functools
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,11 +41,20 @@ SB3_HYPERPARAMS = {
     "sb3-maskable-ppo": {"n_steps": 16, "batch_size": 32},
 }
 OUTPUTS = ("results.csv", "results.md", "runs.csv", "curves.png", "config.json")
+# One thread per process (compare.py's default too): the cores are shared. The timeout only stops
+# a hung process; a loaded machine must never reach it.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMEOUT = 1800
 
 
 def compare(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "scripts/compare.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "scripts/compare.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=ENV,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
@@ -276,31 +288,70 @@ def test_summarize_refuses_a_directory_without_tb(tmp_path):
     assert (tmp_path / "results.csv").read_text() == "agent\n"
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--agents", "ppo", "dqn"], "--agents: invalid choice: 'dqn'"),
-        (["--agents", "ppo", "ppo"], "--agents and --seeds must not repeat"),
-        (["--seeds", "0", "1", "0"], "--agents and --seeds must not repeat"),
-        (["--seeds", "0", "-1"], "--seeds must be non-negative"),
-        (["--total-timesteps", "0"], "--total-timesteps must be >= 1"),
-        (["--sb3-hyperparams", '{"ppo": {"n_steps": 8}}'], "--sb3-hyperparams must map SB3 agents"),
-        (["--sb3-hyperparams", '{"sb3-ppo": 16}'], "--sb3-hyperparams must map SB3 agents"),
-        (["--sb3-hyperparams", "[1, 2]"], "--sb3-hyperparams must be a JSON object"),
-        (["--sb3-hyperparams", "{not json"], "--sb3-hyperparams"),
-        (["--env-kwargs", '{"task": "keyword"}'], "--env-kwargs"),
-        (["--ppo-config", '{"n_stepz": 16}'], "--ppo-config: unknown PPOConfig fields ['n_stepz']"),
-        (["--ppo-config", '{"n_steps": 0}'], "--ppo-config"),
-    ],
-)
-def test_bad_arguments_exit_2_naming_the_option(tmp_path, args, message):
-    """Mistakes are refused at once (exit 2, usage error naming the option), before any output."""
+@functools.cache
+def compare_script():
+    """scripts/compare.py as a module (its ``__main__`` block does not run)."""
+    spec = importlib.util.spec_from_file_location("_textgym_script_compare", ROOT / "scripts" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BAD_ARGUMENTS = [
+    (["--agents", "ppo", "dqn"], "--agents: invalid choice: 'dqn'"),
+    (["--agents", "ppo", "ppo"], "--agents and --seeds must not repeat"),
+    (["--seeds", "0", "1", "0"], "--agents and --seeds must not repeat"),
+    (["--seeds", "0", "-1"], "--seeds: must be an integer from 0 to 4294967295"),
+    (["--seeds", str(2**64)], "--seeds: must be an integer from 0 to 4294967295"),
+    (["--total-timesteps", "0"], "--total-timesteps must be >= 1"),
+    (["--sb3-hyperparams", '{"ppo": {"n_steps": 8}}'], "--sb3-hyperparams must map SB3 agents"),
+    (["--sb3-hyperparams", '{"sb3-ppo": 16}'], "--sb3-hyperparams must map SB3 agents"),
+    (["--sb3-hyperparams", "[1, 2]"], "--sb3-hyperparams must be a JSON object"),
+    (["--sb3-hyperparams", "{not json"], "--sb3-hyperparams: not valid JSON"),
+    (["--sb3-hyperparams", '{"sb3-ppo": {"n_steps": -1}}'], "n_steps must be a positive integer, got -1"),
+    (["--sb3-hyperparams", '{"sb3-ppo": {"batch_size": 1}}'], "batch_size must be >= 2"),
+    (
+        ["--sb3-hyperparams", '{"sb3-ppo": {"batch_size": 32, "policy_kwargs": {"d_modle": 8}}}'],
+        "--sb3-hyperparams: sb3-ppo cannot be built",
+    ),
+    (["--env-kwargs", '{"task": "keyword"}'], "--env-kwargs"),
+    (["--env-kwargs", "{bad"], "--env-kwargs: not valid JSON"),
+    (["--ppo-config", '{"n_stepz": 16}'], "--ppo-config: unknown PPOConfig fields ['n_stepz']"),
+    (["--ppo-config", '{"n_steps": 0}'], "--ppo-config"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--threshold", "nan"], "--threshold must be a finite number"),
+    (["--threads", "-2"], "--threads: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_exit_2_naming_the_option(tmp_path, args, message, capsys):
+    """Mistakes are refused at once (exit 2, usage error naming the option), before any output;
+    settings that only building an agent can check are checked by building each agent once."""
     out = tmp_path / "out"
-    proc = compare(*args, "--out", str(out), "--no-progress", check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert "usage:" in proc.stderr and message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as info:
+        compare_script().main([*args, "--out", str(out), "--no-progress", "--num-envs", "4"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "usage:" in err and message in err, err
     assert not out.exists()
+
+
+def test_bad_arguments_give_no_traceback(tmp_path):
+    """As a subprocess, as a user runs it: the usage error alone, no traceback."""
+    out = tmp_path / "out"
+    proc = compare("--seeds", "-1", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "--seeds" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/out"])
+def test_out_that_cannot_be_a_directory_is_refused(tmp_path, where, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        compare_script().parse_args(["--out", str(tmp_path / where)])
+    assert info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_out_holding_a_comparison_is_refused(tmp_path):

@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_POLICY = '{"d_model": 16, "n_layers": 1, "n_heads": 2}'
 # One thread per process: the machine's two cores are shared, and more threads only contend.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMEOUT = 1800  # only stops a hung process; a loaded machine must never reach it
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env=ENV
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
@@ -327,6 +328,14 @@ def test_train_with_a_policy_model(gpt2_dir, tmp_path):
         model.reference.model.state_dict().items(), fresh.model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+@requires_hf
+def test_train_threads_default_to_torch_s_with_a_policy_model(gpt2_dir, tmp_path):
+    """A Hugging Face policy gains from more threads: --threads defaults to 0 (torch's default)."""
+    argv = ["--task", "sentiment", "--policy-model", str(gpt2_dir), "--logdir", str(tmp_path)]
+    assert script("train").parse_args(argv).threads == 0
+    assert script("train").parse_args([*argv, "--threads", "2"]).threads == 2
 
 
 @requires_hf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +11,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# One thread per process (the scripts' default too): the cores are shared, and more threads only
+# contend. The timeout only stops a hung process; a loaded machine must never reach it.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMEOUT = 1800
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env=ENV
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
 
 
-@pytest.mark.parametrize("script", ["scripts/train.py", "scripts/benchmark.py"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        f"scripts/{name}.py"
+        for name in ("train", "compare", "pipeline", "pretrain", "train_reward", "benchmark")
+    ],
+)
 def test_help(script):
     out = run(script, "--help").stdout
     assert "usage:" in out and "--" in out
@@ -111,6 +124,25 @@ def test_benchmark_rollout_and_train(tmp_path):
     )
     train = json.loads((tmp_path / "train.json").read_text())
     assert train["env_steps"] >= 512 and 0 < train["rollout_share"] + train["update_share"] <= 1
+
+
+def test_benchmark_busy_reports_idle_and_busy_speeds(tmp_path):
+    """benchmark.py busy: the main job's env steps/s idle and beside busy processes, per thread
+    setting, each in a fresh process; the spinning processes end with the measurement."""
+    out_file = tmp_path / "busy.json"
+    out = run(
+        "scripts/benchmark.py", "busy", "--thread-settings", "1", "--updates", "1", "--num-envs", "4",
+        "--busy-processes", "1", "--timeout", "900", "--out", str(out_file),
+    ).stdout  # fmt: skip
+    report = json.loads(out_file.read_text())
+    (row,) = report["runs"]
+    assert report["busy_processes"] == 1 and report["settings"]["updates"] == 1
+    assert row["threads_setting"] == 1 and row["threads"] == 1 and row["env_steps"] == 32 * 4
+    assert row["idle_env_steps_per_second"] > 0 and row["busy_env_steps_per_second"] > 0
+    assert row["slowdown"] == pytest.approx(
+        row["idle_env_steps_per_second"] / row["busy_env_steps_per_second"]
+    )
+    assert "slowdown" in out
 
 
 # ------------------------------------------------------------------- train.py: SB3 options

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -17,11 +21,20 @@ from agents.ppo import PPO
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ("--no-progress", "--device", "cpu", "--eval-episodes", "32")
+# One thread per process (train.py's default too): the cores are shared. The timeouts only stop a
+# hung process; a loaded machine must never reach them.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMEOUT = 1800
 
 
 def train(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "scripts/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "scripts/train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=ENV,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
@@ -41,7 +54,7 @@ def test_ppo_run_writes_config_checkpoint_and_events(tmp_path):
     assert "random policy: mean episode reward" in out
     assert "sample generations" in out
     assert "PPOConfig: " in out
-    assert re.search(r"trained ppo: 2048 env steps", out), out
+    assert re.search(r"trained ppo: 2,048 env steps in [\d.]+ s", out), out
     assert re.search(r"mean episode reward \(greedy\): random [\d.]+ -> trained [\d.]+", out), out
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("ppo_default_s0_")
@@ -72,11 +85,12 @@ def test_interrupt_then_resume(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=ENV,
         # Python turns SIGINT into KeyboardInterrupt only if SIGINT is not ignored when it starts.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + TIMEOUT
         checkpoints: list[Path] = []
         while not checkpoints and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -84,13 +98,14 @@ def test_interrupt_then_resume(tmp_path):
         assert proc.poll() is None, "the run ended before it could be interrupted"
         assert checkpoints, "no checkpoint appeared"
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130, f"stdout:\n{stdout}\nstderr:\n{stderr}"
-    assert "interrupted: saved" in stdout and "checkpoint.pt" in stdout
+    assert "interrupted: " in stdout and "checkpoint.pt is the run's last checkpoint" in stdout
+    assert "python scripts/train.py --resume " in stdout
     (checkpoint,) = checkpoints
     run_dir = checkpoint.parent
     assert not list(run_dir.glob("*.tmp"))
@@ -108,7 +123,7 @@ def test_interrupt_then_resume(tmp_path):
     updates_left = -(-(total - done) // per_update)
     end = done + updates_left * per_update
     assert total <= end < total + per_update
-    assert f"trained ppo: {end} env steps" in out
+    assert f"trained ppo: {end:,} env steps" in out
     assert "sample generations" in out
     final = PPO.load(checkpoint, device="cpu")
     assert final.num_timesteps == end
@@ -144,3 +159,197 @@ def test_resume_missing_file(tmp_path, where):
     proc = train("--resume", str(tmp_path / where), *COMMON, check=False)
     assert proc.returncode == 2
     assert "--resume: no checkpoint file at" in proc.stderr
+
+
+# ------------------------------------------------------------- in-process: resume, summary, TB
+@functools.cache
+def script() -> ModuleType:
+    """scripts/train.py as a module (its ``__main__`` block does not run)."""
+    spec = importlib.util.spec_from_file_location("_textgym_script_train", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--num-envs", "4", "--ppo-config", '{"n_steps": 8}', *COMMON[:3], "--eval-episodes", "4"]
+
+
+def exit_code(fn, argv: list[str]) -> int | str | None:
+    with pytest.raises(SystemExit) as info:
+        fn(argv)
+    return info.value.code
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """train.py's main sets torch's thread count (--threads): give the test process its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_run(tmp_path, capsys) -> tuple[Path, str]:
+    """train.py --total-timesteps 50 with rollouts of 8 x 4 = 32 env steps: (run directory, stdout)."""
+    assert script().main(["--total-timesteps", "50", "--logdir", str(tmp_path / "runs"), *TINY]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir, capsys.readouterr().out
+
+
+def tb_run(run_dir: Path) -> EventAccumulator:
+    (tb_dir,) = (p for p in run_dir.iterdir() if p.is_dir())
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return acc
+
+
+def test_summary_says_the_target_was_rounded_up_to_whole_rollouts(small_run):
+    _, out = small_run
+    assert "trained ppo: 64 env steps (50 asked, rounded up to whole rollouts of 32) in " in out
+
+
+def test_evaluation_config_samples_and_hparams_in_tensorboard(small_run):
+    """eval/mean_reward (after training, at the last step) and eval/mean_reward_random (step 0),
+    the samples and run config as text, and an HParams entry of the run settings."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run_dir, out = small_run
+    acc = tb_run(run_dir)
+    (trained,) = acc.Scalars("eval/mean_reward")
+    (random,) = acc.Scalars("eval/mean_reward_random")
+    assert trained.step == 64 and random.step == 0
+    assert f"random {random.value:.3f} -> trained {trained.value:.3f}" in out
+    assert {"eval/samples/text_summary", "run/config/text_summary", "config/text_summary"} <= set(
+        acc.Tags()["tensors"]
+    )
+    config_text = acc.Tensors("run/config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"total_timesteps": 50' in config_text
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["agent"].string_value == "ppo" and hparams["task"].string_value == "default"
+    assert hparams["seed"].number_value == 0 and hparams["num_envs"].number_value == 4
+    assert hparams["total_timesteps"].number_value == 50
+    assert json.loads(hparams["env_kwargs"].string_value) == {}
+    experiment = acc.PluginTagToContent("hparams")["_hparams_/experiment"]
+    metrics = plugin_data_pb2.HParamsPluginData.FromString(experiment).experiment.metric_infos
+    assert [m.name.tag for m in metrics] == ["eval/mean_reward"]
+
+
+def test_sb3_run_logs_config_samples_and_evaluation(tmp_path, capsys):
+    argv = ["--agent", "sb3-a2c", "--hyperparams", '{"n_steps": 8}', "--total-timesteps", "64",
+            "--num-envs", "4", "--eval-episodes", "4", "--no-progress", "--device", "cpu",
+            "--logdir", str(tmp_path)]  # fmt: skip
+    assert script().main(argv) == 0
+    (run_dir,) = tmp_path.iterdir()
+    acc = tb_run(run_dir)
+    assert {"eval/mean_reward", "eval/mean_reward_random", "rollout/ep_rew_mean"} <= set(
+        acc.Tags()["scalars"]
+    )
+    assert {"eval/samples/text_summary", "run/config/text_summary", "config/text_summary"} <= set(
+        acc.Tags()["tensors"]
+    )
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"n_steps": 8' in config_text and '"learning_rate": "lin_1e-3"' in config_text
+    samples = acc.Tensors("eval/samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert samples.startswith("| prompt | completion | return |")
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+
+
+def test_resume_with_a_new_total(small_run, capsys):
+    """--total-timesteps on --resume is the run's new total, counted from its start; the run's
+    repeated own options are accepted; config.json records the new total."""
+    run_dir, _ = small_run
+    checkpoint = run_dir / "checkpoint.pt"
+    argv = ["--resume", str(checkpoint), "--total-timesteps", "128", "--seed", "0", "--num-envs", "4",
+            "--ppo-config", '{"n_steps": 8}', *COMMON[:3], "--eval-episodes", "4"]  # fmt: skip
+    assert script().main(argv) == 0
+    out = capsys.readouterr().out
+    assert "resuming at 64 env steps; 64 to go" in out
+    assert "trained ppo: 128 env steps; 64 in this session in " in out
+    assert PPO.load(checkpoint, device="cpu").num_timesteps == 128
+    assert json.loads((run_dir / "config.json").read_text())["total_timesteps"] == 128
+    steps = sorted(e.step for e in tb_run(run_dir).Scalars("eval/mean_reward"))
+    assert steps == [64, 128]  # the same TensorBoard run, continued
+
+    # At its total: nothing to train, only the evaluation.
+    assert script().main(["--resume", str(checkpoint), *COMMON[:3], "--eval-episodes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "trained ppo: 128 env steps, none in this session" in out
+    assert PPO.load(checkpoint, device="cpu").num_timesteps == 128
+
+
+def test_resume_refuses_a_total_below_the_steps_done(small_run):
+    run_dir, _ = small_run
+    code = exit_code(script().main, ["--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "40"])
+    assert isinstance(code, str) and "--total-timesteps 40 is below the 64 env steps" in code
+    assert PPO.load(run_dir / "checkpoint.pt", device="cpu").num_timesteps == 64
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--agent", "sb3-ppo"],
+        ["--task", "keyword"],
+        ["--env-kwargs", '{"max_new_tokens": 4}'],
+        ["--ppo-config", '{"n_steps": 16}'],
+        ["--num-envs", "8"],
+        ["--seed", "1"],
+        ["--logdir", "elsewhere"],
+        ["--init-policy", "lm.pt"],
+        ["--hyperparams", '{"n_steps": 4}'],
+    ],
+    ids=lambda option: option[0],
+)
+def test_resume_refuses_options_that_would_change_the_run(small_run, option, capsys):
+    """Options that make the run what it is come from its config.json: given with --resume and
+    different, they are refused (they were silently ignored), naming the option and both values."""
+    run_dir, _ = small_run
+    before = (run_dir / "config.json").read_text()
+    assert exit_code(script().parse_args, ["--resume", str(run_dir / "checkpoint.pt"), *option]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues the run with its own settings" in err and f"{option[0]} " in err
+    assert "(the run has " in err
+    assert (run_dir / "config.json").read_text() == before
+
+
+def test_resume_takes_the_run_settings(small_run):
+    run_dir, _ = small_run
+    args = script().parse_args(["--resume", str(run_dir / "checkpoint.pt")])
+    assert (args.agent, args.num_envs, args.ppo_config, args.seed) == ("ppo", 4, {"n_steps": 8}, 0)
+    assert args.total_timesteps is None  # the checkpoint's own total, read when it is loaded
+
+
+REPEATED = [("review of the hotel : the room", "best best best best best best best best", 0.989)] * 8
+VARIED = [("review of the hotel : the room", "the room was clean and the view was great", 0.6)] * 8
+
+
+@pytest.mark.parametrize(
+    ("samples", "reward_name", "mean", "noted"),
+    [
+        (REPEATED, "sentiment", 0.98, True),
+        (VARIED, "sentiment", 0.98, False),
+        (REPEATED, "keyword", 0.98, False),
+        (REPEATED, "sentiment", 0.3, False),
+    ],
+    ids=["repeated-lexicon", "varied", "other-reward", "low-reward"],
+)
+def test_reward_hacking_note(samples, reward_name, mean, noted, tmp_path, capsys, monkeypatch):
+    """Repetitive samples under the lexicon reward get a note naming reward hacking and the
+    pipeline that fixes it (the main job printed eight "best best ..." with no word on why)."""
+    train_module = script()
+
+    def fake_evaluate(policy, env_kwargs, episodes, num_envs):
+        return {
+            "mean": 0.2 if policy is None else mean,
+            "std": 0.0,
+            "episodes": episodes,
+            "samples": samples,
+            "reward_name": reward_name,
+        }
+
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
+    assert train_module.main(["--total-timesteps", "32", "--logdir", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert ("reward hacking" in out and "scripts/pipeline.py" in out and "'best'" in out) == noted

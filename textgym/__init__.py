@@ -23,9 +23,10 @@ from textgym.rewards import (
     RewardModel,
     RewardModelError,
     SentimentReward,
+    VaderReward,
     as_reward_model,
 )
-from textgym.tasks import TASKS, EnvConfig, get_task, make_env_config
+from textgym.tasks import SPLITS, TASKS, EnvConfig, get_task, make_env_config
 from textgym.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from textgym.vector import TextGenVectorEnv
 
@@ -44,6 +45,7 @@ if ENV_ID not in gym.registry:
 
 __all__ = [
     "ENV_ID",
+    "SPLITS",
     "TASKS",
     "ByteTokenizer",
     "CharTokenizer",
@@ -59,6 +61,7 @@ __all__ = [
     "TextGenEnv",
     "TextGenVectorEnv",
     "Tokenizer",
+    "VaderReward",
     "WordTokenizer",
     "as_reward_model",
     "get_task",

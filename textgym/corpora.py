@@ -3,12 +3,16 @@
 Nothing here is downloaded or copied: every text comes from the templates and word lists below,
 drawn with a fixed seed, so a task's vocabulary, prompts and corpus are the same on every machine.
 The corpora serve the word- and character-level vocabularies now and next-token pretraining later.
+The lowercase, space-separated reviews and stories suit the word-level tokenizer; the natural
+reviews (``review_openings``, ``natural_review``) are written as people write, for byte-level and
+real language models' tokenizers.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from textgym.lexicon import INTENSIFIERS, NEGATIVE, POSITIVE
 
@@ -82,6 +86,229 @@ def review_prompts() -> list[str]:
         prompts += [f"review of the {topic} : the {s}" for s in subjects]
         prompts.append(f"review of the {topic} : i")
     return prompts
+
+
+# ------------------------------------------------------------------- natural reviews (task "reviews")
+# Natural-cased English with punctuation, for byte-level tokenizers and those of real language
+# models. Each domain has subjects (with whether they are plural), the tense its reviews are
+# written in, and a sentence that sets the scene. No opening carries sentiment of its own, for
+# VADER or for the project's lexicon (tested): the completion decides. That rules out some natural
+# words: VADER scores "honestly" +2.0, "truth" +1.3, "novel" +1.3, "special" +1.7, "played" +1.4.
+DOMAINS: dict[str, dict[str, Any]] = {
+    "movie": {
+        "subjects": (
+            ("movie", False),
+            ("film", False),
+            ("plot", False),
+            ("acting", False),
+            ("soundtrack", False),
+            ("ending", False),
+            ("visual effects", True),
+            ("dialogue", False),
+        ),
+        "past": True,
+        "scene": "We saw it on opening night",
+    },
+    "restaurant": {
+        "subjects": (
+            ("food", False),
+            ("service", False),
+            ("pasta", False),
+            ("steak", False),
+            ("coffee", False),
+            ("dessert", False),
+            ("waiter", False),
+            ("portions", True),
+        ),
+        "past": True,
+        "scene": "We had dinner there on Friday",
+    },
+    "hotel": {
+        "subjects": (
+            ("hotel room", False),
+            ("bed", False),
+            ("staff", False),
+            ("breakfast", False),
+            ("pool", False),
+            ("view", False),
+            ("location", False),
+        ),
+        "past": True,
+        "scene": "We stayed there for three nights",
+    },
+    "book": {
+        "subjects": (
+            ("book", False),
+            ("story", False),
+            ("writing", False),
+            ("characters", True),
+            ("first chapter", False),
+            ("last chapter", False),
+        ),
+        "past": True,
+        "scene": "I read it in one weekend",
+    },
+    "product": {
+        "subjects": (
+            ("phone", False),
+            ("battery life", False),
+            ("headphones", True),
+            ("laptop", False),
+            ("screen", False),
+            ("keyboard", False),
+            ("charger", False),
+        ),
+        "past": False,
+        "scene": "I have used it every day for a month",
+    },
+    "game": {
+        "subjects": (
+            ("game", False),
+            ("graphics", True),
+            ("controls", True),
+            ("story mode", False),
+            ("level design", False),
+            ("multiplayer", False),
+        ),
+        "past": False,
+        "scene": "I spent the whole weekend on it",
+    },
+}
+# "{s}" is the subject, "{be}" its verb; an opening ends either after the verb or after the subject
+# (then the completion supplies the verb: in the past after "I thought").
+OPENINGS = (
+    "The {s} {be}",
+    "I thought the {s}",
+    "Frankly, the {s}",
+    "Frankly, the {s} {be}",
+    "If you ask me, the {s} {be}",
+    "Overall, the {s} {be}",
+    "In my opinion, the {s} {be}",
+    "I have to say that the {s} {be}",
+    "{scene}, and the {s} {be}",
+)
+
+
+def _openings() -> dict[str, str]:
+    """Each opening, in a fixed order, with the verb its subject takes ("was", "were", "is", "are")."""
+    openings: dict[str, str] = {}  # ordered; a repeat keeps its first place
+    for domain in DOMAINS.values():
+        for subject, plural in domain["subjects"]:
+            past = "were" if plural else "was"
+            be = past if domain["past"] else ("are" if plural else "is")
+            for template in OPENINGS:
+                opening = template.format(s=subject, be=be, scene=domain["scene"])
+                openings.setdefault(opening, past if template.startswith("I thought") else be)
+    return openings
+
+
+def review_openings() -> list[str]:
+    """Every opening of a natural review ("The movie was", "I thought the food", "Frankly, the
+    hotel room", ...): each template of :data:`OPENINGS` with each subject of :data:`DOMAINS`, in
+    a fixed order, without repeats."""
+    return list(_openings())
+
+
+NATURAL_ADJECTIVES = {
+    "pos": (
+        "great",
+        "excellent",
+        "wonderful",
+        "lovely",
+        "fantastic",
+        "delightful",
+        "impressive",
+        "good",
+        "superb",
+        "perfect",
+        "beautiful",
+        "brilliant",
+        "pleasant",
+        "fun",
+    ),
+    "neg": (
+        "terrible",
+        "awful",
+        "boring",
+        "disappointing",
+        "bad",
+        "horrible",
+        "mediocre",
+        "poor",
+        "annoying",
+        "bland",
+        "dull",
+        "sloppy",
+        "weak",
+        "frustrating",
+    ),
+    "neu": ("fine", "okay", "average", "long", "short", "simple", "different", "typical", "standard"),
+}
+NATURAL_BOOSTERS = ("really", "very", "extremely", "incredibly", "quite", "truly", "surprisingly")
+CLOSINGS = {
+    "pos": (
+        "I would recommend it to anyone.",
+        "Worth every penny.",
+        "I would happily do it again.",
+        "Five stars from me.",
+        "I loved every minute of it.",
+    ),
+    "neg": (
+        "I would not recommend it.",
+        "What a waste of money.",
+        "Never again.",
+        "I expected much more.",
+        "One star, and that is generous.",
+    ),
+    "neu": (
+        "It was what I expected.",
+        "Nothing more to say.",
+        "Fine for the price.",
+        "Not bad, not great.",
+        "Your experience may vary.",
+    ),
+}
+
+
+def _natural_adjective(rng: random.Random, mood: str, boost: bool = True) -> str:
+    word = rng.choice(NATURAL_ADJECTIVES[mood])
+    if boost and mood != "neu" and rng.random() < 0.3:
+        word = f"{rng.choice(NATURAL_BOOSTERS)} {word}"
+    return word
+
+
+def natural_review(rng: random.Random, openings: Sequence[str] | None = None) -> str:
+    """A natural-cased review that starts with one of ``openings`` (all of :func:`review_openings`
+    if None): the opening, its continuation, and sometimes a closing sentence."""
+    verbs = _openings()
+    opening = rng.choice(list(verbs) if openings is None else openings)
+    be = verbs.get(opening, "was")
+    mood = rng.choice(("pos", "neg", "neu"))
+    flip = {"pos": "neg", "neg": "pos", "neu": "neu"}[mood]
+    verb = "" if opening.endswith(f" {be}") else f" {be}"  # "I thought the food" still needs its verb
+    form = rng.randrange(4 if mood != "neu" else 3)  # "a bit X, but Y" needs two moods
+    if form == 0:
+        middle = _natural_adjective(rng, mood)
+    elif form == 1:
+        middle = f"not {_natural_adjective(rng, flip, boost=False)}"
+    elif form == 2:
+        middle = f"{_natural_adjective(rng, mood)} and {_natural_adjective(rng, mood, boost=False)}"
+    else:
+        middle = (
+            f"a bit {_natural_adjective(rng, flip, boost=False)}, but {_natural_adjective(rng, mood)} overall"
+        )
+    end = "!" if mood == "pos" and rng.random() < 0.3 else "."
+    text = f"{opening}{verb} {middle}{end}"
+    if rng.random() < 0.5:
+        text += " " + rng.choice(CLOSINGS[mood])
+    return text
+
+
+def natural_reviews(n: int, seed: int = 0, openings: Sequence[str] | None = None) -> list[str]:
+    """``n`` reviews of :func:`natural_review`, drawn with ``seed`` (from ``openings`` if given)."""
+    rng = random.Random(seed)
+    openings = review_openings() if openings is None else list(openings)
+    return [natural_review(rng, openings) for _ in range(n)]
 
 
 # -------------------------------------------------------------------------------------- arithmetic

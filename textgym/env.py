@@ -135,14 +135,17 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     ```
 
-    - ``task``: ``"default"``, ``"sentiment"``, ``"arithmetic"`` or ``"keyword"`` (see ``textgym.tasks``).
+    - ``task``: ``"default"``, ``"sentiment"``, ``"arithmetic"``, ``"keyword"`` or ``"reviews"`` (see
+      ``textgym.tasks``).
     - ``reward``: overrides the task's reward model: a function ``(prompt, completion) -> float``,
       a ``textgym.RewardModel``, a built-in name, or ``{"name": ..., **arguments}``.
     - ``tokenizer``: a ``textgym.Tokenizer`` or ``"byte"``, ``"char"``, ``"word"`` (the latter two
       build their vocabulary from the task corpus and the prompts), or a local Hugging Face
       tokenizer (the ``hf`` extra): the path of a ``save_pretrained`` directory or a
       ``tokenizer.json``, or ``{"name": "hf", "path": ..., "eos_token": ...}``; see ``textgym.hf``.
-    - ``prompts``: a list of strings, or the path of a text file with one prompt per line.
+    - ``prompts``: a list of strings, or the path of a text file with one prompt per line, a
+      ``.json`` file holding a list of strings, or a ``.jsonl`` file (one JSON string or
+      ``{"prompt": ...}`` per line), which can hold prompts of several lines.
     - ``max_new_tokens``: generation budget (task default if None).
     - ``max_prompt_tokens``: prompt window, ``<bos>`` included; None fits the longest prompt.
       Longer prompts are refused with an error, never cut.
@@ -151,6 +154,12 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
       returned by ``action_masks()``; None allows every token but ``<pad>``, ``<bos>`` and
       ``<unk>``. The mask is advice for agents that read it (sb3-contrib's MaskablePPO, the
       custom PPO with ``mask_actions=True``); the env itself accepts any token id.
+    - ``split``: the task's prompts to draw from: ``"train"`` (80%), ``"test"`` (the 20% held
+      out by a fixed seeded draw) or ``"all"``; None is the task's default (``"train"`` for
+      ``reviews``, ``"all"`` for the others). Every split has the same tokenizer and observation
+      space. With ``prompts=`` of your own, leave it None.
+    - ``chat_template``: put each prompt in the Hugging Face tokenizer's chat template (a user
+      message and the opening of the assistant's turn); needs a tokenizer that has one.
     - ``render_mode``: ``"ansi"`` returns the text so far, ``"human"`` prints it.
     - ``stable_info``: the same ``info`` keys and types at every step (see Rewards); it decodes
       the completion so far at every step.
@@ -174,6 +183,8 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         max_prompt_tokens: int | None = None,
         length_penalty: float = 0.0,
         allowed_tokens: Sequence[str | int] | None = None,
+        split: str | None = None,
+        chat_template: bool = False,
         render_mode: str | None = None,
         stable_info: bool = False,
     ):
@@ -189,6 +200,8 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
             max_prompt_tokens,
             length_penalty,
             allowed_tokens,
+            split,
+            chat_template,
         )
         self.tokenizer = self.config.tokenizer
         self._core = TextGenCore(self.config, num_envs=1, device=torch.device("cpu"))

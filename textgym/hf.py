@@ -14,6 +14,20 @@ tokenizer's own pad, bos, eos and unk tokens. The shifted copies of Hugging Face
 (:meth:`HFTokenizer.reserved_ids`), so an agent ends an episode with ``<eos>`` = id 2.
 :meth:`HFTokenizer.model_ids` is the table a Hugging Face model reads textgym ids through.
 
+Which Hugging Face tokens ids 0–3 stand for is a property of the model family, not only of its
+tokenizer files: SmolLM2's tokenizer declares the chat token ``<|im_start|>`` as its bos, while
+the model learned to start and end documents with ``<|endoftext|>``. A model folder can say so in
+a ``textgym.json`` beside its tokenizer (:data:`MAPPING_FILE`, written by
+:func:`textgym.models.get_model` and :meth:`HFTokenizer.save_pretrained`)::
+
+    {"special_tokens": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": null},
+     "chat_special_tokens": {"eos_token": "<|im_end|>"}}
+
+``special_tokens`` replace what the tokenizer declares (``null``: none); ``chat_special_tokens``
+apply on top of them for prompts rendered with the chat template (``HFTokenizer(..., chat=True)``,
+the env's ``chat_template=True``), where a reply ends with the end-of-turn token. Arguments given
+to :class:`HFTokenizer` win over both; a folder without the file keeps the declared tokens.
+
 :class:`HFClassifierReward` makes an ``AutoModelForSequenceClassification`` a batched reward model::
 
     env = gym.make("TextGen-v0", task="sentiment",
@@ -24,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +51,9 @@ from textgym.rewards import RewardModel
 from textgym.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer, _rows
 
 SPECIAL_ROLES = ("pad", "bos", "eos", "unk")  # in the order of textgym's ids 0–3
+MAPPING_FILE = "textgym.json"
+"""A model folder's choice of special tokens, beside its tokenizer (see the module)."""
+MAPPING_SECTIONS = ("special_tokens", "chat_special_tokens")
 
 
 def require(module: str) -> Any:
@@ -58,6 +76,52 @@ def _local_dir(path: str | os.PathLike[str], what: str) -> Path:
     return path
 
 
+def read_token_mapping(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``textgym.json`` in ``folder`` (checked), or ``{}`` when there is none."""
+    path = Path(folder) / MAPPING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    for section in MAPPING_SECTIONS:
+        _check_roles(data.get(section, {}), f"{str(path)!r}: {section}")
+    return data
+
+
+def write_token_mapping(
+    folder: str | os.PathLike[str],
+    special_tokens: dict[str, str | None],
+    chat_special_tokens: dict[str, str | None] | None = None,
+    **extra: Any,
+) -> Path:
+    """Write ``folder/textgym.json``: the special tokens ids 0–3 stand for (keys ``pad_token``,
+    ``bos_token``, ``eos_token``, ``unk_token``; ``None`` for none), those of chat prompts, and any
+    ``extra`` JSON fields (where the model came from, say). Returns the file's path."""
+    from textgym.io import write_json
+
+    data: dict[str, Any] = {"special_tokens": dict(special_tokens)}
+    if chat_special_tokens:
+        data["chat_special_tokens"] = dict(chat_special_tokens)
+    for section in MAPPING_SECTIONS:
+        _check_roles(data.get(section, {}), section)
+    return write_json(Path(folder) / MAPPING_FILE, {**data, **extra})
+
+
+def _check_roles(tokens: Any, where: str) -> None:
+    keys = [f"{role}_token" for role in SPECIAL_ROLES]
+    if not isinstance(tokens, dict):
+        raise ValueError(f"{where} must be an object with keys among {keys}, got {tokens!r}")
+    for key, token in tokens.items():
+        if key not in keys:
+            raise ValueError(f"{where}: unknown key {key!r}; accepted: {keys}")
+        if token is not None and not isinstance(token, str):
+            raise ValueError(f"{where}: {key} must be a token string or null, got {token!r}")
+
+
 def _token_string(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -71,9 +135,12 @@ class HFTokenizer(Tokenizer):
         ``transformers.AutoTokenizer``), a ``tokenizer.json`` file (read with ``tokenizers``), or a
         loaded ``tokenizers.Tokenizer`` or fast ``transformers`` tokenizer.
     :param pad_token, bos_token, eos_token, unk_token: override the special tokens the tokenizer
-        declares (a ``tokenizer.json`` declares only its model's unk token). Each must be in the
-        vocabulary. A missing one leaves its textgym id without a Hugging Face counterpart:
-        ``<eos>`` still ends episodes, and a model reads it as id 0.
+        declares (a ``tokenizer.json`` declares only its model's unk token) and those of the
+        folder's ``textgym.json``. Each must be in the vocabulary. A missing one leaves its textgym
+        id without a Hugging Face counterpart: ``<eos>`` still ends episodes, and a model reads it
+        as id 0.
+    :param chat: use the folder's tokens for chat prompts (``chat_special_tokens`` of its
+        ``textgym.json``), for prompts rendered with :meth:`render_chat`.
     """
 
     def __init__(
@@ -84,17 +151,24 @@ class HFTokenizer(Tokenizer):
         bos_token: str | None = None,
         eos_token: str | None = None,
         unk_token: str | None = None,
+        chat: bool = False,
     ) -> None:
         tokenizers = require("tokenizers")
+        if not isinstance(chat, bool):
+            raise TypeError(f"chat must be True or False, got {chat!r}")
         self.source: str | None = None
         self.hf_tokenizer: Any = None  # the transformers tokenizer, when there is one
+        self.chat = chat
+        self._mapping: dict[str, Any] = {}  # the folder's textgym.json
         declared: dict[str, str | None] = dict.fromkeys(SPECIAL_ROLES)
         if isinstance(tokenizer, str | os.PathLike):
             self.source = str(tokenizer)
             path = Path(tokenizer)
             if path.is_file():
+                self._mapping = read_token_mapping(path.parent)
                 tokenizer = tokenizers.Tokenizer.from_file(str(path))
             elif path.is_dir():
+                self._mapping = read_token_mapping(path)
                 transformers = require("transformers")
                 tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             else:
@@ -116,15 +190,21 @@ class HFTokenizer(Tokenizer):
                 f"{type(tokenizer).__name__}"
             )
         given = {"pad": pad_token, "bos": bos_token, "eos": eos_token, "unk": unk_token}
+        self._given = {role: token for role, token in given.items() if token is not None}
+        chosen = dict(declared)
+        for section in MAPPING_SECTIONS if chat else MAPPING_SECTIONS[:1]:
+            for key, token in self._mapping.get(section, {}).items():
+                chosen[key.removesuffix("_token")] = token
         self._backend = backend
         self.special_tokens: dict[str, str | None] = {
-            role: given[role] if given[role] is not None else declared[role] for role in SPECIAL_ROLES
+            role: given[role] if given[role] is not None else chosen[role] for role in SPECIAL_ROLES
         }
         self.hf_special_ids: dict[str, int | None] = {}
         for role, token in self.special_tokens.items():
             hf_id = None if token is None else backend.token_to_id(token)
             if token is not None and hf_id is None:
-                raise ValueError(f"{role}_token {token!r} is not in the tokenizer's vocabulary")
+                where = "" if role in self._given else f" (from {MAPPING_FILE} in {self.source!r})"
+                raise ValueError(f"{role}_token {token!r}{where} is not in the tokenizer's vocabulary")
             self.hf_special_ids[role] = hf_id
         self.hf_vocab_size = backend.get_vocab_size(with_added_tokens=True)
         added = backend.get_added_tokens_decoder()
@@ -182,6 +262,52 @@ class HFTokenizer(Tokenizer):
         for our_id, hf_id in ((PAD_ID, hf["pad"]), (BOS_ID, bos), (EOS_ID, hf["eos"]), (UNK_ID, hf["unk"])):
             table[our_id] = fallback if hf_id is None else hf_id
         return table
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Hugging Face tokenizer's chat template (a Jinja string), or None."""
+        template = getattr(self.hf_tokenizer, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
+    def render_chat(self, prompt: str) -> str:
+        """``prompt`` as a user message in the chat template, with the assistant's turn opened.
+
+        A template that opens with this tokenizer's bos token loses it: the env starts every
+        prompt with ``<bos>``, which stands for that token already.
+        """
+        if self.chat_template is None:
+            what = "a bare tokenizer.json" if self.hf_tokenizer is None else "this tokenizer"
+            raise ValueError(
+                f"chat_template=True needs a tokenizer with a chat template, and {what} "
+                f"({self.source or 'given as an object'}) has none; give the directory of a chat model"
+            )
+        text = self.hf_tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        bos = self.special_tokens["bos"]
+        return text[len(bos) :] if bos and text.startswith(bos) else text
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """Write the tokenizer into the directory ``path``, with its ``textgym.json`` when it has one,
+        so that ``HFTokenizer(path, chat=self.chat)`` gives this tokenizer back.
+
+        Arguments given to this tokenizer are written into the section it uses (``chat_special_tokens``
+        when ``chat``); the folder's other section is kept as it was.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.hf_tokenizer is not None:
+            self.hf_tokenizer.save_pretrained(str(path))
+        else:
+            self._backend.save(str(path / "tokenizer.json"))
+        sections = {name: dict(self._mapping.get(name, {})) for name in MAPPING_SECTIONS}
+        used = MAPPING_SECTIONS[1] if self.chat else MAPPING_SECTIONS[0]
+        sections[used].update({f"{role}_token": token for role, token in self._given.items()})
+        if any(sections.values()):
+            write_token_mapping(path, sections[MAPPING_SECTIONS[0]], sections[MAPPING_SECTIONS[1]])
+        elif (path / MAPPING_FILE).is_file():
+            (path / MAPPING_FILE).unlink()  # a stale one would change the tokens read back
+        return path
 
     def _identity(self) -> tuple[object, ...]:
         return (self._digest, tuple(self.hf_special_ids.items()))

@@ -156,6 +156,64 @@ class SentimentReward(RewardModel):
         return [sentiment_score(c) for c in completions]
 
 
+VADER_MISSING = (
+    "reward 'vader' needs the vaderSentiment package, which is not installed: "
+    'pip install -e ".[lm]" (or pip install vaderSentiment); reward="sentiment" is the '
+    "project's own lexicon scorer, with no extra dependency"
+)
+
+
+def _vader_analyzer() -> Any:
+    """vaderSentiment's ``SentimentIntensityAnalyzer`` (it reads its lexicon from the package)."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as exc:
+        raise ImportError(VADER_MISSING) from exc
+    return SentimentIntensityAnalyzer()
+
+
+class VaderReward(RewardModel):
+    """VADER's compound sentiment score in [-1, 1] (Hutto & Gilbert, 2014), from the
+    ``vaderSentiment`` package (the ``lm`` extra): a 7,500-word lexicon with rules for negation,
+    intensifiers, "but", capitals, punctuation and emoticons, which reads natural text as people
+    write it, where the project's ``sentiment`` lexicon knows about 70 lowercase words.
+
+    :param text: ``"completion"`` (the default) or ``"prompt+completion"``, joined as
+        :func:`textgym.hf.join_text` joins them for a classifier: with a space unless one is there
+        (the byte-level and Hugging Face tokenizers keep the spaces a model generates; the
+        word-level tokenizer's completions start without one). The completion alone by default, as
+        for ``sentiment`` and unlike ``hf-classifier`` (a classifier wants context, VADER scores
+        words): the agent writes only the completion, and the prompt's own sentiment would add a
+        per-prompt offset it cannot change, variance rather than signal. With the prompt, a
+        negation it ends with reaches the completion ("The food was not" + " good").
+    """
+
+    name = "vader"
+
+    def __init__(self, text: str = "completion"):
+        if text not in ("completion", "prompt+completion"):
+            raise ValueError(f"text must be 'completion' or 'prompt+completion', got {describe(text)}")
+        self.text = text
+        self._analyzer = _vader_analyzer()  # here, so that a missing package is reported at once
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        polarity = self._analyzer.polarity_scores
+        if self.text == "completion":
+            return [polarity(c)["compound"] for c in completions]
+        from textgym.hf import join_text  # here: textgym.hf imports this module
+
+        return [polarity(join_text(p, c))["compound"] for p, c in zip(prompts, completions, strict=True)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The analyzer holds its 800 kB lexicon: rebuild it (a few ms) rather than pickle it into
+        # every copy of the environment.
+        return {k: v for k, v in self.__dict__.items() if k != "_analyzer"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._analyzer = _vader_analyzer()
+
+
 class KeywordReward(RewardModel):
     """Fraction of ``keywords`` that occur in the completion as whole words, in [0, 1].
 
@@ -278,6 +336,7 @@ REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {
     "regex": RegexReward,
     "length": LengthReward,
     "exact_match": ExactMatchReward,
+    "vader": VaderReward,
     "learned": _learned,
     "hf-classifier": _hf_classifier,
 }
@@ -287,7 +346,7 @@ def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> R
     """Turn what a user passes as ``reward=`` into a :class:`RewardModel`.
 
     Accepted: a ``RewardModel`` instance; a plain function ``(prompt, completion) -> float``; the
-    name of a built-in (``"sentiment"``, ``"length"``, ``"exact_match"``); a mapping
+    name of a built-in (``"sentiment"``, ``"vader"``, ``"length"``, ``"exact_match"``); a mapping
     ``{"name": <built-in>, **arguments}``, e.g. ``{"name": "keyword", "keywords": ["great"]}``; or
     the path of a learned reward model's checkpoint (``"reward.pt"``, the same as
     ``{"name": "learned", "path": "reward.pt"}``; see ``scripts/train_reward.py``); or a local

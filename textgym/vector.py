@@ -84,6 +84,8 @@ class TextGenVectorEnv(VectorEnv):
         max_prompt_tokens: int | None = None,
         length_penalty: float = 0.0,
         allowed_tokens: Sequence[str | int] | None = None,
+        split: str | None = None,
+        chat_template: bool = False,
         device: str | torch.device = "cpu",
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         array_type: str = "numpy",
@@ -119,6 +121,8 @@ class TextGenVectorEnv(VectorEnv):
             max_prompt_tokens,
             length_penalty,
             allowed_tokens,
+            split,
+            chat_template,
         )
         self.tokenizer = self.config.tokenizer
         self._core = TextGenCore(self.config, self.num_envs, self.device)

@@ -37,15 +37,6 @@ FAST = PretrainConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: torch's default of one thread per core only adds contention here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained():
     torch.set_num_threads(1)

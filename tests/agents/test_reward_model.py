@@ -33,15 +33,6 @@ FAST = RewardTrainConfig(
 FILLER = [w for w in ENV.tokenizer.vocabulary[4:] if w.isalpha() and w not in ("good", "bad")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: torch's default of one thread per core only adds contention here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def with_word(rng: random.Random, word: str) -> str:
     """2-6 random words with ``word`` somewhere among them."""
     words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]

@@ -57,14 +57,6 @@ def exit_code(fn, argv: list[str]) -> int | str | None:
     return info.value.code
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """One pretraining run of scripts/pretrain.py, shared by the tests that need an lm.pt."""

@@ -46,14 +46,6 @@ def exit_code(fn, argv: list[str]) -> int | str | None:
     return info.value.code
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------- help
 def parsers(module: ModuleType) -> list[tuple[list[str], argparse.ArgumentParser]]:
     """The script's parser and, for a script with subcommands, each subcommand's: (argv prefix, parser)."""

@@ -3,7 +3,9 @@ against the ``tokenizers``/``transformers`` objects they wrap, on tiny models bu
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -21,23 +23,23 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import textgym  # noqa: F401  (registers TextGen-v0)
-from textgym.hf import HFClassifierReward, HFTokenizer, join_text, require, train_bpe_tokenizer
+from textgym.hf import (
+    MAPPING_FILE,
+    HFClassifierReward,
+    HFTokenizer,
+    join_text,
+    require,
+    train_bpe_tokenizer,
+    write_token_mapping,
+)
 from textgym.rewards import REWARD_MODELS, as_reward_model
-from textgym.tasks import get_task, make_action_mask
+from textgym.tasks import get_task, load_prompts, make_action_mask, make_env_config
 from textgym.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, SPECIAL_TOKENS, UNK_ID, WordTokenizer
 
 END = "<|endoftext|>"
 LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 TASK = get_task("sentiment")
 EXTRA_TEXTS = ["café ☕ naïve 😀", "  two  spaces\tand a tab\n", "", "x", f"a{END}b", "The FOOD was GREAT!!!"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -518,3 +520,214 @@ def test_env_rewards_with_the_classifier(cls2_dir, tok_dir, bpe):
     _, reward, terminated, _, info = env.step(EOS_ID)
     expected = float(reference_logits(cls2_dir, [info["prompt"]]).softmax(-1)[0, 1])
     assert terminated and reward == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+# ------------------------------------------------------- special tokens per model (textgym.json)
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as in SmolLM2
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SMOLLM2_MAPPING = {"bos_token": END, "eos_token": END, "unk_token": None}
+
+
+@pytest.fixture(scope="module")
+def chat_bpe():
+    """A tokenizer laid out as SmolLM2's: it declares the chat tokens as bos/eos and <|endoftext|> as unk."""
+    byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = byte_level
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=CHAT_SPECIALS, initial_alphabet=byte_level.alphabet()
+    )
+    backend.train_from_iterator(list(TASK.corpus + TASK.prompts), trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token=END,
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def plain_dir(chat_bpe, tmp_path_factory) -> Path:
+    """The tokenizer alone: no textgym.json."""
+    path = tmp_path_factory.mktemp("plain")
+    chat_bpe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mapped_dir(chat_bpe, tmp_path_factory) -> Path:
+    """The tokenizer with the textgym.json that textgym.models writes for SmolLM2."""
+    path = tmp_path_factory.mktemp("mapped")
+    chat_bpe.save_pretrained(path)
+    write_token_mapping(path, SMOLLM2_MAPPING, {"eos_token": "<|im_end|>"}, model="tiny")
+    return path
+
+
+def test_a_folder_without_textgym_json_keeps_the_declared_tokens(plain_dir):
+    tok = HFTokenizer(plain_dir)
+    assert tok.special_tokens == {"pad": "<|im_end|>", "bos": "<|im_start|>", "eos": "<|im_end|>", "unk": END}
+    assert tok.model_ids()[:NUM_SPECIAL].tolist() == [2, 1, 2, 0]
+    assert tok.encode(END) == [UNK_ID]
+    assert HFTokenizer(plain_dir, chat=True) == tok  # no chat tokens to apply either
+
+
+def test_textgym_json_chooses_the_special_tokens(mapped_dir):
+    tok = HFTokenizer(mapped_dir)
+    assert tok.special_tokens == {"pad": "<|im_end|>", "bos": END, "eos": END, "unk": None}
+    assert tok.hf_special_ids == {"pad": 2, "bos": 0, "eos": 0, "unk": None}
+    assert tok.model_ids()[[BOS_ID, EOS_ID]].tolist() == [0, 0]
+    # <|endoftext|> in a text is the model's own token again, not <unk>; it stays out of the actions.
+    assert tok.encode(f"the food{END}") == [*tok.encode("the food"), NUM_SPECIAL + 0]
+    assert {NUM_SPECIAL + i for i in (0, 1, 2)} <= set(tok.reserved_ids())
+    assert not make_action_mask(tok)[NUM_SPECIAL : NUM_SPECIAL + 3].any()
+    chat = HFTokenizer(mapped_dir, chat=True)
+    assert chat.special_tokens == {"pad": "<|im_end|>", "bos": END, "eos": "<|im_end|>", "unk": None}
+    assert chat.model_ids()[[BOS_ID, EOS_ID]].tolist() == [0, 2]
+    assert chat != tok
+
+
+def test_arguments_win_over_textgym_json(mapped_dir):
+    tok = HFTokenizer(mapped_dir, bos_token="<|im_start|>", unk_token=END)
+    assert tok.special_tokens == {"pad": "<|im_end|>", "bos": "<|im_start|>", "eos": END, "unk": END}
+    chat = HFTokenizer(mapped_dir, chat=True, eos_token=END)
+    assert chat.special_tokens["eos"] == END
+
+
+@pytest.mark.parametrize(
+    "form", ["dir", "tokenizer.json", "env path", "env mapping", "env tokenizer.json mapping"]
+)
+def test_every_way_of_naming_the_folder_reads_its_textgym_json(mapped_dir, form):
+    if form == "dir":
+        tok = HFTokenizer(mapped_dir)
+    elif form == "tokenizer.json":
+        tok = HFTokenizer(mapped_dir / "tokenizer.json")  # the textgym.json beside it
+    else:
+        spec = {
+            "env path": str(mapped_dir),
+            "env mapping": {"name": "hf", "path": str(mapped_dir)},
+            "env tokenizer.json mapping": {"name": "hf", "path": str(mapped_dir / "tokenizer.json")},
+        }[form]
+        tok = make_env_config(task="sentiment", tokenizer=spec).tokenizer
+    assert tok.special_tokens["bos"] == tok.special_tokens["eos"] == END
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "must hold a JSON object, got list"),
+        ('{"special_tokens": {"sep_token": "x"}}', "special_tokens: unknown key 'sep_token'"),
+        ('{"special_tokens": {"bos_token": 3}}', "bos_token must be a token string or null, got 3"),
+        ('{"chat_special_tokens": ["<|im_end|>"]}', "chat_special_tokens must be an object"),
+        ('{"special_tokens": {"eos_token": "<|nope|>"}}', r"eos_token '<\|nope\|>' \(from textgym\.json in"),
+    ],
+)
+def test_a_bad_textgym_json_is_refused_with_its_name(plain_dir, tmp_path, content, match):
+    folder = tmp_path / "model"
+    shutil.copytree(plain_dir, folder)
+    (folder / MAPPING_FILE).write_text(content)
+    with pytest.raises(ValueError, match=match) as info:
+        HFTokenizer(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_save_pretrained_keeps_the_mapping(mapped_dir, chat_bpe, tmp_path):
+    tok = HFTokenizer(mapped_dir)
+    tok.save_pretrained(tmp_path / "a")
+    assert HFTokenizer(tmp_path / "a") == tok
+    assert HFTokenizer(tmp_path / "a", chat=True) == HFTokenizer(mapped_dir, chat=True)
+    # Arguments go into the section in use; the other stays as the folder had it.
+    chat = HFTokenizer(mapped_dir, chat=True, pad_token=END)
+    chat.save_pretrained(tmp_path / "b")
+    assert HFTokenizer(tmp_path / "b", chat=True) == chat
+    assert HFTokenizer(tmp_path / "b") == tok
+    # Nothing to say: no textgym.json, and a stale one goes.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / MAPPING_FILE).write_text(json.dumps({"special_tokens": SMOLLM2_MAPPING}))
+    HFTokenizer(chat_bpe).save_pretrained(tmp_path / "c")
+    assert not (tmp_path / "c" / MAPPING_FILE).exists()
+    # A bare tokenizer.json is written as one, and read back with its mapping.
+    bare = HFTokenizer(mapped_dir / "tokenizer.json", pad_token=END)
+    bare.save_pretrained(tmp_path / "d")
+    assert HFTokenizer(tmp_path / "d" / "tokenizer.json") == bare
+
+
+# ------------------------------------------------------------------------------- chat templates
+@pytest.mark.parametrize("folder", ["plain", "mapped"])
+def test_chat_prompts_read_as_the_template_to_the_model(plain_dir, mapped_dir, chat_bpe, folder):
+    path = plain_dir if folder == "plain" else mapped_dir
+    prompts = ["the food was", "two\nlines"]
+    config = make_env_config(task="sentiment", tokenizer=str(path), prompts=prompts, chat_template=True)
+    assert config.prompts == tuple(prompts)  # the reward model reads the prompts as written
+    table = config.tokenizer.model_ids()
+    for prompt, ids in zip(prompts, config.prompt_ids, strict=True):
+        template = chat_bpe.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        template_ids = chat_bpe(template, add_special_tokens=False)["input_ids"]
+        read = table[list(ids)].tolist()
+        if folder == "plain":  # <bos> is <|im_start|>: it stands for the template's first token
+            assert read == template_ids
+        else:  # <bos> is <|endoftext|>, before the whole template
+            assert read == [0, *template_ids]
+    assert config.tokenizer.special_tokens["eos"] == "<|im_end|>"  # a reply ends its turn
+    plain = make_env_config(task="sentiment", tokenizer=str(path), prompts=prompts)
+    assert plain.prompt_ids[0] == (BOS_ID, *plain.tokenizer.encode(prompts[0]))
+    assert config.max_prompt_tokens > plain.max_prompt_tokens
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(tok_dir, mapped_dir):
+    with pytest.raises(
+        ValueError, match=r"chat_template=True needs a Hugging Face tokenizer .* WordTokenizer"
+    ):
+        make_env_config(task="sentiment", chat_template=True)
+    with pytest.raises(ValueError, match=r"a bare tokenizer\.json .* has none"):
+        make_env_config(task="sentiment", tokenizer=str(mapped_dir / "tokenizer.json"), chat_template=True)
+    with pytest.raises(ValueError, match=r"this tokenizer .* has none"):
+        make_env_config(task="sentiment", tokenizer=str(tok_dir), chat_template=True)
+    with pytest.raises(TypeError, match="chat_template must be True or False"):
+        make_env_config(task="sentiment", tokenizer=str(mapped_dir), chat_template="yes")
+
+
+# ------------------------------------------------------------ prompt files that hold several lines
+def test_json_and_jsonl_prompt_files_hold_multi_line_prompts(tmp_path):
+    prompts = ["Review this film:\nThe plot was", "plain", ""]
+    (tmp_path / "p.json").write_text(json.dumps(prompts), encoding="utf-8")
+    lines = [json.dumps(prompts[0]), "", json.dumps({"prompt": prompts[1], "id": 7}), json.dumps(prompts[2])]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "p.JSON").write_text(json.dumps(prompts), encoding="utf-8")
+    for name in ("p.json", "p.jsonl", "p.JSON"):
+        assert load_prompts(tmp_path / name) == tuple(prompts), name
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n", encoding="utf-8")
+    assert load_prompts(tmp_path / "p.txt") == ("one", "two")  # one prompt a line, as before
+    config = make_env_config(task="sentiment", tokenizer="byte", prompts=tmp_path / "p.json")
+    assert config.prompts == tuple(prompts)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("p.json", '["a", ', r"p\.json' is not valid JSON"),
+        ("p.json", '{"prompts": ["a"]}', r"holds a JSON dict; a \.json file must hold a list of strings"),
+        ("p.json", '["a", 3]', r"item 1 of the list in .*p\.json' is 3, not a string"),
+        ("p.json", "[]", "holds no prompts"),
+        ("p.jsonl", '"a"\n\n"b\n', r"line 3 of .*p\.jsonl' is not valid JSON"),
+        (
+            "p.jsonl",
+            '"a"\n{"text": "b"}\n',
+            r'line 2 of .*must be a JSON string or an object with a "prompt"',
+        ),
+        ("p.jsonl", "\n\n", "holds no prompts"),
+    ],
+)
+def test_bad_json_prompt_files_name_the_file_and_place(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        load_prompts(tmp_path / name)

@@ -20,6 +20,7 @@ from textgym.rewards import (
     RewardModel,
     RewardModelError,
     SentimentReward,
+    VaderReward,
     arithmetic_answer,
     as_reward_model,
 )
@@ -143,6 +144,90 @@ def test_sentiment_reward_scores_completions_not_prompts():
     assert scores[1] == pytest.approx(sentiment_score("terrible food"))
     assert scores[0] > 0 > scores[1]
     assert rm.name == "sentiment"
+
+
+# ----------------------------------------------------------------------------------------- vader
+# Compound scores published in vaderSentiment's README (github.com/cjhutto/vaderSentiment), an
+# independent record of what the scorer gives: they pin the package's behaviour as well as ours.
+VADER_README = {
+    "VADER is smart, handsome, and funny.": 0.8316,
+    "VADER is not smart, handsome, nor funny.": -0.7424,
+    "VADER is smart, handsome, and funny!": 0.8439,
+    "VADER is very smart, handsome, and funny.": 0.8545,
+    "The book was good.": 0.4404,
+    "The book was kind of good.": 0.3832,
+    "Today SUX!": -0.5461,
+    "Make sure you :) or :D today!": 0.8633,
+    "Not bad at all": 0.431,
+}
+
+
+def analyzer():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def test_vader_matches_the_published_scores_and_the_analyzer():
+    rm = VaderReward()
+    texts = list(VADER_README)
+    scores = rm(["The movie was"] * len(texts), texts)
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float64 and scores.shape == (len(texts),)
+    np.testing.assert_array_equal(scores, [VADER_README[t] for t in texts])
+    reference = analyzer()
+    more = [" was great!", " was not great.", "", "   ", " was terrible, but the staff were lovely."]
+    np.testing.assert_array_equal(
+        rm(["p"] * len(more), more), [reference.polarity_scores(t)["compound"] for t in more]
+    )
+    assert rm.name == "vader" and type(as_reward_model("vader")) is VaderReward
+
+
+def test_vader_scores_the_completion_unless_asked_for_the_prompt():
+    reference = analyzer().polarity_scores
+    prompts = ["The food was not", "What an awful night. The food was", "x"]
+    completions = [" good", " good", ""]
+    alone = VaderReward()(prompts, completions)
+    joined = VaderReward(text="prompt+completion")(prompts, completions)
+    assert alone.tolist() == [reference(" good")["compound"]] * 2 + [0.0]
+    assert joined.tolist() == [
+        reference(p + c)["compound"] for p, c in zip(prompts, completions, strict=True)
+    ]
+    assert joined[0] < 0 < alone[0]  # the negation at the end of the prompt reaches the completion
+    # A seam without whitespace (the word-level tokenizer's completions) gets one space.
+    word = VaderReward(text="prompt+completion")(["the food was"], ["great ."])[0]
+    assert word == reference("the food was great .")["compound"] > 0.5
+    assert reference("the food wasgreat .")["compound"] == 0.0  # what plain concatenation would score
+
+
+def test_vader_from_a_mapping_and_bad_arguments():
+    rm = as_reward_model({"name": "vader", "text": "prompt+completion"})
+    assert isinstance(rm, VaderReward) and rm.text == "prompt+completion"
+    assert VaderReward().text == "completion"
+    for bad in ("prompt", True, None):
+        with pytest.raises(ValueError, match=r"text must be 'completion' or 'prompt\+completion', got"):
+            VaderReward(text=bad)
+    with pytest.raises(TypeError, match=r"reward model 'vader':.*colour"):
+        as_reward_model({"name": "vader", "colour": "red"})
+
+
+def test_vader_pickles_without_its_lexicon():
+    import pickle
+
+    rm = VaderReward(text="prompt+completion")
+    data = pickle.dumps(rm)
+    assert len(data) < 1000  # the analyzer (800 kB of lexicon) is rebuilt, not stored
+    copy = pickle.loads(data)
+    assert copy.text == "prompt+completion"
+    assert copy(["The food was"], [" great"]).tolist() == rm(["The food was"], [" great"]).tolist()
+
+
+def test_vader_missing_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vaderSentiment", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)
+    with pytest.raises(ImportError, match=r'vaderSentiment.*pip install -e "\.\[lm\]".*reward="sentiment"'):
+        as_reward_model("vader")
 
 
 # ------------------------------------------------------------------------------------- keyword
@@ -367,6 +452,7 @@ def test_built_in_registry():
         "regex",
         "length",
         "exact_match",
+        "vader",
         "learned",
         "hf-classifier",
     }

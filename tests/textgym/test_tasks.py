@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -14,8 +15,19 @@ from textgym.rewards import (
     LengthReward,
     RewardModel,
     SentimentReward,
+    VaderReward,
+    arithmetic_answer,
 )
-from textgym.tasks import TASKS, EnvConfig, Task, get_task, load_prompts, make_env_config
+from textgym.tasks import (
+    SPLITS,
+    TASKS,
+    EnvConfig,
+    Task,
+    get_task,
+    held_out,
+    load_prompts,
+    make_env_config,
+)
 from textgym.tokenizers import BOS_ID, UNK_ID, ByteTokenizer, CharTokenizer, WordTokenizer
 
 # task: (tokenizer class, reward class, max_new_tokens, longest prompt in tokens with <bos>)
@@ -23,16 +35,19 @@ from textgym.tokenizers import BOS_ID, UNK_ID, ByteTokenizer, CharTokenizer, Wor
 #   sentiment  "review of the hotel : the breakfast was"  8 words + <bos> = 9
 #   arithmetic "10+10="                                    6 chars + <bos> = 7
 #   keyword    "once upon a time the fox walked to the"   9 words + <bos> = 10
+#   reviews    "I have used it every day for a month, and the battery life is"  61 bytes + <bos> = 62
 DEFAULTS = {
     "sentiment": (WordTokenizer, SentimentReward, 8, 9),
     "arithmetic": (CharTokenizer, ExactMatchReward, 4, 7),
     "keyword": (WordTokenizer, KeywordReward, 10, 10),
+    "reviews": (ByteTokenizer, VaderReward, 24, 62),
 }
+KINDS = {"sentiment": "word", "arithmetic": "char", "keyword": "word", "reviews": "byte"}
 
 
 # ------------------------------------------------------------------------------------ get_task
 def test_task_registry():
-    assert set(TASKS) == {"sentiment", "arithmetic", "keyword"}
+    assert set(TASKS) == {"sentiment", "arithmetic", "keyword", "reviews"}
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -42,7 +57,7 @@ def test_get_task(name):
     assert task.name == name
     assert task.prompts and all(isinstance(p, str) and p for p in task.prompts)
     assert task.corpus and all(isinstance(t, str) for t in task.corpus)
-    assert task.tokenizer_kind == ("char" if name == "arithmetic" else "word")
+    assert task.tokenizer_kind == KINDS[name]
     assert task.max_new_tokens == DEFAULTS[name][2]
     assert isinstance(task.reward(), DEFAULTS[name][1])
     assert get_task(name) is task  # cached
@@ -58,7 +73,8 @@ def test_default_task_is_sentiment():
 @pytest.mark.parametrize("name", ["nope", "Sentiment", ""])
 def test_get_task_unknown_lists_names(name):
     with pytest.raises(
-        ValueError, match=rf"unknown task {name!r}; built-in tasks: default, sentiment, arithmetic, keyword"
+        ValueError,
+        match=rf"unknown task {name!r}; built-in tasks: default, sentiment, arithmetic, keyword, reviews",
     ):
         get_task(name)
 
@@ -83,10 +99,14 @@ def test_make_env_config_defaults(name):
     assert cfg.max_prompt_tokens == longest
     assert cfg.seq_len == longest + max_new
     assert cfg.length_penalty == 0.0
-    assert cfg.prompts == get_task(name).prompts
+    task = get_task(name)
+    assert cfg.split == task.default_split == ("train" if name == "reviews" else "all")
+    assert cfg.prompts == task.split_prompts(task.default_split)
     assert len(cfg.prompt_ids) == len(cfg.prompts)
     assert all(ids[0] == BOS_ID for ids in cfg.prompt_ids)
-    assert max(len(ids) for ids in cfg.prompt_ids) == longest
+    # The window fits the longest prompt of every split, which may lie outside the default one.
+    assert max(len(ids) for ids in cfg.prompt_ids) <= longest
+    assert max(len(ids) for ids in make_env_config(name, split="all").prompt_ids) == longest
     assert all(UNK_ID not in ids for ids in cfg.prompt_ids)
 
 
@@ -368,3 +388,158 @@ def test_arithmetic_corpus_has_no_unk_for_task_tokenizer():
     tok = make_env_config("arithmetic").tokenizer
     for text in get_task("arithmetic").corpus:
         assert UNK_ID not in tok.encode(text)
+
+
+# --------------------------------------------------------------------------------------- splits
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_partition_the_prompts_and_keep_their_order(name):
+    task = get_task(name)
+    train, test, every = (task.split_prompts(s) for s in SPLITS)
+    assert every == task.prompts
+    assert set(train).isdisjoint(test) and sorted(train + test) == sorted(every)
+    assert train == tuple(p for p in every if p not in set(test))
+    assert test == tuple(p for p in every if p in set(test))
+    assert task.split_indices("test") == task.test_indices
+
+
+def test_split_sizes_by_hand():
+    # round(0.2 * distinct keys): sentiment 68 -> 13.6 -> 14, keyword 56 -> 11.2 -> 11,
+    # reviews 378 -> 75.6 -> 76. Arithmetic: 20 * 21 / 2 = 210 unordered pairs -> 42 held out,
+    # 82 prompts (two orders each, but one for a pair a == b: 2 such pairs here).
+    sizes = {
+        name: (len(get_task(name).split_prompts("train")), len(get_task(name).test_indices)) for name in TASKS
+    }
+    assert sizes == {
+        "sentiment": (54, 14),
+        "keyword": (45, 11),
+        "reviews": (302, 76),
+        "arithmetic": (318, 82),
+    }
+
+
+def test_splits_are_pinned():
+    # Results on "test" are comparable across versions only while the split stays the same.
+    assert get_task("arithmetic").split_prompts("test")[:3] == ("0+10=", "0+18=", "1+5=")
+    assert get_task("reviews").split_prompts("test")[:3] == (
+        "The movie was",
+        "I have to say that the movie was",
+        "Frankly, the plot",
+    )
+
+
+def test_held_out_is_seeded_and_keeps_equal_keys_together():
+    keys = ["a", "b", "a", "c", "d", "b", "e"]  # five distinct keys
+    first = held_out(keys, 0.4, seed=3)
+    assert first == held_out(keys, 0.4, seed=3)
+    chosen = {keys[i] for i in first}
+    assert len(chosen) == 2  # round(0.4 * 5)
+    assert first == tuple(i for i, k in enumerate(keys) if k in chosen)
+    assert any(held_out(keys, 0.4, seed=s) != first for s in range(1, 10))
+    assert held_out(keys, 0.0) == ()
+    assert held_out(keys, 1.0) == tuple(range(len(keys)))
+
+
+def test_arithmetic_holds_out_operand_pairs_in_both_orders_and_their_answers():
+    task = get_task("arithmetic")
+    test = set(task.split_prompts("test"))
+    for prompt in task.prompts:
+        a, b = prompt[:-1].split("+")
+        assert (prompt in test) == (f"{b}+{a}=" in test), prompt
+    # The corpus (pretraining text) holds the training equations only; the vocabulary is unchanged.
+    assert task.corpus == tuple(p + arithmetic_answer(p) for p in task.split_prompts("train"))
+    assert not {line.split("=")[0] + "=" for line in task.corpus} & test
+    assert make_env_config("arithmetic").tokenizer.vocabulary[4:] == ("+", *"0123456789", "=")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_split_shares_the_tokenizer_and_the_window(name):
+    task = get_task(name)
+    configs = {split: make_env_config(name, split=split) for split in SPLITS}
+    every = configs["all"]
+    for split, cfg in configs.items():
+        assert cfg.split == split and cfg.prompts == task.split_prompts(split)
+        assert cfg.tokenizer == every.tokenizer
+        assert (cfg.max_prompt_tokens, cfg.seq_len) == (every.max_prompt_tokens, every.seq_len)
+        assert cfg.prompt_ids == tuple(every.prompt_ids[i] for i in task.split_indices(split))
+
+
+def test_default_split_keeps_the_older_tasks_prompt_sets():
+    for name in ("default", "sentiment", "arithmetic", "keyword"):
+        cfg = make_env_config(name)
+        assert cfg.split == "all" and cfg.prompts == get_task(name).prompts
+    assert len(make_env_config("arithmetic").prompts) == 400
+    reviews = make_env_config("reviews")
+    assert reviews.split == "train" and reviews.prompts == get_task("reviews").split_prompts("train")
+
+
+@pytest.mark.parametrize("bad", ["Train", "validation", "", 3, ["test"]])
+def test_bad_split_names_the_value_and_what_is_accepted(bad):
+    with pytest.raises(
+        ValueError,
+        match=r"split must be one of 'train', 'test', 'all', or None for the task's default "
+        r"\('train' for task 'reviews'\); got ",
+    ) as info:
+        make_env_config("reviews", split=bad)
+    assert repr(bad) in str(info.value)
+
+
+def test_split_with_prompts_of_ones_own():
+    own = ["The soup was", "I thought the bread"]
+    assert make_env_config("reviews", prompts=own).split == "all"
+    assert make_env_config("reviews", prompts=own, split="all").prompts == tuple(own)
+    with pytest.raises(
+        ValueError, match=r"split='test' selects among the built-in prompts of task 'reviews'"
+    ):
+        make_env_config("reviews", prompts=own, split="test")
+    with pytest.raises(ValueError, match="split must be one of"):
+        make_env_config("reviews", prompts=own, split="dev")
+
+
+# -------------------------------------------------------------------------------------- reviews
+def test_reviews_task_openings():
+    task = get_task("reviews")
+    # 9 templates x 42 subjects, all distinct
+    assert len(task.prompts) == len(corpora.OPENINGS) * 42 == 378 == len(set(task.prompts))
+    assert {"The movie was", "I thought the food", "Frankly, the hotel room"} <= set(task.prompts)
+    assert "I have used it every day for a month, and the battery life is" in task.prompts
+    assert all(p[0].isupper() for p in task.prompts)  # natural case, not the lowercase corpus
+    assert sum("," in p for p in task.prompts) == 6 * 42  # the six templates with a comma
+    # No opening carries sentiment of its own, for VADER or for the lexicon: the completion decides.
+    vader = VaderReward()
+    assert vader(list(task.prompts), list(task.prompts)).tolist() == [0.0] * 378
+    assert SentimentReward()(list(task.prompts), list(task.prompts)).tolist() == [0.0] * 378
+    assert isinstance(task.reward(), VaderReward) and task.reward().text == "completion"
+
+
+def test_reviews_default_tokenizer_is_byte_level_and_offline():
+    cfg = make_env_config("reviews", split="test")
+    assert isinstance(cfg.tokenizer, ByteTokenizer) and cfg.tokenizer.vocab_size == 260
+    assert cfg.tokenizer.decode(cfg.prompt_ids[0]) == "The movie was"
+    assert cfg.max_prompt_tokens == 62 and cfg.max_new_tokens == 24
+
+
+def test_reviews_corpus_opens_with_the_training_openings_only():
+    task = get_task("reviews")
+    train = task.split_prompts("train")
+    assert task.corpus == tuple(corpora.natural_reviews(4000, seed=0, openings=train))
+    assert len(set(task.corpus)) > 3500
+
+
+def test_natural_reviews_by_hand():
+    rng = random.Random(0)
+    for opening, verb in [
+        ("I thought the headphones", " were "),  # past after "I thought", plural
+        ("Frankly, the laptop", " is "),  # the product domain is in the present
+        ("Frankly, the bed", " was "),
+    ]:
+        text = corpora.natural_review(rng, [opening])
+        assert text.startswith(opening + verb), text
+    texts = corpora.natural_reviews(300, seed=5)
+    assert texts == corpora.natural_reviews(300, seed=5) != corpora.natural_reviews(300, seed=6)
+    openings = set(corpora.review_openings())
+    for text in texts:
+        first = text.split(".")[0].split("!")[0]
+        assert any(first.startswith(o + " ") for o in openings), text
+        assert text.endswith((".", "!")) and text[0].isupper()
+    scores = VaderReward()(texts, texts)
+    assert (scores > 0.3).sum() > 60 and (scores < -0.3).sum() > 60  # both moods are in the corpus

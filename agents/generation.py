@@ -1,19 +1,22 @@
 """Text generation with a trained policy: greedy, sampling (temperature, top-k, top-p), beam search.
 
 Prompts are laid out exactly as TextGen-v0 lays them out (``<bos>`` + prompt, left-padded into the
-prompt window), so the policy sees what it saw in training. Greedy and sampling decode through the
-KV cache; beam search rescores whole sequences each step, which is simple and exact at these
-lengths.
+prompt window), so the policy sees what it saw in training. Every strategy decodes through the
+policy's KV cache (``policy.make_cache``): one pass over the prompts, then one token per row and
+step. Beam search keeps one cache row per beam and, each step, reorders the rows by the beam each
+survivor extends (:meth:`agents.policy.RowCache.reorder`); it gives the beams of rescoring whole
+sequences every step (tested against that, through :class:`agents.policy.RecomputeCache`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from agents.policy import TransformerPolicy, last_real_column
+from agents.policy import TransformerPolicy
 from textgym.checks import is_positive_int
 from textgym.tokenizers import Tokenizer
 
@@ -160,11 +163,19 @@ def _decode(
     return out
 
 
-def _beam_search(
+class Beams(NamedTuple):
+    """What beam search kept per prompt: every beam, best or not."""
+
+    tokens: torch.Tensor  # (B, K, L) each beam's observation: prompt window, then its tokens
+    mask: torch.Tensor  # (B, K, L)
+    scores: torch.Tensor  # (B, K) total log-probability of each beam's tokens (its <eos> included)
+
+
+def beam_search(
     policy: TransformerPolicy, ids: torch.Tensor, mask: torch.Tensor, P: int, M: int, eos: int, num_beams: int
-) -> list[list[int]]:
-    """Keep the ``num_beams`` highest-scoring continuations per prompt; a beam that emits
-    ``<eos>`` is finished and keeps its score. Returns the best finished-or-running beam."""
+) -> Beams:
+    """Keep the ``num_beams`` highest-scoring continuations of each prompt row of ``ids`` (B, L);
+    a beam that emits ``<eos>`` is finished and keeps its score."""
     if not is_positive_int(num_beams):
         raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
     B, L = ids.shape
@@ -174,10 +185,11 @@ def _beam_search(
     scores = torch.full((B, K), float("-inf"), device=ids.device)
     scores[:, 0] = 0.0  # all beams start equal: keep one so the first step does not pick duplicates
     done = torch.zeros(B, K, dtype=torch.bool, device=ids.device)
-    rows = torch.arange(B * K, device=ids.device)
+    first_row = torch.arange(B, device=ids.device).unsqueeze(1) * K  # (B, 1) each prompt's row 0
+    cache = policy.make_cache(B * K, ids.device)
+    logits, _ = cache.step(beams, beam_mask, P)  # prefills every beam's prompt
     for t in range(M):
-        logits, _ = policy(beams, beam_mask)
-        logp = F.log_softmax(logits[rows, last_real_column(beam_mask)], -1)  # (B*K, V)
+        logp = F.log_softmax(logits.float(), -1)  # (B*K, V)
         V = logp.shape[-1]
         logp = logp.view(B, K, V)
         # A finished beam continues only as itself, at no cost, through a single placeholder token.
@@ -187,18 +199,30 @@ def _beam_search(
         total = (scores.unsqueeze(-1) + logp).view(B, K * V)  # (B, K*V)
         scores, flat = total.topk(K, dim=-1)  # (B, K)
         parent, token = flat // V, flat % V
-        pick = (parent + torch.arange(B, device=ids.device).unsqueeze(1) * K).view(-1)  # (B*K,)
-        beams, beam_mask, done = beams[pick].clone(), beam_mask[pick].clone(), done.view(-1)[pick].view(B, K)
+        pick = (parent + first_row).view(-1)  # (B*K,) the row each kept beam extends
+        beams, beam_mask, done = beams[pick], beam_mask[pick], done.view(-1)[pick].view(B, K)
+        cache.reorder(pick)
         was_done = done.clone()
         done = done | (token == eos)
         write = (~was_done).view(-1)
         beams[write, P + t] = token.view(-1)[write]
         beam_mask[write, P + t] = 1
-        if bool(done.all()):
+        if bool(done.all()) or t == M - 1:
             break
-    best = scores.argmax(-1)  # (B,)
-    chosen = beams.view(B, K, L)[torch.arange(B), best]  # (B, L)
-    lengths = beam_mask.view(B, K, L)[torch.arange(B), best][:, P:].sum(-1)
+        # Finished rows feed their last token again: recomputed the same, and ignored above.
+        logits, _ = cache.step(beams, beam_mask, P)
+    return Beams(beams.view(B, K, L), beam_mask.view(B, K, L), scores)
+
+
+def _beam_search(
+    policy: TransformerPolicy, ids: torch.Tensor, mask: torch.Tensor, P: int, M: int, eos: int, num_beams: int
+) -> list[list[int]]:
+    """The tokens of each prompt's best beam (finished or running), without ``<eos>``."""
+    found = beam_search(policy, ids, mask, P, M, eos, num_beams)
+    B = ids.shape[0]
+    best = found.scores.argmax(-1)  # (B,)
+    chosen = found.tokens[torch.arange(B), best]  # (B, L)
+    lengths = found.mask[torch.arange(B), best][:, P:].sum(-1)
     out = []
     for row, n in zip(chosen[:, P:].tolist(), lengths.tolist(), strict=True):
         out.append([tok for tok in row[:n] if tok != eos])

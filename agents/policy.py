@@ -11,7 +11,8 @@ Acting with a cache (:class:`KVCache`): the environment's transition only append
 own token, so the keys and values of every earlier token stay valid. The cache has one slot per
 observation column, per env; a new episode's row is filled by one forward pass over its prompt
 window (prefill), and each later step feeds only the newest token (decode). The logits equal
-those of a full forward pass over the observation (tested against recompute).
+those of a full forward pass over the observation (tested against recompute). Beam search keeps
+the rows of the beams it extends with :meth:`RowCache.reorder` instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "Block",
     "KVCache",
     "PolicyConfig",
+    "RecomputeCache",
     "RowCache",
     "TransformerDecoder",
     "TransformerPolicy",
@@ -98,20 +100,30 @@ class RowCache:
 
         Rows with no generated token yet are prefilled over the prompt window; every other row
         feeds only its newest token, which must be the one appended since the previous call.
+        The outputs have the dtype the policy's heads give (float32 logits for a bfloat16
+        Hugging Face model, the weights' dtype for the built-in policy).
         """
         P = prompt_window
-        N = input_ids.shape[0]
         generated = attention_mask[:, P:].sum(1)  # (N,) tokens generated so far
-        logits = torch.empty(N, self.policy.vocab_size, device=input_ids.device)
-        values = torch.empty(N, device=input_ids.device)
         new = (generated == 0).nonzero().squeeze(1)
         old = (generated > 0).nonzero().squeeze(1)
+        parts = []
         if new.numel():
-            logits[new], values[new] = self._prefill(new, input_ids, attention_mask, P)
+            parts.append((new, *self._prefill(new, input_ids, attention_mask, P)))
         if old.numel():
             col = P - 1 + generated[old]  # (n,) the newest token's column
-            logits[old], values[old] = self._decode(old, col, input_ids, attention_mask)
+            parts.append((old, *self._decode(old, col, input_ids, attention_mask)))
+        _, first_logits, first_values = parts[0]
+        logits = first_logits.new_empty(input_ids.shape[0], first_logits.shape[-1])  # (N, V)
+        values = first_values.new_empty(input_ids.shape[0])  # (N,)
+        for rows, part_logits, part_values in parts:
+            logits[rows], values[rows] = part_logits, part_values
         return logits, values
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Make row ``i`` of the cache a copy of row ``rows[i]`` (beam search keeps the rows of
+        the beams it extends, in the order it keeps them)."""
+        raise NotImplementedError
 
     def _prefill(
         self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
@@ -153,6 +165,10 @@ class KVCache(RowCache):
         last = last_real_column(attention_mask)  # (N,)
         return logits[rows, last], values[rows, last]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.keys = [k[rows] for k in self.keys]  # (N, nh, S, hs) each
+        self.values = [v[rows] for v in self.values]
+
     def _prefill(
         self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,3 +205,30 @@ class KVCache(RowCache):
         for layer, block in enumerate(policy.blocks):
             x = block(x, allowed.unsqueeze(1), (self.keys[layer], self.values[layer], rows, cols))
         return policy.heads(policy.ln_f(x))
+
+
+class RecomputeCache:
+    """Acting without a cache: every step runs the whole observation (the simple, slow reference
+    that the caches are tested against; works with any policy)."""
+
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+
+    @torch.no_grad()
+    def rebuild(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits (N, V) and values (N,) at each row's last real token."""
+        logits, values = self.policy(input_ids, attention_mask)
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        last = last_real_column(attention_mask)
+        return logits[rows, last], values[rows, last]
+
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`rebuild`; ``prompt_window`` is unused."""
+        return self.rebuild(input_ids, attention_mask)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Nothing to reorder: every step reads the whole observation."""

@@ -13,6 +13,11 @@ last observation (:func:`agents.buffer.segments`), so minibatches are sets of se
 truncated episode is not bootstrapped by default (``PPOConfig.bootstrap_truncated``), because
 TextGen-v0 delivers the reward model's score when it truncates at ``max_new_tokens``: the return
 is complete and there is no future to estimate.
+
+Memory: a minibatch can be cut into micro-batches of ``PPOConfig.micro_batch_size`` sequences, each
+one forward and backward pass, whose gradients add up to the minibatch's before its single optimizer
+step (advantages normalised and losses averaged over the whole minibatch). A Hugging Face policy can
+also run in bfloat16, train LoRA adapters and checkpoint activations (:class:`agents.hf.HFConfig`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical
 
-from agents.buffer import Rollout, compute_gae, segments
+from agents.buffer import Rollout, Segments, compute_gae, segments
 from agents.kl import KLController
 from agents.policy import PolicyConfig, TransformerPolicy, last_real_column
 from textgym.checks import is_positive_int, is_real
@@ -47,10 +52,12 @@ from textgym.io import check_zip_integrity, save_torch
 from textgym.vector import TextGenVectorEnv
 
 if TYPE_CHECKING:
-    from agents.hf import HFPolicy
+    from agents.hf import AdaptersDisabled, HFConfig, HFPolicy
 
-CHECKPOINT_SCHEMA = 4  # 3: policy_model (a Hugging Face policy's directory); 4: env_spec
-READABLE_SCHEMAS = (3, 4)  # 3 lacks env_spec only
+# 3: policy_model (a Hugging Face policy's directory); 4: env_spec; 5: hf_config, and under LoRA
+# "model" holds the trained weights only, with the frozen base model's base_digest
+CHECKPOINT_SCHEMA = 5
+READABLE_SCHEMAS = (3, 4, 5)  # 3 lacks env_spec; 3 and 4 lack hf_config (None: a float32 model)
 ENV_IDS = ("TextGen-v0", "textgym:TextGen-v0")
 BOOL_FIELDS = ("anneal_lr", "normalize_advantage", "bootstrap_truncated", "mask_actions")
 
@@ -69,6 +76,11 @@ class PPOConfig:
     """Passes over each rollout."""
     num_minibatches: int = 4
     """Minibatches per epoch; each is a set of whole sequences (episode pieces)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward and backward pass inside a minibatch: their gradients add up to the
+    minibatch's before the one optimizer step (the same gradient up to float rounding; advantages
+    are normalised and losses averaged over the whole minibatch), so memory is bounded by this
+    many sequences whatever the minibatch holds. None: the whole minibatch in one pass."""
     learning_rate: float = 1e-3
     """Adam step size at the start of training."""
     anneal_lr: bool = True
@@ -97,13 +109,17 @@ class PPOConfig:
     """Add γ·V(final observation) to the reward of truncated episodes (SB3 semantics). Off by
     default: TextGen-v0 scores the completion when it truncates, so the return is complete."""
     kl_coef: float = 0.0
-    """β of the per-token KL penalty ``-β·(log π - log π_ref)`` to the reference policy (a frozen
-    copy of the initial policy, e.g. a pretrained one). 0 with ``kl_target=None``: no penalty."""
+    """β of the per-token KL penalty ``-β·(log π - log π_ref)`` to the reference policy: the initial
+    policy (e.g. a pretrained one), frozen; a copy of it, or under LoRA (``HFConfig.lora_rank``) the
+    policy's own model with its adapters switched off. 0 with ``kl_target=None``: no penalty."""
     kl_target: float | None = None
     """Adapt β after each rollout towards this KL per episode (nats), as Ziegler et al. 2019;
     None keeps β fixed. Needs ``kl_coef > 0`` as the starting β."""
-    kl_horizon: int = 10_000
-    """Env steps over which the adaptive controller changes β by about its clipped error (20%)."""
+    kl_horizon: int | None = None
+    """How fast the adaptive β moves: after a rollout of n env steps (all envs together) β is
+    multiplied by ``1 + e·min(n / kl_horizon, 1)``, e the clipped error (±20%). None: one rollout,
+    so β moves by up to 20% after every update. An integer counts env steps, not Ziegler et al.'s
+    episodes: 10_000 with rollouts of 256 env steps moves β by at most 0.5% per update."""
     mask_actions: bool = False
     """Sample only the tokens of the env's action mask (its ``allowed_tokens``); the reference
     policy of the KL penalty is masked the same way."""
@@ -121,6 +137,8 @@ class PPOConfig:
             object.__setattr__(self, name, bool(value))
         for name in ("n_steps", "n_epochs", "num_minibatches", "sample_interval", "kl_horizon"):
             value = getattr(self, name)
+            if name == "kl_horizon" and value is None:
+                continue  # one rollout
             if not is_positive_int(value):
                 raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))  # numpy integers become plain ints (JSON, torch)
@@ -136,6 +154,12 @@ class PPOConfig:
             value = getattr(self, name)
             if not is_real(value) or not 0 <= value < math.inf:
                 raise ValueError(f"PPOConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.micro_batch_size is not None:
+            if not is_positive_int(self.micro_batch_size):
+                raise ValueError(
+                    f"PPOConfig.micro_batch_size must be None or a positive integer, got {self.micro_batch_size!r}"
+                )
+            object.__setattr__(self, "micro_batch_size", int(self.micro_batch_size))
         for name in ("clip_range_vf", "target_kl", "kl_target"):
             value = getattr(self, name)
             if value is not None and (not is_real(value) or not 0 < value < math.inf):
@@ -190,6 +214,10 @@ class PPO:
         the policy is that model with a value head (:class:`agents.hf.HFPolicy`) instead of the
         built-in Transformer, and ``config.policy`` is unused. The env's tokenizer must be the
         model's; left out of ``env_kwargs``, it is read from the same directory.
+    :param hf_config: how the Hugging Face policy is loaded and trained (:class:`agents.hf.HFConfig`
+        or a mapping of its fields): bfloat16, autocast, LoRA adapters, activation checkpointing.
+        Only with ``policy_model``; stored in checkpoints. Under LoRA the KL reference is the
+        policy's own model with its adapters switched off, not a copy.
     """
 
     def __init__(
@@ -204,6 +232,7 @@ class PPO:
         verbose: int = 0,
         init_policy: str | os.PathLike[str] | None = None,
         policy_model: str | os.PathLike[str] | None = None,
+        hf_config: HFConfig | Mapping[str, Any] | None = None,
     ):
         self.config = config if config is not None else PPOConfig()
         if not isinstance(self.config, PPOConfig):
@@ -216,6 +245,23 @@ class PPO:
             raise ValueError(
                 "give init_policy (a textgym language model) or policy_model (a Hugging Face model), not both"
             )
+        if hf_config is not None and policy_model is None:
+            raise ValueError(
+                "hf_config sets up a Hugging Face policy (dtype, LoRA, checkpointing): give policy_model too"
+            )
+        self.hf_config: HFConfig | None = None
+        if policy_model is not None:
+            from agents.hf import HFConfig
+
+            if hf_config is None or isinstance(hf_config, HFConfig):
+                self.hf_config = hf_config or HFConfig()
+            elif isinstance(hf_config, Mapping):
+                self.hf_config = HFConfig.from_dict(hf_config)
+            else:
+                raise TypeError(
+                    f"hf_config must be an HFConfig or a mapping of its fields, got {hf_config!r}"
+                )
+            self.hf_config.check_device(self.device)
         if policy_model is not None and not Path(policy_model).is_dir():
             raise FileNotFoundError(
                 f"policy_model: no directory at {str(policy_model)!r}; give a local directory written by "
@@ -254,7 +300,9 @@ class PPO:
         if policy_model is not None:
             from agents.hf import HFPolicy
 
-            self.policy = HFPolicy.from_pretrained(policy_model, self.tokenizer, self.seq_len)
+            self.policy = HFPolicy.from_pretrained(
+                policy_model, self.tokenizer, self.seq_len, options=self.hf_config
+            )
             self.policy.to(self.device).train()
         elif init_policy is not None:
             from agents.lm import load_lm
@@ -267,16 +315,24 @@ class PPO:
             )
         cfg = self.config
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.reference: TransformerPolicy | HFPolicy | None = None
+        self.reference: TransformerPolicy | HFPolicy | AdaptersDisabled | None = None
         if cfg.kl_coef > 0:
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            if self._lora:
+                self.reference = self.policy.adapters_disabled()  # the base weights, shared
+            else:
+                self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self._ref_cache = self.reference.make_cache(self.num_envs, self.device)
         self._action_mask = (
             torch.tensor(np.array(env.config.action_mask), device=self.device) if cfg.mask_actions else None
         )
+        # Under LoRA the adapters and the value head only; every weight otherwise.
+        self._trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(
-            self.policy.parameters(), lr=self.config.learning_rate, eps=self.config.adam_eps
+            self._trainable,
+            lr=self.config.learning_rate,
+            eps=self.config.adam_eps,
         )
+        self._base_digest: str | None = None  # of the frozen base model under LoRA, computed once
         self.num_timesteps = 0
         self.n_updates = 0
         self.ep_info_buffer: deque[dict[str, float]] = deque(maxlen=100)  # as SB3: the last 100
@@ -290,6 +346,11 @@ class PPO:
         self._cache = self.policy.make_cache(self.num_envs, self.device)
         self._writer: Any = None
         self._tb_dir: Path | None = None
+
+    @property
+    def _lora(self) -> bool:
+        """Whether the policy is a Hugging Face model trained through LoRA adapters."""
+        return self.policy_model is not None and self.policy.lora
 
     # ------------------------------------------------------------------------------------ learn
     def learn(
@@ -350,6 +411,8 @@ class PPO:
         self._open_writer(tb_log_name, new_run=reset_num_timesteps)
         if self.verbose:
             print(f"PPOConfig: {json.dumps(cfg.to_dict())}")
+            if self.hf_config is not None:
+                print(f"HFConfig: {json.dumps(self.hf_config.to_dict())}")
             if planned != self._target_timesteps:
                 print(
                     f"training to {planned:,} env steps: {self._target_timesteps:,} rounded up to whole "
@@ -560,9 +623,10 @@ class PPO:
             returns.reshape(-1),
         )
         num_segments = seg.input_ids.shape[0]
+        micro = cfg.micro_batch_size or num_segments
         self.policy.train()
         pg_losses, value_losses, entropy_losses, approx_kls, clip_fractions = [], [], [], [], []
-        loss = torch.zeros(())
+        loss = 0.0
         continue_training, epochs = True, 0
         for _ in range(cfg.n_epochs):
             epochs += 1
@@ -570,60 +634,45 @@ class PPO:
             for batch in order.chunk(cfg.num_minibatches):
                 in_batch = torch.zeros(num_segments, dtype=torch.bool, device=self.device)
                 in_batch[batch] = True
-                local = torch.empty(num_segments, dtype=torch.long, device=self.device)
-                local[batch] = torch.arange(len(batch), device=self.device)
-                sel = in_batch[seg.segment].nonzero().squeeze(1)  # (n,) transitions of these sequences
-                hidden = self.policy.hidden(seg.input_ids[batch], seg.attention_mask[batch])  # (b, L, C)
-                logits, values = self.policy.heads(
-                    hidden[local[seg.segment[sel]], seg.column[sel]]
-                )  # (n, V), (n,)
-                log_probs = F.log_softmax(self._masked(logits), dim=-1)  # (n, V)
-                new_logprobs = log_probs.gather(1, actions[sel].unsqueeze(1)).squeeze(1)
-                entropy = -(log_probs.exp() * log_probs).sum(-1)  # (n,)
-
-                adv = advantages[sel]
-                if cfg.normalize_advantage and len(adv) > 1:
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                log_ratio = new_logprobs - old_logprobs[sel]
-                ratio = log_ratio.exp()
-                pg_loss = torch.max(
-                    -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
-                ).mean()
-                if cfg.clip_range_vf is None:
-                    value_pred = values
-                else:
-                    value_pred = old_values[sel] + (values - old_values[sel]).clamp(
-                        -cfg.clip_range_vf, cfg.clip_range_vf
+                adv = advantages[in_batch[seg.segment]]  # (n,) the minibatch's transitions
+                n = len(adv)
+                # Normalised over the whole minibatch, however it is cut into micro-batches.
+                adv_mean, adv_scale = (
+                    (adv.mean(), adv.std() + 1e-8) if cfg.normalize_advantage and n > 1 else (0.0, 1.0)
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                sums = torch.zeros(5, device=self.device)
+                for part in batch.split(micro):
+                    terms = self._loss_sums(
+                        part, seg, actions, old_logprobs, old_values, advantages, returns, adv_mean, adv_scale
                     )
-                value_loss = F.mse_loss(returns[sel], value_pred)
-                entropy_loss = -entropy.mean()
+                    # Each micro-batch adds its share of the minibatch's mean loss to the gradients.
+                    part_loss = (terms[0] + cfg.ent_coef * terms[2] + cfg.vf_coef * terms[1]) / n
+                    part_loss.backward()
+                    sums += terms.detach()
+                pg_loss, value_loss, entropy_loss, approx_kl, clip_fraction = (sums / n).tolist()
                 loss = pg_loss + cfg.ent_coef * entropy_loss + cfg.vf_coef * value_loss
-
-                with torch.no_grad():
-                    # (r - 1) - log r: unbiased, non-negative estimator of KL(old || new) (Schulman 2020)
-                    approx_kl = ((ratio - 1) - log_ratio).mean().item()
-                    clip_fractions.append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
-                pg_losses.append(pg_loss.item())
-                value_losses.append(value_loss.item())
-                entropy_losses.append(entropy_loss.item())
+                pg_losses.append(pg_loss)
+                value_losses.append(value_loss)
+                entropy_losses.append(entropy_loss)
                 approx_kls.append(approx_kl)
+                clip_fractions.append(clip_fraction)
                 if cfg.target_kl is not None and approx_kl > 1.5 * cfg.target_kl:
                     continue_training = False
                     break
-                if not math.isfinite(pg_losses[-1] + value_losses[-1] + entropy_losses[-1]):
+                if not math.isfinite(pg_loss + value_loss + entropy_loss):
                     self._diverged(
-                        f"the loss is not finite (policy-gradient {pg_losses[-1]}, value {value_losses[-1]}, "
-                        f"entropy {entropy_losses[-1]}; returns in [{returns.min().item():.3g}, "
+                        f"the loss is not finite (policy-gradient {pg_loss}, value {value_loss}, "
+                        f"entropy {entropy_loss}; returns in [{returns.min().item():.3g}, "
                         f"{returns.max().item():.3g}])"
                     )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, cfg.max_grad_norm)
                 if not math.isfinite(grad_norm.item()):
                     self._diverged(f"the gradient norm is {grad_norm.item()}")
                 self.optimizer.step()
             if not continue_training:
                 break
+        self.optimizer.zero_grad(set_to_none=True)  # the rollout needs that memory more
         var_returns = returns.var()
         explained = (
             float("nan") if var_returns == 0 else float(1 - (returns - old_values).var() / var_returns)
@@ -634,7 +683,7 @@ class PPO:
             "train/entropy_loss": float(np.mean(entropy_losses)),
             "train/approx_kl": float(np.mean(approx_kls)),
             "train/clip_fraction": float(np.mean(clip_fractions)),
-            "train/loss": float(loss.item()),  # last minibatch, as SB3
+            "train/loss": loss,  # last minibatch, as SB3
             "train/explained_variance": explained,
             "train/learning_rate": self.optimizer.param_groups[0]["lr"],
             "train/clip_range": cfg.clip_range,
@@ -642,6 +691,51 @@ class PPO:
             "train/epochs": epochs,
             "train/sequences": num_segments,
         }
+
+    def _loss_sums(
+        self,
+        part: torch.Tensor,
+        seg: Segments,
+        actions: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        old_values: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        adv_mean: torch.Tensor | float,
+        adv_scale: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """One forward pass over the sequences ``part`` (indices into ``seg``): sums over their
+        transitions of the clipped surrogate loss, the squared value error and the negative entropy
+        (differentiable), then of the approx-KL and of the clipped ratios (not), as a (5,) tensor."""
+        cfg = self.config
+        num_segments = seg.input_ids.shape[0]
+        in_part = torch.zeros(num_segments, dtype=torch.bool, device=self.device)
+        in_part[part] = True
+        local = torch.empty(num_segments, dtype=torch.long, device=self.device)
+        local[part] = torch.arange(len(part), device=self.device)
+        sel = in_part[seg.segment].nonzero().squeeze(1)  # (m,) transitions of these sequences
+        hidden = self.policy.hidden(seg.input_ids[part], seg.attention_mask[part])  # (b, L, C)
+        logits, values = self.policy.heads(hidden[local[seg.segment[sel]], seg.column[sel]])  # (m, V), (m,)
+        log_probs = F.log_softmax(self._masked(logits), dim=-1)  # (m, V), float32 whatever the model's dtype
+        new_logprobs = log_probs.gather(1, actions[sel].unsqueeze(1)).squeeze(1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (m,)
+
+        adv = (advantages[sel] - adv_mean) / adv_scale
+        log_ratio = new_logprobs - old_logprobs[sel]
+        ratio = log_ratio.exp()
+        pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+        if cfg.clip_range_vf is None:
+            value_pred = values
+        else:
+            value_pred = old_values[sel] + (values - old_values[sel]).clamp(
+                -cfg.clip_range_vf, cfg.clip_range_vf
+            )
+        value_error = (returns[sel] - value_pred) ** 2
+        with torch.no_grad():
+            # (r - 1) - log r: unbiased, non-negative estimator of KL(old || new) (Schulman 2020)
+            approx_kl = (ratio - 1) - log_ratio
+            clipped = ((ratio - 1).abs() > cfg.clip_range).float()
+        return torch.stack([pg.sum(), value_error.sum(), -entropy.sum(), approx_kl.sum(), clipped.sum()])
 
     # ---------------------------------------------------------------------------------- logging
     def _open_writer(self, tb_log_name: str, new_run: bool) -> None:
@@ -664,6 +758,12 @@ class PPO:
             self._writer.add_text(
                 "config", f"```\n{json.dumps(self.config.to_dict(), indent=2)}\n```", self.num_timesteps
             )
+            if self.hf_config is not None:
+                self._writer.add_text(
+                    "hf_config",
+                    f"```\n{json.dumps(self.hf_config.to_dict(), indent=2)}\n```",
+                    self.num_timesteps,
+                )
 
     def _log(self, stats: dict[str, float], fps: float) -> None:
         self.last_stats = {**stats, "time/fps": fps}
@@ -736,14 +836,30 @@ class PPO:
             "env_spec": self._env_spec(),
             "num_envs": self.num_envs,
             "seed": self.seed,
-            "model": self.policy.state_dict(),
+            "model": self._policy_state(),
             "optimizer": self.optimizer.state_dict(),
             "init_policy": self.init_policy,
             "policy_model": self.policy_model,
-            "reference": None if self.reference is None else self.reference.state_dict(),
+            "hf_config": None if self.hf_config is None else self.hf_config.to_dict(),
+            "base_digest": self._frozen_digest(),
+            # under LoRA the reference is the policy's own base weights: nothing of its own to save
+            "reference": self.reference.state_dict() if isinstance(self.reference, torch.nn.Module) else None,
             "tb_dir": None if self._tb_dir is None else str(self._tb_dir.resolve()),
             **state,
         }
+
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's weights for a checkpoint: all of them, or under LoRA the trained ones
+        (adapters and value head; the frozen base model is read again from ``policy_model``)."""
+        if self.policy_model is not None:
+            return self.policy.checkpoint_state()
+        return self.policy.state_dict()
+
+    def _frozen_digest(self) -> str | None:
+        """SHA-256 of the frozen base model under LoRA (it never changes, so it is hashed once)."""
+        if self._lora and self._base_digest is None:
+            self._base_digest = self.policy.frozen_digest()
+        return self._base_digest
 
     def _env_spec(self) -> dict[str, Any]:
         """The settings of the env that the policy's shapes depend on, to name them on a mismatch."""
@@ -771,6 +887,7 @@ class PPO:
             "ep_info_buffer": [dict(e) for e in self.ep_info_buffer],
             "samples": [list(x) for x in self._samples],
             "kl_coef": self.kl.value,
+            "kl_pending_steps": self.kl.pending_steps,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -800,6 +917,7 @@ class PPO:
         self._samples.clear()
         self._samples.extend(tuple(x) for x in state.get("samples", []))
         self.kl.value = state["kl_coef"]
+        self.kl.pending_steps = state.get("kl_pending_steps", 0)  # absent from schema 3 and 4
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -860,11 +978,21 @@ class PPO:
             seed=ckpt["seed"],
             tensorboard_log=tensorboard_log,
             policy_model=ckpt["policy_model"],
+            hf_config=ckpt.get("hf_config"),
         )
         model._check_env_matches(ckpt, path)
-        model.policy.load_state_dict(ckpt["model"])
+        saved_digest = ckpt.get("base_digest")
+        if saved_digest is not None and saved_digest != model._frozen_digest():
+            raise ValueError(
+                f"{str(path)!r} holds LoRA adapters trained on another base model than the one now in "
+                f"{ckpt['policy_model']!r} (its frozen weights differ): put the original model back there"
+            )
+        if model.policy_model is not None:
+            model.policy.load_checkpoint_state(ckpt["model"])
+        else:
+            model.policy.load_state_dict(ckpt["model"])
         model.init_policy = ckpt["init_policy"]
-        if model.reference is not None:
+        if isinstance(model.reference, torch.nn.Module):
             model.reference.load_state_dict(ckpt["reference"])
         model.optimizer.load_state_dict(ckpt["optimizer"])
         model._set_training_state(ckpt)

@@ -6,6 +6,7 @@
     python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "bad"]}'
     python scripts/train.py --agent sb3-a2c --hyperparams '{"n_steps": 16}' --extractor mlp
     python scripts/train.py --task sentiment --policy-model path/to/causal_lm   # a local Hugging Face model
+    python scripts/train.py --task sentiment --policy-model path/to/causal_lm --hf-config '{"dtype": "bfloat16", "lora_rank": 16}' --ppo-config '{"micro_batch_size": 8}'
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt --total-timesteps 100000
     tensorboard --logdir runs
@@ -42,7 +43,12 @@ SB3's ``DummyVecEnv`` of single envs instead of the batched env.
 ``--policy-model DIR`` (the ``textgym[hf]`` extra) makes the ``ppo`` policy a Hugging Face causal LM
 saved in ``DIR`` with a value head (``agents.hf.HFPolicy``); the env reads text with the model's
 tokenizer from the same directory unless ``--env-kwargs`` names another ``tokenizer``. Nothing is
-downloaded: ``DIR`` is a directory written by ``save_pretrained``.
+downloaded: ``DIR`` is a directory written by ``save_pretrained``. ``--hf-config`` (with
+``--policy-model`` only) sets how that model is loaded and trained (``agents.hf.HFConfig``):
+bfloat16 weights or autocast, LoRA adapters (the ``textgym[lm]`` extra, peft) with the KL reference
+computed by the same model with its adapters off, and activation checkpointing. Memory in the update
+is bounded with ``--ppo-config '{"micro_batch_size": N}'`` (N sequences per forward/backward pass,
+gradients accumulated over the minibatch).
 
 Threads: ``--threads`` defaults to 1 for the built-in policy and to torch's default (one per core)
 with ``--policy-model``. On an idle 2-core CPU a second thread trains the built-in policy about
@@ -56,9 +62,9 @@ Ctrl-C stops training, saves a checkpoint (``ppo``) or the model (SB3) and flush
 Resuming: ``--resume CHECKPOINT`` continues a ``ppo`` run where its checkpoint left it, in the same
 run directory and TensorBoard run. The run's settings come from the checkpoint and the
 ``config.json`` beside it: --agent, --task, --env-kwargs, --ppo-config, --hyperparams, --extractor,
---vec-env, --init-policy, --policy-model, --num-envs, --seed and --logdir are refused unless they
-repeat the run's own values. ``--total-timesteps N`` sets the run's new total: training continues
-until N env steps in all (N below the steps already done is refused); without it, the run trains
+--vec-env, --init-policy, --policy-model, --hf-config, --num-envs, --seed and --logdir are refused
+unless they repeat the run's own values. ``--total-timesteps N`` sets the run's new total: training
+continues until N env steps in all (N below the steps already done is refused); without it, the run trains
 to the total it was started with. --device, --threads, --eval-episodes, --checkpoint-interval and
 --no-progress apply to the resumed session.
 """
@@ -66,6 +72,7 @@ to the total it was started with. --device, --threads, --eval-episodes, --checkp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -86,6 +93,7 @@ from agents.baselines import (
     repeated_word,
     sb3_hyperparameters,
 )
+from agents.hf import HFConfig
 from agents.ppo import PPO, PPOConfig
 from agents.runtime import (
     HelpFormatter,
@@ -100,24 +108,22 @@ from agents.runtime import (
     set_threads,
 )
 from textgym.io import write_json
-from textgym.tasks import env_arguments_error
+from textgym.tasks import TASKS, env_arguments_error
 
 AGENTS = ("ppo", *SB3_AGENTS)
 # The options that make the run what it is: on --resume they come from its config.json.
 RUN_OPTIONS = (
     "agent", "task", "env_kwargs", "ppo_config", "hyperparams", "extractor", "vec_env", "init_policy",
-    "policy_model", "num_envs", "seed", "logdir",
+    "policy_model", "hf_config", "num_envs", "seed", "logdir",
 )  # fmt: skip
-NOT_SAVED = ("no_progress", "ppo")
+NOT_SAVED = ("no_progress", "ppo", "hf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--agent", choices=AGENTS, default="ppo", help="which agent to train")
-    parser.add_argument(
-        "--task", default="default", help="built-in task: default, sentiment, arithmetic, keyword"
-    )
+    parser.add_argument("--task", default="default", help=f"built-in task: default, {', '.join(TASKS)}")
     parser.add_argument(
         "--env-kwargs",
         type=json_value,
@@ -156,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         "its tokenizer becomes the env's unless --env-kwargs gives one (default: the built-in Transformer)",
     )
     parser.add_argument(
+        "--hf-config",
+        type=json_value,
+        default={},
+        help="ppo with --policy-model: JSON object of agents.hf.HFConfig fields, e.g. "
+        '\'{"dtype": "bfloat16", "lora_rank": 16}\'; ' + hf_config_fields() + " (default: {}, all defaults)",
+    )
+    parser.add_argument(
         "--total-timesteps",
         type=int,
         default=None,
@@ -189,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_options(parser, argv)
-    for name in ("env_kwargs", "ppo_config", "hyperparams"):
+    for name in ("env_kwargs", "ppo_config", "hyperparams", "hf_config"):
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
     for name in ("num_envs", "eval_episodes"):
@@ -236,6 +249,14 @@ def _check_new_run(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(problem)
     if args.ppo_config and args.agent != "ppo":
         parser.error("--ppo-config applies to --agent ppo only")
+    if args.hf_config and args.policy_model is None:
+        parser.error(
+            "--hf-config sets up the Hugging Face policy (dtype, LoRA, checkpointing): give --policy-model too"
+        )
+    try:
+        args.hf = HFConfig.from_dict(args.hf_config) if args.policy_model is not None else None
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--hf-config: {exc}")
     if args.init_policy is not None and args.agent != "ppo":
         parser.error("--init-policy applies to a new --agent ppo run only")
     if args.init_policy is not None and not Path(args.init_policy).is_file():
@@ -290,7 +311,13 @@ def _take_settings_of_resumed_run(
         )
     for name in RUN_OPTIONS:
         setattr(args, name, saved.get(name, getattr(args, name)))
-    args.ppo = None
+    args.ppo = args.hf = None
+
+
+def hf_config_fields() -> str:
+    """HFConfig's fields and defaults, for --hf-config's help."""
+    fields = ", ".join(f"{f.name} ({json.dumps(f.default)})" for f in dataclasses.fields(HFConfig))
+    return f"fields (defaults): {fields}; lora_rank null trains every weight"
 
 
 def run_dir_for(args: argparse.Namespace) -> Path:
@@ -312,6 +339,7 @@ def build_model(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: P
                 verbose=1,
                 init_policy=args.init_policy,
                 policy_model=args.policy_model,
+                hf_config=args.hf,
             )
         return make_sb3_model(
             args.agent,
@@ -392,6 +420,8 @@ def run(args: argparse.Namespace) -> int:
             # every PPOConfig field, defaults included (an --init-policy's architecture replaces
             # --ppo-config's), so the file alone describes the run
             settings["ppo_config_resolved"] = model.config.to_dict()
+            if model.hf_config is not None:
+                settings["hf_config_resolved"] = model.hf_config.to_dict()
         write_json(run_dir / "config.json", settings)
         remaining, start = args.total_timesteps, 0
     print("run:", json.dumps({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, default=repr))

@@ -231,12 +231,28 @@ def test_a_checkpoint_of_another_env_names_both_settings(tmp_path, other, named)
         PPO.load(path, env_kwargs={"max_new_tokens": 3} | other, device="cpu")
 
 
+def test_schema_4_checkpoints_still_load(tmp_path):
+    """Schema 5 added hf_config and base_digest (LoRA); a schema-4 file has neither."""
+    path = tmp_path / "ckpt.pt"
+    model = PPO("TextGen-v0", CFG, num_envs=2, env_kwargs={"max_new_tokens": 3}, device="cpu", seed=0)
+    model.learn(8)
+    ckpt = torch.load(model.save(path), weights_only=True)
+    assert ckpt["hf_config"] is None and ckpt["base_digest"] is None
+    del ckpt["hf_config"], ckpt["base_digest"]
+    del ckpt["config"]["micro_batch_size"]
+    ckpt["schema_version"] = 4
+    torch.save(ckpt, path)
+    loaded = PPO.load(path, device="cpu")
+    assert loaded.num_timesteps == 8 and loaded.config == CFG
+    assert_same_weights(loaded, model)
+
+
 def test_schema_3_checkpoints_still_load_and_name_the_mismatch(tmp_path):
     path = tmp_path / "ckpt.pt"
     model = PPO("TextGen-v0", CFG, num_envs=2, env_kwargs={"max_new_tokens": 3}, device="cpu", seed=0)
     model.learn(8)
     ckpt = torch.load(model.save(path), weights_only=True)
-    del ckpt["env_spec"], ckpt["samples"]
+    del ckpt["env_spec"], ckpt["samples"], ckpt["hf_config"], ckpt["base_digest"]
     ckpt["schema_version"] = 3
     torch.save(ckpt, path)
     assert PPO.load(path, device="cpu").num_timesteps == 8
@@ -244,7 +260,7 @@ def test_schema_3_checkpoints_still_load_and_name_the_mismatch(tmp_path):
         ValueError, match=r"does not fit this environment \(vocab_size=16.*weight shapes differ"
     ):
         PPO.load(path, env_kwargs={"task": "arithmetic", "max_new_tokens": 3}, device="cpu")
-    assert CHECKPOINT_SCHEMA == 4
+    assert CHECKPOINT_SCHEMA == 5
 
 
 # ------------------------------------------------------------------------------------ divergence

@@ -3,6 +3,7 @@ forward passes done by hand."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.generation import filter_logits, generate
-from agents.policy import PolicyConfig, TransformerPolicy
+from agents.generation import Beams, beam_search, encode_prompts, filter_logits, generate
+from agents.policy import KVCache, PolicyConfig, RecomputeCache, TransformerPolicy
 from agents.ppo import PPO, PPOConfig
 from textgym.vector import TextGenVectorEnv
 
@@ -271,6 +272,46 @@ def test_beam_search_with_enough_beams_is_exhaustive(arithmetic):
     greedy = s.gen(prompts, max_new_tokens=2)
     assert out != greedy  # the exhaustive optimum is not simply greedy's
     assert len({len(s.tok.encode(t)) for t in out}) >= 2  # finished early and ran to the limit
+
+
+def beams_of(policy, s: Setup, prompts: list[str], num_beams: int) -> Beams:
+    ids, mask = encode_prompts(s.tok, prompts, s.P, s.M, torch.device("cpu"))
+    return beam_search(policy, ids, mask, s.P, s.M, s.eos, num_beams)
+
+
+@pytest.mark.parametrize("task", ["default", "arithmetic"])
+@pytest.mark.parametrize("num_beams", [3, 5])
+def test_cached_beam_search_keeps_the_beams_of_recomputation(
+    default, arithmetic, task, num_beams, monkeypatch
+):
+    """Beam search through the KV cache (rows reordered by beam origin each step) against the
+    same search with every step recomputing whole sequences: the same beams, every one of them."""
+    s = default if task == "default" else arithmetic
+    prompts = mixed_prompts(s) if task == "default" else [*s.prompts[:6], "1+", ""]
+    made: list[KVCache] = []
+    make_cache = s.policy.make_cache
+    monkeypatch.setattr(s.policy, "make_cache", lambda n, d: made.append(make_cache(n, d)) or made[-1])
+    cached = beams_of(s.policy, s, prompts, num_beams)
+    assert isinstance(made[0], KVCache) and made[0].keys[0].shape[0] == len(prompts) * num_beams
+    monkeypatch.setattr(s.policy, "make_cache", lambda n, d: RecomputeCache(s.policy))
+    recomputed = beams_of(s.policy, s, prompts, num_beams)
+    assert torch.equal(cached.tokens, recomputed.tokens) and torch.equal(cached.mask, recomputed.mask)
+    torch.testing.assert_close(cached.scores, recomputed.scores, atol=1e-5, rtol=1e-5)
+    lengths = cached.mask[:, :, s.P :].sum(-1)
+    assert len(set(lengths.flatten().tolist())) > 1  # beams finished at several lengths
+
+
+def test_a_bfloat16_policy_generates_through_its_cache(default, monkeypatch):
+    """RowCache.step allocates its outputs in the dtype the policy computes (it was float32)."""
+    policy = copy.deepcopy(default.policy).to(torch.bfloat16)
+    ids, mask = encode_prompts(default.tok, mixed_prompts(default), default.P, default.M, torch.device("cpu"))
+    logits, values = policy.make_cache(len(ids), "cpu").step(ids, mask, default.P)
+    assert logits.dtype == values.dtype == torch.bfloat16
+    cached = beam_search(policy, ids, mask, default.P, default.M, default.eos, 3)
+    monkeypatch.setattr(policy, "make_cache", lambda n, d: RecomputeCache(policy))
+    recomputed = beam_search(policy, ids, mask, default.P, default.M, default.eos, 3)
+    # bfloat16 rounds differently in the two ways of computing: near-ties may go either way
+    assert (cached.tokens == recomputed.tokens).float().mean() > 0.9
 
 
 def reference_beam_search(s: Setup, prompt: str, K: int, M: int) -> tuple[str, float]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from agents.generation import beam_search, encode_prompts
 from agents.hf import HFKVCache, HFPolicy, RecomputeCache, cache_argument
 from agents.policy import last_real_column
 from agents.ppo import PPO, PPOConfig
@@ -30,14 +31,6 @@ TASK = get_task("sentiment")
 M = 6  # max_new_tokens of every env here
 ENV_KWARGS = {"task": "sentiment", "max_new_tokens": M}
 ARCHS = ["gpt2", "llama"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -518,6 +511,22 @@ def test_sampling_and_beam_search(model_dirs):
     tok = model.tokenizer
     for text in beams:
         assert len(tok.encode(text)) <= M
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_cached_beam_search_keeps_the_beams_of_recomputation(model_dirs, arch, num_beams):
+    """Beam search through HFKVCache (rows reordered by beam origin each step) against the same
+    search recomputing whole sequences every step (cache="recompute"): the same beams."""
+    env = vector_env(model_dirs[arch])
+    policy = load_policy(model_dirs[arch], env)
+    P, tok = env.prompt_window, env.tokenizer
+    ids, mask = encode_prompts(tok, list(TASK.prompts[:6]), P, M, torch.device("cpu"))
+    cached = beam_search(policy, ids.clone(), mask.clone(), P, M, tok.eos_id, num_beams)
+    policy.cache = "recompute"
+    recomputed = beam_search(policy, ids.clone(), mask.clone(), P, M, tok.eos_id, num_beams)
+    assert torch.equal(cached.tokens, recomputed.tokens) and torch.equal(cached.mask, recomputed.mask)
+    torch.testing.assert_close(cached.scores, recomputed.scores, atol=1e-4, rtol=1e-4)
+    assert len(set(cached.tokens[:, :, P:].flatten().tolist())) > 3  # not one token repeated
 
 
 # ------------------------------------------------------------------------------ save_pretrained

@@ -3,7 +3,6 @@ and checkpoints."""
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 
@@ -209,26 +208,12 @@ def test_ppo_beta_responds_within_a_few_updates_with_a_one_rollout_horizon():
     assert [b for _, b in record] == pytest.approx([0.1 * 0.8 * 1.2**k for k in range(5)], rel=1e-12)
 
 
-# Active once agents/ppo.py takes the change of the KL-controller issue: PPOConfig.kl_horizon
-# defaults to None (one rollout) and checkpoints keep the controller's carried-over steps.
-needs_one_rollout_default = pytest.mark.skipif(
-    PPOConfig.__dataclass_fields__["kl_horizon"].default is not None,
-    reason="PPOConfig.kl_horizon does not default to None (one rollout) yet (agents/ppo.py)",
-)
-needs_pending_in_checkpoints = pytest.mark.skipif(
-    "kl_pending_steps" not in inspect.getsource(PPO._training_state),
-    reason="checkpoints do not keep KLController.pending_steps yet (agents/ppo.py)",
-)
-
-
-@needs_one_rollout_default
 def test_default_kl_horizon_is_one_rollout():
     config = PPOConfig(kl_coef=0.1, kl_target=1.0)
     assert config.kl_horizon is None and PPOConfig.from_dict(config.to_dict()) == config
     assert tiny(kl_coef=0.1, kl_target=1.0).kl.horizon is None
 
 
-@needs_pending_in_checkpoints
 def test_carried_over_kl_steps_survive_save_and_load(tmp_path):
     model = tiny(kl_coef=0.1, kl_target=1.0, kl_horizon=64)
     model.learn(32)

@@ -85,6 +85,9 @@ def observations(num: int = 24, seed: int = 0) -> dict[str, np.ndarray]:
         ("clip_range_vf", 0.0),
         ("clip_range_vf", "0.2"),
         ("target_kl", -0.01),
+        ("micro_batch_size", 0),
+        ("micro_batch_size", 2.5),
+        ("micro_batch_size", True),
     ],
 )
 def test_config_validation_names_the_field(field, value):
@@ -290,6 +293,52 @@ def test_target_kl_stops_the_epochs_early():
     assert stats["train/epochs"] == 1
     free = started(small(dataclasses.replace(cfg, target_kl=None)))
     assert free.update(*free.collect_rollout())["train/epochs"] == 6
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_micro_batches_give_the_minibatch_gradient(normalize):
+    """Minibatches cut into micro-batches of 1 or 3 sequences pass the optimizer the gradient of
+    the whole minibatch: advantages normalised and losses averaged over the minibatch, not per
+    micro-batch (either would change this gradient)."""
+    cfg = PPOConfig(
+        n_steps=16,
+        n_epochs=2,
+        num_minibatches=3,
+        max_grad_norm=1e9,  # compare the gradients themselves, not clipped ones
+        clip_range_vf=0.2,
+        normalize_advantage=normalize,
+    )
+    grads, stats, passes = {}, {}, {}
+    for micro in (None, 1, 3):
+        model = started(small(dataclasses.replace(cfg, micro_batch_size=micro)))
+        randomise_value_head(model)
+        rollout = model.collect_rollout()
+        recorded: list[list[torch.Tensor]] = []
+        step, hidden = model.optimizer.step, model.policy.hidden
+        model.optimizer.step = lambda *a, r=recorded, s=step, m=model: (
+            r.append([p.grad.clone() for p in m.policy.parameters()]),
+            s(*a),
+        )[1]
+        calls = [0]
+        model.policy.hidden = lambda *a, c=calls, h=hidden: (c.__setitem__(0, c[0] + 1), h(*a))[1]
+        torch.manual_seed(3)  # the same minibatches
+        stats[micro] = model.update(*rollout)
+        grads[micro], passes[micro] = recorded, calls[0]
+    sequences = stats[None]["train/sequences"]
+    assert passes[None] == 6 and passes[1] == 2 * sequences and passes[3] > passes[None]
+    for micro in (1, 3):
+        assert len(grads[micro]) == len(grads[None]) == 6
+        for got, full in zip(grads[micro], grads[None], strict=True):
+            for g, f in zip(got, full, strict=True):
+                # float rounding differs with the batch shapes (and Adam carries it on): relative to the scale
+                torch.testing.assert_close(g, f, atol=1e-4 * float(f.abs().max()), rtol=1e-3)
+        for key in (
+            "train/policy_gradient_loss",
+            "train/value_loss",
+            "train/entropy_loss",
+            "train/approx_kl",
+        ):
+            assert stats[micro][key] == pytest.approx(stats[None][key], rel=1e-4, abs=1e-7)
 
 
 def test_truncated_episodes_are_bootstrapped_only_when_asked():

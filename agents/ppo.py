@@ -56,8 +56,8 @@ if TYPE_CHECKING:
 
 # 3: policy_model (a Hugging Face policy's directory); 4: env_spec; 5: hf_config, and under LoRA
 # "model" holds the trained weights only, with the frozen base model's base_digest
-CHECKPOINT_SCHEMA = 5
-READABLE_SCHEMAS = (3, 4, 5)  # 3 lacks env_spec; 3 and 4 lack hf_config (None: a float32 model)
+CHECKPOINT_SCHEMA = 6  # 6: the env's episodes as TextGenVectorEnv.get_state() gives them
+READABLE_SCHEMAS = (3, 4, 5, 6)  # 3 lacks env_spec; 3 and 4 lack hf_config (None: a float32 model)
 ENV_IDS = ("TextGen-v0", "textgym:TextGen-v0")
 BOOL_FIELDS = ("anneal_lr", "normalize_advantage", "bootstrap_truncated", "mask_actions")
 
@@ -879,7 +879,6 @@ class PPO:
         def host(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to("cpu", copy=copy_tensors)
 
-        core = self.env._core
         return {
             "num_timesteps": self.num_timesteps,
             "n_updates": self.n_updates,
@@ -897,11 +896,7 @@ class PPO:
             "env_state": None
             if self._obs is None
             else {
-                "tokens": host(core.tokens),
-                "mask": host(core.mask),
-                "gen_len": host(core.gen_len),
-                "prompt_index": host(core.prompt_index),
-                "rngs": json.dumps([g.bit_generator.state for g in self.env._rngs or []]),
+                "env": self.env.get_state(),
                 "episode_return": host(self._episode_return),
                 "episode_length": host(self._episode_length),
                 "episode_kl": host(self._episode_kl),
@@ -1031,19 +1026,40 @@ class PPO:
 
     def _restore_env(self, state: Mapping[str, Any]) -> None:
         env, core, dev = self.env, self.env._core, self.device
-        if env._rngs is None:
-            env.reset(seed=0)  # allocates the per-env generators, then every piece is overwritten
-        core.tokens.copy_(state["tokens"].to(dev))
-        core.mask.copy_(state["mask"].to(dev))
-        core.gen_len.copy_(state["gen_len"].to(dev))
-        core.prompt_index.copy_(state["prompt_index"].to(dev))
-        for gen, saved in zip(env._rngs or [], json.loads(state["rngs"]), strict=True):
-            gen.bit_generator.state = saved
+        if "env" in state:
+            env.set_state(state["env"])
+        else:  # schema 3 to 5: the core's tensors and one generator per row
+            if env._rngs is None:
+                env.reset(seed=0)  # allocates the per-env generators, then every piece is overwritten
+            for name in ("tokens", "mask", "gen_len", "prompt_index"):
+                getattr(core, name).copy_(state[name].to(dev))
+            for gen, saved in zip(env._rngs or [], json.loads(state["rngs"]), strict=True):
+                gen.bit_generator.state = saved
+            env._ended[:] = False
+            env._autoreset[:] = False
+            env._needs_reset[:] = False
         self._episode_return.copy_(state["episode_return"].to(dev))
         self._episode_length.copy_(state["episode_length"].to(dev))
         self._episode_kl.copy_(state["episode_kl"].to(dev))
-        env._needs_reset[:] = False  # every row is a valid episode again
+        self._reset_ended_rows()
         self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
+
+    def _reset_ended_rows(self) -> None:
+        """Start new episodes in rows that hold an ended one. Only checkpoints written by versions
+        before 0.2 on an interrupt inside ``env.step`` have such rows (a row at ``max_new_tokens``
+        or after ``<eos>`` that was never reset); resuming them is then not exact, but possible."""
+        core, P = self.env._core, self.prompt_window
+        last = core.tokens.gather(1, (P + core.gen_len - 1).clamp(min=P).unsqueeze(1)).squeeze(1)
+        ended = (core.gen_len >= core.max_new_tokens) | ((core.gen_len > 0) & (last == core.eos_id))
+        if not bool(ended.any()):
+            return
+        print(
+            f"checkpoint: {int(ended.sum())} env rows held episodes that had ended without a reset "
+            "(saved by an interrupted step of an older version); they start new episodes"
+        )
+        self.env.reset(options={"reset_mask": ended.cpu().numpy()})
+        for acc in (self._episode_return, self._episode_length, self._episode_kl):
+            acc[ended] = 0
 
 
 @contextlib.contextmanager

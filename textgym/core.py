@@ -108,6 +108,7 @@ class StepResult(NamedTuple):
     completions: list[str]  # (k,) completion text of each finished row (<eos> excluded)
     scores: np.ndarray  # (k,) float64: the reward model's score of each finished row
     lengths: np.ndarray  # (k,) int64: generated tokens of each finished episode, <eos> included
+    prompt_index: np.ndarray  # (k,) int64: the prompt index of each finished row
 
 
 class TextGenCore:
@@ -185,12 +186,13 @@ class TextGenCore:
             terminated = torch.zeros(N, dtype=torch.bool, device=self.device)
             truncated = torch.zeros_like(terminated)
             terminated[rows], truncated[rows] = term, trunc
-            reward = active.to(torch.float64) * penalty
+            # Inactive rows get 0.0 exactly (not 0.0 * -penalty = -0.0).
+            reward = torch.zeros(N, dtype=torch.float64, device=self.device).masked_fill_(active, penalty)
 
         finished = (terminated | truncated).nonzero().squeeze(1)  # (k,)
         if finished.numel() == 0:
-            empty = np.zeros(0)
-            return StepResult(reward, terminated, truncated, finished, [], [], empty, empty.astype(np.int64))
+            empty, none = np.zeros(0), np.zeros(0, dtype=np.int64)
+            return StepResult(reward, terminated, truncated, finished, [], [], empty, none, none)
 
         # One device-to-host copy for everything the reward model needs: (k, M + 3)
         lengths = self.gen_len[finished]
@@ -216,7 +218,15 @@ class TextGenCore:
         self.timings["reward"] += time.perf_counter() - decoded
         reward[finished] += torch.as_tensor(scores, dtype=torch.float64).to(self.device)
         return StepResult(
-            reward, terminated, truncated, finished, prompts, completions, scores, packed[:, M + 1]
+            reward,
+            terminated,
+            truncated,
+            finished,
+            prompts,
+            completions,
+            scores,
+            packed[:, M + 1],
+            packed[:, M + 2],
         )
 
     def texts(self, rows: torch.Tensor | None = None) -> tuple[list[str], list[str]]:

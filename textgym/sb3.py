@@ -30,15 +30,20 @@ from textgym.vector import TextGenVectorEnv
 class SB3VecEnv(VecEnv):
     """A :class:`~textgym.vector.TextGenVectorEnv` seen through Stable-Baselines3's ``VecEnv`` API.
 
-    :param venv: a vector env with ``autoreset_mode="same_step"`` and ``array_type="numpy"``.
+    :param venv: a vector env with ``autoreset_mode="same_step"``, ``array_type="numpy"`` and
+        ``group_size=1``: SB3's algorithms train on every step, and a row waiting for its group
+        makes steps that are not transitions.
     :param bootstrap_truncated: report an episode cut at ``max_new_tokens`` as
         ``TimeLimit.truncated=True``, so SB3 adds the discounted value of its last observation to
         the final reward. TextGen-v0 scores the completion when it truncates, so that return is
         already complete; ``False`` makes SB3 treat the cut like a termination, which is what the
         custom PPO does by default (``PPOConfig.bootstrap_truncated=False``).
 
-    ``env_method("action_masks")`` returns one mask row per sub-env, as sb3-contrib's
-    MaskablePPO expects.
+    The info of a sub-env whose episode ended holds, besides ``terminal_observation`` and
+    ``TimeLimit.truncated``, the vector env's end-of-episode info: ``prompt``, ``completion``,
+    ``reward_components``, ``prompt_index`` and ``group`` (the sub-env's index), so that episodes
+    on the same prompt can be gathered. ``env_method("action_masks")`` returns one mask row per
+    sub-env, as sb3-contrib's MaskablePPO expects.
     """
 
     def __init__(self, venv: TextGenVectorEnv, bootstrap_truncated: bool = True):
@@ -48,6 +53,12 @@ class SB3VecEnv(VecEnv):
             raise ValueError(
                 "SB3VecEnv needs TextGenVectorEnv(autoreset_mode='same_step', array_type='numpy'), got "
                 f"autoreset_mode={venv.autoreset_mode.value!r}, array_type={venv.array_type!r}"
+            )
+        if venv.group_size != 1:
+            raise ValueError(
+                f"SB3VecEnv needs TextGenVectorEnv(group_size=1), got group_size={venv.group_size}: SB3's "
+                "algorithms train on every step, and a row waiting for its group makes steps that are not "
+                "transitions"
             )
         self.venv = venv
         self.bootstrap_truncated = bool(bootstrap_truncated)
@@ -81,6 +92,8 @@ class SB3VecEnv(VecEnv):
                 "terminal_observation": {k: v[i] for k, v in infos["final_obs"].items()},
                 "prompt": final["prompt"][i],
                 "completion": final["completion"][i],
+                "prompt_index": int(final["prompt_index"][i]),
+                "group": int(final["group"][i]),
                 "reward_components": {
                     "score": comps["score"][i],
                     "length_penalty": comps["length_penalty"][i],

@@ -69,7 +69,7 @@ def test_interrupt_inside_the_reward_model_saves_a_resumable_checkpoint(tmp_path
     assert model.num_timesteps == ROLLOUT * updates_done and model.n_updates == updates_done
     saved = torch.load(path, weights_only=True)
     assert saved["num_timesteps"] == model.num_timesteps
-    assert int(saved["env_state"]["gen_len"].max()) < 3  # no row left at max_new_tokens
+    assert int(saved["env_state"]["env"]["gen_len"].max()) < 3  # no row left at max_new_tokens
 
     # The interrupted object was rolled back too (RNG states included) and can go on in memory.
     model.env.config.reward.fn.fail_at = None  # FunctionReward keeps the callable as .fn
@@ -231,6 +231,15 @@ def test_a_checkpoint_of_another_env_names_both_settings(tmp_path, other, named)
         PPO.load(path, env_kwargs={"max_new_tokens": 3} | other, device="cpu")
 
 
+def as_schema_5_env_state(ckpt: dict) -> dict:
+    """The env part of a checkpoint as schemas 3 to 5 wrote it: the core's tensors and JSON rngs."""
+    state = ckpt["env_state"]
+    env = state.pop("env")
+    state.update({name: env[name] for name in ("tokens", "mask", "gen_len", "prompt_index")})
+    state["rngs"] = json.dumps(env["rngs"])
+    return ckpt
+
+
 def test_schema_4_checkpoints_still_load(tmp_path):
     """Schema 5 added hf_config and base_digest (LoRA); a schema-4 file has neither."""
     path = tmp_path / "ckpt.pt"
@@ -241,7 +250,7 @@ def test_schema_4_checkpoints_still_load(tmp_path):
     del ckpt["hf_config"], ckpt["base_digest"]
     del ckpt["config"]["micro_batch_size"]
     ckpt["schema_version"] = 4
-    torch.save(ckpt, path)
+    torch.save(as_schema_5_env_state(ckpt), path)
     loaded = PPO.load(path, device="cpu")
     assert loaded.num_timesteps == 8 and loaded.config == CFG
     assert_same_weights(loaded, model)
@@ -254,13 +263,13 @@ def test_schema_3_checkpoints_still_load_and_name_the_mismatch(tmp_path):
     ckpt = torch.load(model.save(path), weights_only=True)
     del ckpt["env_spec"], ckpt["samples"], ckpt["hf_config"], ckpt["base_digest"]
     ckpt["schema_version"] = 3
-    torch.save(ckpt, path)
+    torch.save(as_schema_5_env_state(ckpt), path)
     assert PPO.load(path, device="cpu").num_timesteps == 8
     with pytest.raises(
         ValueError, match=r"does not fit this environment \(vocab_size=16.*weight shapes differ"
     ):
         PPO.load(path, env_kwargs={"task": "arithmetic", "max_new_tokens": 3}, device="cpu")
-    assert CHECKPOINT_SCHEMA == 5
+    assert CHECKPOINT_SCHEMA == 6
 
 
 # ------------------------------------------------------------------------------------ divergence
@@ -331,3 +340,23 @@ def test_learn_says_when_it_rounds_up_to_whole_rollouts(capsys):
         f"training to {2 * ROLLOUT:,} env steps: {ROLLOUT + 1:,} rounded up to whole rollouts of {ROLLOUT}"
         in out
     )
+
+
+def test_an_older_checkpoint_with_an_unreset_row_resumes(tmp_path, capsys):
+    """Before schema 6 an interrupt inside env.step could save a row at max_new_tokens that was
+    never reset, and resuming it failed with an IndexError in the core: such rows now restart."""
+    path = tmp_path / "ckpt.pt"
+    model = agent(CountingReward())
+    model.learn(ROLLOUT)
+    core = model.env._core
+    ckpt = as_schema_5_env_state(torch.load(model.save(path), weights_only=True))
+    P, M = core.prompt_window, core.max_new_tokens
+    state = ckpt["env_state"]
+    state["tokens"][0, P:], state["mask"][0, P:], state["gen_len"][0] = 5, 1, M  # full, never reset
+    ckpt["schema_version"] = 5
+    torch.save(ckpt, path)
+    loaded = load(path, CountingReward())
+    assert "1 env rows held episodes that had ended" in capsys.readouterr().out
+    assert int(loaded.env._core.gen_len[0]) == 0 and int(loaded.env._core.gen_len.max()) < M
+    loaded.learn(ROLLOUT, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 2 * ROLLOUT

@@ -494,6 +494,10 @@ def test_stable_info_vector_env_has_the_same_keys_and_types_at_every_step(mode, 
         "_completion",
         "reward_components",
         "_reward_components",
+        "prompt_index",
+        "_prompt_index",
+        "group",
+        "_group",
     }
     assert all(info[k].all() for k in ("_prompt", "_completion", "_reward_components"))
     ends = 0

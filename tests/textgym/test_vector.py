@@ -297,6 +297,20 @@ def test_next_step_autoreset_returns_fresh_prompt_and_ignores_action():
     assert autoreset_steps > 10
 
 
+def test_next_step_autoreset_reward_is_positive_zero_as_sync():
+    # the reset step pays no length penalty: +0.0 as SyncVectorEnv gives, not 0.0 * -penalty = -0.0
+    kwargs = {"task": "arithmetic", "length_penalty": 0.5}
+    env = make_batched(3, **kwargs)
+    sync = gym.make_vec(ENV_ID, num_envs=3, vectorization_mode="sync", **kwargs)
+    env.reset(seed=0)
+    sync.reset(seed=0)
+    for acts in ([EOS, 5, 5], [5, 5, 5]):
+        _, rew, *_ = env.step(np.array(acts))
+        _, s_rew, *_ = sync.step(np.array(acts))
+        np.testing.assert_array_equal(np.signbit(rew), np.signbit(s_rew))
+    assert rew[0] == 0.0 and not np.signbit(rew[0])
+
+
 # ------------------------------------------------------------------- RecordEpisodeStatistics
 @pytest.mark.parametrize("mode", MODES)
 def test_record_episode_statistics_matches_own_accounting(mode):

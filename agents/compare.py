@@ -30,7 +30,8 @@ import numpy as np
 
 from textgym.io import atomic_write, write_json, write_text
 
-AGENT_ORDER = ("ppo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo")
+AGENT_ORDER = ("ppo", "grpo", "rloo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo")
+CUSTOM = ("ppo", "grpo", "rloo")  # the package's own agents (agents.ppo, agents.grpo)
 RANDOM = "random"
 SUMMARY_TAGS = ("compare/wall_seconds", "compare/env_steps_per_second", "eval/mean_reward")
 
@@ -346,15 +347,30 @@ def _log_summary(run_dir: Path, step: int, values: Mapping[str, float]) -> None:
     writer.close()
 
 
+def custom_agent(agent: str, ppo_config: Any = None, agent_configs: Mapping[str, Any] | None = None) -> Any:
+    """``(class, config)`` of one of the package's own agents (:data:`CUSTOM`): ``ppo_config``
+    for ``ppo``, ``agent_configs[agent]`` (a config or a mapping of its fields) for the others."""
+    from agents.grpo import GRPO, RLOO
+    from agents.ppo import PPO
+
+    cls = {"ppo": PPO, "grpo": GRPO, "rloo": RLOO}[agent]
+    config = ppo_config if agent == "ppo" else (agent_configs or {}).get(agent)
+    if isinstance(config, Mapping):
+        config = cls.config_class.from_dict(config)
+    return cls, config if config is not None else cls.config_class()
+
+
 def hyperparameters(
-    agent: str, ppo_config: Any = None, sb3_hyperparams: Mapping[str, Any] | None = None
+    agent: str,
+    ppo_config: Any = None,
+    sb3_hyperparams: Mapping[str, Any] | None = None,
+    agent_configs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every setting of ``agent`` in the comparison, as JSON-ready data."""
     from agents.baselines import sb3_hyperparameters
-    from agents.ppo import PPOConfig
 
-    if agent == "ppo":
-        return (ppo_config or PPOConfig()).to_dict()
+    if agent in CUSTOM:
+        return custom_agent(agent, ppo_config, agent_configs)[1].to_dict()
     if agent == RANDOM:
         return {"policy": "uniform over the vocabulary"}
     params = sb3_hyperparameters(agent, (sb3_hyperparams or {}).get(agent))
@@ -369,26 +385,29 @@ def agents_error(
     device: str = "auto",
     ppo_config: Any = None,
     sb3_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
+    agent_configs: Mapping[str, Any] | None = None,
 ) -> str | None:
     """Why one of ``agents`` cannot be built with these settings, or None: each is built once
     (no training, nothing written), so that a comparison never stops half-way on a setting that
     could have been refused at the start."""
     from agents.baselines import SB3_AGENTS, make_sb3_model
-    from agents.ppo import PPO, PPOConfig
 
     for agent in agents:
         try:
-            if agent == "ppo":
-                PPO("TextGen-v0", ppo_config or PPOConfig(), num_envs, env_kwargs, device, seed=0)
+            if agent in CUSTOM:
+                cls, config = custom_agent(agent, ppo_config, agent_configs)
+                cls("TextGen-v0", config, num_envs, env_kwargs, device, seed=0)
             elif agent in SB3_AGENTS:
                 model = make_sb3_model(
                     agent, env_kwargs, num_envs, 0, device, None, (sb3_hyperparams or {}).get(agent)
                 )
                 model.get_env().close()
             else:
-                return f"unknown agent {agent!r}; accepted: ppo, {', '.join(SB3_AGENTS)}"
+                return f"unknown agent {agent!r}; accepted: {', '.join((*CUSTOM, *SB3_AGENTS))}"
         except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-            option = "--ppo-config" if agent == "ppo" else "--sb3-hyperparams"
+            option = {"ppo": "--ppo-config", "grpo": "--agent-configs", "rloo": "--agent-configs"}.get(
+                agent, "--sb3-hyperparams"
+            )
             return f"{option}: {agent} cannot be built: {exc}"
     return None
 
@@ -407,6 +426,7 @@ def run_comparison(
     ppo_config: Any = None,
     sb3_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
+    agent_configs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train every agent x seed for ``total_timesteps`` env steps, then :func:`summarize`.
 
@@ -420,12 +440,11 @@ def run_comparison(
     from tqdm.auto import tqdm
 
     from agents.baselines import SB3_AGENTS, evaluate, greedy_policy, make_sb3_model
-    from agents.ppo import PPO, PPOConfig
     from textgym.tasks import get_task
 
-    unknown = [a for a in agents if a != "ppo" and a not in SB3_AGENTS]
+    unknown = [a for a in agents if a not in CUSTOM and a not in SB3_AGENTS]
     if unknown:
-        raise ValueError(f"unknown agent(s) {unknown}; accepted: ppo, {', '.join(SB3_AGENTS)}")
+        raise ValueError(f"unknown agent(s) {unknown}; accepted: {', '.join((*CUSTOM, *SB3_AGENTS))}")
     out = Path(out)
     tb_root = out / "tb"
     if tb_root.exists() and any(tb_root.iterdir()):
@@ -434,9 +453,11 @@ def run_comparison(
     env = {"task": task, **dict(env_kwargs or {})}
     if threshold is None:
         threshold = get_task(task).reward_threshold
-    ppo_config = ppo_config or PPOConfig()
     for agent in (*agents, RANDOM):
-        write_json(out / "hyperparams" / f"{agent}.json", hyperparameters(agent, ppo_config, sb3_hyperparams))
+        write_json(
+            out / "hyperparams" / f"{agent}.json",
+            hyperparameters(agent, ppo_config, sb3_hyperparams, agent_configs),
+        )
 
     bar = tqdm(
         total=len(seeds) * len(agents) * total_timesteps,
@@ -465,8 +486,9 @@ def run_comparison(
                 bar.set_description(f"{agent} seed {seed}")
                 name = run_name(agent, seed)
                 start = time.perf_counter()
-                if agent == "ppo":
-                    model = PPO("TextGen-v0", ppo_config, num_envs, env, device, seed, tb_root)
+                if agent in CUSTOM:
+                    cls, config = custom_agent(agent, ppo_config, agent_configs)
+                    model = cls("TextGen-v0", config, num_envs, env, device, seed, tb_root)
 
                     def on_update(m: Any, base: int = done_steps) -> None:
                         bar.update(base + min(m.num_timesteps, total_timesteps) - bar.n)

@@ -1,6 +1,7 @@
 """PPO with a Transformer policy on the batched TextGen-v0, everything on the agent's device.
 
-One update reads top to bottom in :meth:`PPO.learn`: a rollout of ``n_steps`` on all envs (acting
+One update reads top to bottom in :meth:`OnPolicyAgent.learn` with :meth:`PPO.collect_rollout` and
+:meth:`PPO.update`: a rollout of ``n_steps`` on all envs (acting
 through a KV cache, one new token per env per step), GAE (:func:`agents.buffer.compute_gae`), then
 ``n_epochs`` passes over minibatches of whole sequences with the clipped surrogate objective
 (Schulman et al. 2017, eq. 7), an optionally clipped value loss, an entropy bonus, global
@@ -18,6 +19,11 @@ Memory: a minibatch can be cut into micro-batches of ``PPOConfig.micro_batch_siz
 one forward and backward pass, whose gradients add up to the minibatch's before its single optimizer
 step (advantages normalised and losses averaged over the whole minibatch). A Hugging Face policy can
 also run in bfloat16, train LoRA adapters and checkpoint activations (:class:`agents.hf.HFConfig`).
+
+What is not PPO's own lives in :class:`OnPolicyAgent`, which the group agents of
+:mod:`agents.grpo` (GRPO, RLOO) share: the env and the policy, the KL reference, the training loop
+with its interrupt handling, checkpoints, logging, ``predict`` and ``generate``; and in
+:func:`check_fields` / :class:`ConfigIO`, the validation and JSON round trip of every config.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -66,8 +72,91 @@ class TrainingDivergedError(RuntimeError):
     """The policy's logits, the loss or the gradient became NaN or infinite during training."""
 
 
+def check_fields(
+    config: Any,
+    bools: Sequence[str] = (),
+    positive_ints: Sequence[str] = (),
+    optional_positive_ints: Sequence[str] = (),
+    positive: Sequence[str] = (),
+    unit_interval: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+    optional_positive: Sequence[str] = (),
+) -> None:
+    """Validate and normalise the fields of a frozen agent config (:class:`PPOConfig`, the group
+    agents' configs) in ``__post_init__``: each error names ``<Config>.<field>``, the value and
+    what is accepted. NumPy numbers become plain ones (JSON, torch), and a ``policy`` field given
+    as a mapping (from a checkpoint or ``config.json``) becomes a :class:`PolicyConfig`."""
+    kind = type(config).__name__
+
+    def put(name: str, value: Any) -> None:
+        object.__setattr__(config, name, value)
+
+    for name in bools:
+        value = getattr(config, name)
+        # Only real booleans: bool("false") is True, so a string would silently mean the opposite.
+        if not isinstance(value, bool | np.bool_):
+            raise ValueError(f"{kind}.{name} must be true or false (a bool), got {value!r}")
+        put(name, bool(value))
+    for name in positive_ints:
+        value = getattr(config, name)
+        if not is_positive_int(value):
+            raise ValueError(f"{kind}.{name} must be a positive integer, got {value!r}")
+        put(name, int(value))
+    for name in optional_positive_ints:
+        value = getattr(config, name)
+        if value is not None:
+            if not is_positive_int(value):
+                raise ValueError(f"{kind}.{name} must be None or a positive integer, got {value!r}")
+            put(name, int(value))
+    for name in positive:
+        value = getattr(config, name)
+        if not is_real(value) or not 0 < value < math.inf:
+            raise ValueError(f"{kind}.{name} must be a positive number, got {value!r}")
+    for name in unit_interval:
+        value = getattr(config, name)
+        if not is_real(value) or not 0 <= value <= 1:
+            raise ValueError(f"{kind}.{name} must be in [0, 1], got {value!r}")
+    for name in non_negative:
+        value = getattr(config, name)
+        if not is_real(value) or not 0 <= value < math.inf:
+            raise ValueError(f"{kind}.{name} must be a finite number >= 0, got {value!r}")
+    for name in optional_positive:
+        value = getattr(config, name)
+        if value is not None and (not is_real(value) or not 0 < value < math.inf):
+            raise ValueError(f"{kind}.{name} must be None or a positive number, got {value!r}")
+    for f in dataclasses.fields(config):  # numpy floats become plain floats (JSON, torch)
+        value = getattr(config, f.name)
+        if f.name not in bools and is_real(value) and not isinstance(value, int):
+            put(f.name, float(value))
+    if isinstance(config.policy, Mapping):  # from a checkpoint or config.json
+        try:
+            put("policy", PolicyConfig(**config.policy))
+        except TypeError as exc:
+            raise ValueError(f"{kind}.policy: {exc}") from None
+    if not isinstance(config.policy, PolicyConfig):
+        raise ValueError(
+            f"{kind}.policy must be a PolicyConfig or a mapping of its fields, got {config.policy!r}"
+        )
+
+
+class ConfigIO:
+    """``to_dict`` / ``from_dict`` of a frozen agent config: JSON-ready data, for ``config.json``
+    and checkpoints, and back, refusing unknown fields by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(ConfigIO):
     """Hyperparameters of :class:`PPO`; saved as ``config.json`` and inside every checkpoint."""
 
     n_steps: int = 32
@@ -129,77 +218,36 @@ class PPOConfig:
     """Architecture of the Transformer policy."""
 
     def __post_init__(self) -> None:
-        for name in BOOL_FIELDS:
-            value = getattr(self, name)
-            # Only real booleans: bool("false") is True, so a string would silently mean the opposite.
-            if not isinstance(value, bool | np.bool_):
-                raise ValueError(f"PPOConfig.{name} must be true or false (a bool), got {value!r}")
-            object.__setattr__(self, name, bool(value))
-        for name in ("n_steps", "n_epochs", "num_minibatches", "sample_interval", "kl_horizon"):
-            value = getattr(self, name)
-            if name == "kl_horizon" and value is None:
-                continue  # one rollout
-            if not is_positive_int(value):
-                raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
-            object.__setattr__(self, name, int(value))  # numpy integers become plain ints (JSON, torch)
-        for name in ("learning_rate", "adam_eps", "clip_range", "max_grad_norm"):
-            value = getattr(self, name)
-            if not is_real(value) or not 0 < value < math.inf:
-                raise ValueError(f"PPOConfig.{name} must be a positive number, got {value!r}")
-        for name in ("gamma", "gae_lambda"):
-            value = getattr(self, name)
-            if not is_real(value) or not 0 <= value <= 1:
-                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {value!r}")
-        for name in ("ent_coef", "vf_coef", "kl_coef"):
-            value = getattr(self, name)
-            if not is_real(value) or not 0 <= value < math.inf:
-                raise ValueError(f"PPOConfig.{name} must be a finite number >= 0, got {value!r}")
-        if self.micro_batch_size is not None:
-            if not is_positive_int(self.micro_batch_size):
-                raise ValueError(
-                    f"PPOConfig.micro_batch_size must be None or a positive integer, got {self.micro_batch_size!r}"
-                )
-            object.__setattr__(self, "micro_batch_size", int(self.micro_batch_size))
-        for name in ("clip_range_vf", "target_kl", "kl_target"):
-            value = getattr(self, name)
-            if value is not None and (not is_real(value) or not 0 < value < math.inf):
-                raise ValueError(f"PPOConfig.{name} must be None or a positive number, got {value!r}")
-        for f in dataclasses.fields(self):  # numpy floats become plain floats (JSON, torch)
-            value = getattr(self, f.name)
-            if f.name not in BOOL_FIELDS and is_real(value) and not isinstance(value, int):
-                object.__setattr__(self, f.name, float(value))
+        check_fields(
+            self,
+            bools=BOOL_FIELDS,
+            positive_ints=("n_steps", "n_epochs", "num_minibatches", "sample_interval"),
+            optional_positive_ints=("kl_horizon", "micro_batch_size"),
+            positive=("learning_rate", "adam_eps", "clip_range", "max_grad_norm"),
+            unit_interval=("gamma", "gae_lambda"),
+            non_negative=("ent_coef", "vf_coef", "kl_coef"),
+            optional_positive=("clip_range_vf", "target_kl", "kl_target"),
+        )
         if self.kl_target is not None and self.kl_coef == 0:
             raise ValueError(
                 "PPOConfig.kl_target needs kl_coef > 0 as the starting β (β adapts by multiplication)"
             )
-        if isinstance(self.policy, Mapping):  # from a checkpoint or config.json
-            try:
-                object.__setattr__(self, "policy", PolicyConfig(**self.policy))
-            except TypeError as exc:
-                raise ValueError(f"PPOConfig.policy: {exc}") from None
-        if not isinstance(self.policy, PolicyConfig):
-            raise ValueError(
-                f"PPOConfig.policy must be a PolicyConfig or a mapping of its fields, got {self.policy!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PPOConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown PPOConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
-class PPO:
-    """PPO with a Transformer policy on ``TextGen-v0`` (API modelled on Stable-Baselines3).
+class OnPolicyAgent:
+    """What every agent of this package shares (:class:`PPO`, :class:`agents.grpo.GRPO`,
+    :class:`agents.grpo.RLOO`); API modelled on Stable-Baselines3.
+
+    The env (batched, same-step autoreset, tensors on the agent's device), the policy (the built-in
+    Transformer, a language-model checkpoint or a Hugging Face model) acting through its KV cache,
+    the frozen KL reference, Adam, the training loop of :meth:`learn` with its interrupt handling,
+    checkpoints (:meth:`save`, :meth:`load`), TensorBoard logging, :meth:`predict` and
+    :meth:`generate`. A subclass names its ``algorithm`` and ``config_class`` and gives a rollout
+    (:meth:`_collect`) and an update on it (:meth:`_train`); see the hooks below.
 
     :param env: ``"TextGen-v0"``, or a :class:`~textgym.vector.TextGenVectorEnv` made with
         ``autoreset_mode="same_step", array_type="torch"`` on the agent's device.
-    :param config: hyperparameters.
+    :param config: hyperparameters (an instance of the subclass's ``config_class``).
     :param num_envs: episodes in flight (when ``env`` is an id).
     :param env_kwargs: keyword arguments of the environment (task, reward, ...).
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
@@ -220,10 +268,15 @@ class PPO:
         policy's own model with its adapters switched off, not a copy.
     """
 
+    algorithm: ClassVar[str]
+    """The agent's name in checkpoints, ``config.json`` and TensorBoard run names: "ppo", ..."""
+    config_class: ClassVar[type]
+    """The frozen dataclass of its hyperparameters."""
+
     def __init__(
         self,
         env: str | TextGenVectorEnv = "TextGen-v0",
-        config: PPOConfig | None = None,
+        config: Any = None,
         num_envs: int = 64,
         env_kwargs: Mapping[str, Any] | None = None,
         device: str | torch.device = "auto",
@@ -234,9 +287,9 @@ class PPO:
         policy_model: str | os.PathLike[str] | None = None,
         hf_config: HFConfig | Mapping[str, Any] | None = None,
     ):
-        self.config = config if config is not None else PPOConfig()
-        if not isinstance(self.config, PPOConfig):
-            raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         self.device = resolve_device(device)
         self.seed, self.verbose = seed, verbose
         self.tensorboard_log = None if tensorboard_log is None else Path(tensorboard_log)
@@ -279,20 +332,22 @@ class PPO:
                 device=self.device,
                 autoreset_mode="same_step",
                 array_type="torch",
+                **self._env_options(),
                 **self.env_kwargs,
             )
         elif not isinstance(env, TextGenVectorEnv):
             raise TypeError(f"env must be 'TextGen-v0' or a TextGenVectorEnv, got {type(env).__name__}")
         if env.autoreset_mode.value != "SameStep" or env.array_type != "torch" or env.device != self.device:
             raise ValueError(
-                "PPO needs TextGenVectorEnv(autoreset_mode='same_step', array_type='torch') on the agent's "
-                f"device {self.device}, got {env.autoreset_mode.value}, {env.array_type}, {env.device}"
+                f"{type(self).__name__} needs TextGenVectorEnv(autoreset_mode='same_step', array_type='torch') "
+                f"on the agent's device {self.device}, got {env.autoreset_mode.value}, {env.array_type}, "
+                f"{env.device}"
             )
+        self._check_env(env)
         self.env = env
         self.num_envs = env.num_envs
         self.prompt_window = env.prompt_window
         self.seq_len = env.config.seq_len
-        _check_rollout_fits(self.config.n_steps, self.num_envs, self.seq_len, self.device)
         self.tokenizer = env.tokenizer
         self.init_policy = None if init_policy is None else str(init_policy)
         self.policy_model = None if policy_model is None else str(policy_model)
@@ -314,9 +369,9 @@ class PPO:
                 self.device
             )
         cfg = self.config
-        self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.kl = KLController(*self._kl_settings())
         self.reference: TransformerPolicy | HFPolicy | AdaptersDisabled | None = None
-        if cfg.kl_coef > 0:
+        if self.kl.value > 0:
             if self._lora:
                 self.reference = self.policy.adapters_disabled()  # the base weights, shared
             else:
@@ -352,21 +407,50 @@ class PPO:
         """Whether the policy is a Hugging Face model trained through LoRA adapters."""
         return self.policy_model is not None and self.policy.lora
 
+    # ------------------------------------------------------------------------- subclass hooks
+    def _env_options(self) -> dict[str, Any]:
+        """Arguments of the env this agent makes for itself, beside ``env_kwargs``."""
+        return {}
+
+    def _check_env(self, env: TextGenVectorEnv) -> None:
+        """Refuse an env (made or given) that this algorithm cannot train on."""
+
+    def _kl_settings(self) -> tuple[float, float | None, int | None]:
+        """β's start, target and horizon (:class:`agents.kl.KLController`); a start > 0 makes the
+        frozen reference policy."""
+        raise NotImplementedError
+
+    def _rollout_size(self) -> int | None:
+        """Env steps of every rollout (``learn`` stops at the first multiple past its target), or
+        None where it varies."""
+        return None
+
+    def _collect(self) -> Any:
+        """One rollout, the policy acting through its KV cache; counts ``num_timesteps`` step by
+        step and adds finished episodes to ``ep_info_buffer``."""
+        raise NotImplementedError
+
+    def _train(self, batch: Any) -> dict[str, float]:
+        """The update on the rollout :meth:`_collect` returned; its metrics under TensorBoard tags."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------------------ learn
     def learn(
         self,
         total_timesteps: int,
         progress_bar: bool = False,
         reset_num_timesteps: bool = True,
-        tb_log_name: str = "ppo",
+        tb_log_name: str | None = None,
         checkpoint_path: str | os.PathLike[str] | None = None,
         checkpoint_interval: int = 0,
-        callback: Callable[[PPO], bool | None] | None = None,
-    ) -> PPO:
+        callback: Callable[[Any], bool | None] | None = None,
+    ) -> Any:
         """Train for ``total_timesteps`` env steps (counted from 0, or added to the current count
         with ``reset_num_timesteps=False``, which also continues the TensorBoard run). Training
-        runs in whole rollouts of ``n_steps * num_envs`` env steps, so it stops at the first
-        multiple of that at or past the target.
+        runs in whole rollouts (PPO: ``n_steps * num_envs`` env steps), so it stops at the end of
+        the first rollout at or past the target. Returns the agent.
+
+        :param tb_log_name: TensorBoard run name prefix (default: the ``algorithm``, e.g. "ppo").
 
         :param progress_bar: show a tqdm bar of env steps.
         :param checkpoint_path: where :meth:`save` writes; on Ctrl-C a checkpoint is written there
@@ -404,19 +488,22 @@ class PPO:
             self._episode_length.zero_()
             self._episode_kl.zero_()
         self._target_timesteps = (0 if reset_num_timesteps else self.num_timesteps) + int(total_timesteps)
-        rollout_size = cfg.n_steps * self.num_envs
-        planned = self.num_timesteps + rollout_size * math.ceil(
-            max(self._target_timesteps - self.num_timesteps, 0) / rollout_size
-        )
-        self._open_writer(tb_log_name, new_run=reset_num_timesteps)
+        rollout_size = self._rollout_size()
+        planned = self._target_timesteps
+        if rollout_size is not None:
+            planned = self.num_timesteps + rollout_size * math.ceil(
+                max(self._target_timesteps - self.num_timesteps, 0) / rollout_size
+            )
+        self._open_writer(tb_log_name or self.algorithm, new_run=reset_num_timesteps)
         if self.verbose:
-            print(f"PPOConfig: {json.dumps(cfg.to_dict())}")
+            print(f"{type(cfg).__name__}: {json.dumps(cfg.to_dict())}")
             if self.hf_config is not None:
                 print(f"HFConfig: {json.dumps(self.hf_config.to_dict())}")
-            if planned != self._target_timesteps:
+            if rollout_size is not None and planned != self._target_timesteps:
                 print(
                     f"training to {planned:,} env steps: {self._target_timesteps:,} rounded up to whole "
-                    f"rollouts of {rollout_size:,} (n_steps {cfg.n_steps} x num_envs {self.num_envs})"
+                    f"rollouts of {rollout_size:,} (n_steps {rollout_size // self.num_envs} x num_envs "
+                    f"{self.num_envs})"
                 )
         start_steps, start_time = self.num_timesteps, time.perf_counter()
         bar = None
@@ -434,13 +521,14 @@ class PPO:
                     frac = 1.0 - self.num_timesteps / self._target_timesteps
                     for group in self.optimizer.param_groups:
                         group["lr"] = frac * cfg.learning_rate
-                rollout, last_values, last_dones = self.collect_rollout()
+                rollout_start = self.num_timesteps
+                batch = self._collect()
                 with _interrupt_after_block() as interrupted:
                     phase = "update"
-                    stats = self.update(rollout, last_values, last_dones)
+                    stats = self._train(batch)
                     if self.reference is not None:
                         stats.update(self._kl_stats())
-                        self.kl.update(stats["train/kl_ref"], cfg.n_steps * self.num_envs)
+                        self.kl.update(stats["train/kl_ref"], self.num_timesteps - rollout_start)
                     self.n_updates += 1
                     phase, consistent = "between", None
                 fps = (self.num_timesteps - start_steps) / (time.perf_counter() - start_time)
@@ -480,6 +568,450 @@ class PPO:
             self.save(checkpoint_path)
         return self
 
+    def _diverged(self, what: str) -> None:
+        raise TrainingDivergedError(
+            f"training diverged at env step {self.num_timesteps:,} (update {self.n_updates + 1}): {what}. "
+            "The weights were not stepped with it and nothing was saved, so the last checkpoint is the "
+            "last good one; lower learning_rate or check the reward model's scale."
+        )
+
+    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (..., V) with the tokens outside the env's action mask made impossible."""
+        if self._action_mask is None:
+            return logits
+        return logits.masked_fill(~self._action_mask, torch.finfo(logits.dtype).min)
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per row from the masked ``logits`` (N, V): the actions (N,), the
+        log-probabilities of every token (N, V) and of the actions (N,). ``log_softmax``, as for the
+        reference and in the update: identical numbers when π == π_ref."""
+        masked = self._masked(logits)
+        if not bool(torch.isfinite(masked).all()):
+            self._diverged("the policy's logits contain NaN or infinity")
+        action = Categorical(logits=masked).sample()
+        log_probs = F.log_softmax(masked, dim=-1)  # (N, V)
+        return action, log_probs, log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
+
+    def _reference_log_probs(self, ref_logits: torch.Tensor) -> torch.Tensor:
+        """The reference's log-probabilities (N, V), under the same action mask as the policy's."""
+        return F.log_softmax(self._masked(ref_logits), dim=-1)
+
+    def _kl_stats(self) -> dict[str, float]:
+        """KL to the reference over the episodes that ended in the last rollout (nats per episode)."""
+        if not self._rollout_kl:
+            return {
+                "train/kl_ref": float("nan"),
+                "train/kl_ref_sampled": float("nan"),
+                "train/kl_coef": self.kl.value,
+            }
+        exact, sampled = np.mean(self._rollout_kl, axis=0)
+        return {
+            "train/kl_ref": float(exact),
+            "train/kl_ref_sampled": float(sampled),
+            "train/kl_coef": self.kl.value,
+        }
+
+    def _track_episodes(
+        self,
+        reward: torch.Tensor,
+        done: torch.Tensor,
+        infos: dict[str, Any],
+        live: torch.Tensor | None = None,
+    ) -> None:
+        """Add a step's rewards to the episodes in flight and log those that ended (``done``) into
+        ``ep_info_buffer`` and the samples. ``live`` (N,) bool: only those rows' steps count
+        (the group agents' transitions); None: every row's."""
+        if live is None:
+            self._episode_return += reward
+            self._episode_length += 1
+        else:
+            self._episode_return += torch.where(live, reward, 0.0)
+            self._episode_length += live.long()
+        if bool(done.any()):
+            rows = done.nonzero().squeeze(1)
+            for i, r, n in zip(
+                rows.tolist(),
+                self._episode_return[rows].tolist(),
+                self._episode_length[rows].tolist(),
+                strict=True,
+            ):
+                self.ep_info_buffer.append({"r": r, "l": n})
+                final = infos["final_info"]
+                self._samples.append((final["prompt"][i], final["completion"][i], r))
+            self._episode_return[rows] = 0.0
+            self._episode_length[rows] = 0
+
+    # ---------------------------------------------------------------------------------- logging
+    def _open_writer(self, tb_log_name: str, new_run: bool) -> None:
+        if self.tensorboard_log is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self._writer is None or new_run:
+            if self._writer is not None:
+                self._writer.close()
+            if self._tb_dir is None or new_run:
+                # As SB3: <tensorboard_log>/<name>_<k>, k one more than the largest present.
+                taken = [
+                    int(p.name.rsplit("_", 1)[1])
+                    for p in self.tensorboard_log.glob(f"{tb_log_name}_*")
+                    if p.name.rsplit("_", 1)[1].isdigit()
+                ]
+                self._tb_dir = self.tensorboard_log / f"{tb_log_name}_{max(taken, default=0) + 1}"
+            self._writer = SummaryWriter(str(self._tb_dir))
+            self._writer.add_text(
+                "config", f"```\n{json.dumps(self.config.to_dict(), indent=2)}\n```", self.num_timesteps
+            )
+            if self.hf_config is not None:
+                self._writer.add_text(
+                    "hf_config",
+                    f"```\n{json.dumps(self.hf_config.to_dict(), indent=2)}\n```",
+                    self.num_timesteps,
+                )
+
+    def _log(self, stats: dict[str, float], fps: float) -> None:
+        self.last_stats = {**stats, "time/fps": fps}
+        if self.ep_info_buffer:
+            self.last_stats["rollout/ep_rew_mean"] = float(np.mean([e["r"] for e in self.ep_info_buffer]))
+            self.last_stats["rollout/ep_len_mean"] = float(np.mean([e["l"] for e in self.ep_info_buffer]))
+        if self._writer is None:
+            return
+        for tag, value in self.last_stats.items():
+            self._writer.add_scalar(tag, value, self.num_timesteps)
+        if (self.n_updates - 1) % self.config.sample_interval == 0 and self._samples:
+            rows = "\n".join(f"| {p} | {c} | {r:.3f} |" for p, c, r in self._samples)
+            self._writer.add_text(
+                "samples", f"| prompt | completion | return |\n|---|---|---|\n{rows}", self.num_timesteps
+            )
+
+    # ------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(
+        self,
+        observation: Mapping[str, Any],
+        state: Any = None,
+        episode_start: Any = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, None]:
+        """Actions for one observation (dict of (L,) arrays) or a batch (dict of (B, L) arrays).
+
+        Same signature as Stable-Baselines3; ``state`` and ``episode_start`` are accepted and
+        unused (the policy reads the whole text from the observation). Returns ``(actions, None)``.
+        """
+        ids, mask = (_as_tensor(observation[key], self.device) for key in ("input_ids", "attention_mask"))
+        single = ids.ndim == 1
+        if single:
+            ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
+        if ids.ndim != 2 or ids.shape[1] != self.seq_len or mask.shape != ids.shape:
+            raise ValueError(
+                f"observation arrays must have shape ({self.seq_len},) or (B, {self.seq_len}), "
+                f"got input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)}"
+            )
+        self.policy.eval()
+        hidden = self.policy.hidden(ids.long(), mask.long())
+        rows = torch.arange(len(ids), device=self.device)
+        logits, _ = self.policy.heads(hidden[rows, last_real_column(mask)])
+        logits = self._masked(logits)
+        actions = logits.argmax(-1) if deterministic else Categorical(logits=logits).sample()
+        out = actions.cpu().numpy()
+        return (out.reshape(()) if single else out), None
+
+    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
+        """Completions of ``prompts``: see :func:`agents.generation.generate` for the options
+        (greedy, sampling with temperature / top-k / top-p, beam search)."""
+        from agents.generation import generate
+
+        return generate(
+            self.policy, self.tokenizer, prompts, self.prompt_window, self.env.config.max_new_tokens, **kwargs
+        )
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint atomically (a unique temporary file, flushed to disk, then a rename):
+        a save that fails or is interrupted leaves the previous file at ``path`` as it was."""
+        return save_torch(path, self._checkpoint(self._training_state(copy_tensors=False)))
+
+    def _checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of the current weights and optimizer with ``state`` (:meth:`_training_state`)."""
+        return {
+            "schema_version": CHECKPOINT_SCHEMA,
+            "agent": self.algorithm,  # absent before the group agents: "ppo"
+            "config": self.config.to_dict(),
+            "env_kwargs": _jsonable_or_none(self.env_kwargs),
+            "env_spec": self._env_spec(),
+            "num_envs": self.num_envs,
+            "seed": self.seed,
+            "model": self._policy_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "init_policy": self.init_policy,
+            "policy_model": self.policy_model,
+            "hf_config": None if self.hf_config is None else self.hf_config.to_dict(),
+            "base_digest": self._frozen_digest(),
+            # under LoRA the reference is the policy's own base weights: nothing of its own to save
+            "reference": self.reference.state_dict() if isinstance(self.reference, torch.nn.Module) else None,
+            "tb_dir": None if self._tb_dir is None else str(self._tb_dir.resolve()),
+            **state,
+        }
+
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's weights for a checkpoint: all of them, or under LoRA the trained ones
+        (adapters and value head; the frozen base model is read again from ``policy_model``)."""
+        if self.policy_model is not None:
+            return self.policy.checkpoint_state()
+        return self.policy.state_dict()
+
+    def _frozen_digest(self) -> str | None:
+        """SHA-256 of the frozen base model under LoRA (it never changes, so it is hashed once)."""
+        if self._lora and self._base_digest is None:
+            self._base_digest = self.policy.frozen_digest()
+        return self._base_digest
+
+    def _env_spec(self) -> dict[str, Any]:
+        """The settings of the env that the policy's shapes depend on, to name them on a mismatch."""
+        cfg = self.env.config
+        return {
+            "task": cfg.task,
+            "vocab_size": int(self.env.single_action_space.n),
+            "max_prompt_tokens": int(self.prompt_window),
+            "max_new_tokens": int(cfg.max_new_tokens),
+        }
+
+    def _training_state(self, copy_tensors: bool) -> dict[str, Any]:
+        """What changes while training, apart from the weights and the optimizer: counters, the
+        KL coefficient, the global RNG states and the env's episodes in flight. ``copy_tensors``
+        makes it a snapshot that later steps cannot alter."""
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=copy_tensors)
+
+        return {
+            "num_timesteps": self.num_timesteps,
+            "n_updates": self.n_updates,
+            "target_timesteps": self._target_timesteps,
+            "ep_info_buffer": [dict(e) for e in self.ep_info_buffer],
+            "samples": [list(x) for x in self._samples],
+            "kl_coef": self.kl.value,
+            "kl_pending_steps": self.kl.pending_steps,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": json.dumps(_numpy_state()),
+                "python": json.dumps(random.getstate(), default=list),
+            },
+            "env_state": None
+            if self._obs is None
+            else {
+                "env": self.env.get_state(),
+                "episode_return": host(self._episode_return),
+                "episode_length": host(self._episode_length),
+                "episode_kl": host(self._episode_kl),
+            },
+        }
+
+    def _set_training_state(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`_training_state`."""
+        self.num_timesteps, self.n_updates = state["num_timesteps"], state["n_updates"]
+        self._target_timesteps = state["target_timesteps"]
+        self.ep_info_buffer.clear()
+        self.ep_info_buffer.extend(state["ep_info_buffer"])
+        self._samples.clear()
+        self._samples.extend(tuple(x) for x in state.get("samples", []))
+        self.kl.value = state["kl_coef"]
+        self.kl.pending_steps = state.get("kl_pending_steps", 0)  # absent from schema 3 and 4
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, pos, has_gauss, gauss = json.loads(rng["numpy"])
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        py_state = json.loads(rng["python"])
+        random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
+        if state["env_state"] is not None:
+            self._restore_env(state["env_state"])
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        env_kwargs: Mapping[str, Any] | None = None,
+        device: str | torch.device = "auto",
+        tensorboard_log: str | os.PathLike[str] | None = None,
+    ) -> Any:
+        """An agent from its checkpoint, ready to ``predict``, ``generate`` or continue to ``learn``
+        (``PPO.load`` a PPO checkpoint, ``GRPO.load`` a GRPO one, ...).
+
+        :param env_kwargs: the environment's keyword arguments; needed when the checkpoint could
+            not store them (a reward given as a Python function). The env they make must have the
+            vocabulary, prompt window and ``max_new_tokens`` the checkpoint was trained with.
+
+        The file is checked for damage first (every zip entry's CRC-32, see
+        :func:`textgym.io.check_zip_integrity`). Loading restores the global torch, NumPy and
+        Python RNG states saved in the checkpoint, so that a resumed run continues exactly as
+        the uninterrupted one would have.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+        check_zip_integrity(path)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"{str(path)!r} is not a textgym {cls.__name__} checkpoint ({type(exc).__name__}: {exc})"
+            ) from None
+        version = ckpt.get("schema_version") if isinstance(ckpt, dict) else None
+        if version not in READABLE_SCHEMAS:
+            raise ValueError(
+                f"{str(path)!r} is not a textgym {cls.__name__} checkpoint of schema {CHECKPOINT_SCHEMA} "
+                f"(got {version!r})"
+            )
+        saved_agent = ckpt.get("agent", "ppo")
+        if saved_agent != cls.algorithm:
+            raise ValueError(
+                f"{str(path)!r} is a checkpoint of the {saved_agent!r} agent, not of {cls.algorithm!r}: load it "
+                f"with {saved_agent.upper()}.load (from agents)"
+            )
+        if env_kwargs is None:
+            if ckpt["env_kwargs"] is None:
+                raise ValueError(
+                    f"{str(path)!r} was saved with environment arguments that are not JSON (a reward "
+                    f"function?); pass them again: {cls.__name__}.load(path, env_kwargs={{...}})"
+                )
+            env_kwargs = ckpt["env_kwargs"]
+        model = cls(
+            config=cls.config_class.from_dict(ckpt["config"]),
+            num_envs=ckpt["num_envs"],
+            env_kwargs=env_kwargs,
+            device=device,
+            seed=ckpt["seed"],
+            tensorboard_log=tensorboard_log,
+            policy_model=ckpt["policy_model"],
+            hf_config=ckpt.get("hf_config"),
+        )
+        model._check_env_matches(ckpt, path)
+        saved_digest = ckpt.get("base_digest")
+        if saved_digest is not None and saved_digest != model._frozen_digest():
+            raise ValueError(
+                f"{str(path)!r} holds LoRA adapters trained on another base model than the one now in "
+                f"{ckpt['policy_model']!r} (its frozen weights differ): put the original model back there"
+            )
+        if model.policy_model is not None:
+            model.policy.load_checkpoint_state(ckpt["model"])
+        else:
+            model.policy.load_state_dict(ckpt["model"])
+        model.init_policy = ckpt["init_policy"]
+        if isinstance(model.reference, torch.nn.Module):
+            model.reference.load_state_dict(ckpt["reference"])
+        model.optimizer.load_state_dict(ckpt["optimizer"])
+        model._set_training_state(ckpt)
+        if ckpt["tb_dir"] is not None and tensorboard_log is not None:
+            model._tb_dir = Path(ckpt["tb_dir"])
+        return model
+
+    def _check_env_matches(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """Refuse an env whose shapes differ from the checkpoint's, naming both settings."""
+        mine = self._env_spec()
+        saved = ckpt.get("env_spec")
+        if saved is not None:
+            differ = [k for k in ("vocab_size", "max_prompt_tokens", "max_new_tokens") if saved[k] != mine[k]]
+            if differ:
+                raise ValueError(
+                    f"{str(path)!r} was trained on task {saved['task']!r} with "
+                    + ", ".join(f"{k}={saved[k]}" for k in differ)
+                    + f"; the env made from these env_kwargs (task {mine['task']!r}) has "
+                    + ", ".join(f"{k}={mine[k]}" for k in differ)
+                    + ". Load it with the environment arguments it was trained with."
+                )
+        expected = self.policy.state_dict()
+        shapes = {
+            k: (tuple(v.shape), tuple(expected[k].shape))
+            for k, v in ckpt["model"].items()
+            if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+        }
+        if shapes:  # a schema-3 checkpoint has no env_spec: name the tensors instead
+            first = next(iter(shapes.items()))
+            raise ValueError(
+                f"{str(path)!r} does not fit this environment (vocab_size={mine['vocab_size']}, "
+                f"max_prompt_tokens={mine['max_prompt_tokens']}, max_new_tokens={mine['max_new_tokens']}): "
+                f"{len(shapes)} weight shapes differ, e.g. {first[0]} is {first[1][0]} in the checkpoint "
+                f"and {first[1][1]} here. Load it with the environment arguments it was trained with."
+            )
+
+    def _restore_env(self, state: Mapping[str, Any]) -> None:
+        env, core, dev = self.env, self.env._core, self.device
+        if "env" in state:
+            env.set_state(state["env"])
+        else:  # schema 3 to 5: the core's tensors and one generator per row
+            if env._rngs is None:
+                env.reset(seed=0)  # allocates the per-env generators, then every piece is overwritten
+            for name in ("tokens", "mask", "gen_len", "prompt_index"):
+                getattr(core, name).copy_(state[name].to(dev))
+            for gen, saved in zip(env._rngs or [], json.loads(state["rngs"]), strict=True):
+                gen.bit_generator.state = saved
+            env._ended[:] = False
+            env._autoreset[:] = False
+            env._needs_reset[:] = False
+        self._episode_return.copy_(state["episode_return"].to(dev))
+        self._episode_length.copy_(state["episode_length"].to(dev))
+        self._episode_kl.copy_(state["episode_kl"].to(dev))
+        if "env" not in state:  # schema 6 saves ended rows as ended (a group's rows wait)
+            self._reset_ended_rows()
+        self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
+
+    def _reset_ended_rows(self) -> None:
+        """Start new episodes in rows that hold an ended one. Only checkpoints written by versions
+        before 0.2 on an interrupt inside ``env.step`` have such rows (a row at ``max_new_tokens``
+        or after ``<eos>`` that was never reset); resuming them is then not exact, but possible."""
+        core, P = self.env._core, self.prompt_window
+        last = core.tokens.gather(1, (P + core.gen_len - 1).clamp(min=P).unsqueeze(1)).squeeze(1)
+        ended = (core.gen_len >= core.max_new_tokens) | ((core.gen_len > 0) & (last == core.eos_id))
+        if not bool(ended.any()):
+            return
+        print(
+            f"checkpoint: {int(ended.sum())} env rows held episodes that had ended without a reset "
+            "(saved by an interrupted step of an older version); they start new episodes"
+        )
+        self.env.reset(options={"reset_mask": ended.cpu().numpy()})
+        for acc in (self._episode_return, self._episode_length, self._episode_kl):
+            acc[ended] = 0
+
+
+class PPO(OnPolicyAgent):
+    """PPO with a Transformer policy on ``TextGen-v0`` (API modelled on Stable-Baselines3).
+
+    :param env: ``"TextGen-v0"``, or a :class:`~textgym.vector.TextGenVectorEnv` made with
+        ``autoreset_mode="same_step", array_type="torch"`` on the agent's device (``group_size=1``:
+        PPO trains on every step, and a group's waiting rows are no transitions).
+    :param config: hyperparameters (:class:`PPOConfig`).
+
+    Every other parameter, and ``learn``, ``save``, ``load``, ``predict`` and ``generate``, are
+    :class:`OnPolicyAgent`'s.
+    """
+
+    algorithm = "ppo"
+    config_class = PPOConfig
+    config: PPOConfig
+
+    def _check_env(self, env: TextGenVectorEnv) -> None:
+        if env.group_size != 1:
+            raise ValueError(
+                f"PPO trains on every env step, and an env with group_size={env.group_size} has waiting rows "
+                "that are not transitions: give group_size=1, or use agents.GRPO or agents.RLOO for groups"
+            )
+        _check_rollout_fits(self.config.n_steps, env.num_envs, env.config.seq_len, self.device)
+
+    def _kl_settings(self) -> tuple[float, float | None, int | None]:
+        return self.config.kl_coef, self.config.kl_target, self.config.kl_horizon
+
+    def _rollout_size(self) -> int | None:
+        return self.config.n_steps * self.num_envs
+
+    def _collect(self) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        return self.collect_rollout()
+
+    def _train(self, batch: tuple[Rollout, torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        return self.update(*batch)
+
     @torch.no_grad()
     def collect_rollout(self) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         """Run the policy for ``n_steps`` on every env; returns the rollout, the values of the
@@ -504,17 +1036,11 @@ class PPO:
         for t in range(T):
             ids[t], masks[t] = obs["input_ids"], obs["attention_mask"]
             starts[t] = (obs["attention_mask"][:, self.prompt_window :].sum(1) == 0).float()
-            masked = self._masked(logits)
-            if not bool(torch.isfinite(masked).all()):
-                self._diverged("the policy's logits contain NaN or infinity")
-            action = Categorical(logits=masked).sample()
-            # log_softmax, as for the reference and in the update: identical numbers when π == π_ref
-            log_probs = F.log_softmax(masked, dim=-1)  # (N, V)
-            logprob = log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
+            action, log_probs, logprob = self._sample(logits)
             actions[t], logprobs[t], values[t] = action, logprob, value
             if ref:
                 # The reference scores the very token sampled, under the same mask and temperature.
-                ref_log_probs = F.log_softmax(self._masked(ref_logits), dim=-1)
+                ref_log_probs = self._reference_log_probs(ref_logits)
                 kl_sampled = logprob - ref_log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
                 kl_exact = (log_probs.exp() * (log_probs - ref_log_probs)).sum(-1)  # KL(π(·|s) ‖ π_ref(·|s))
             obs, reward, terminated, truncated, infos = self.env.step(action)
@@ -550,51 +1076,6 @@ class PPO:
         _, last_values = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
         rollout = Rollout(ids, masks, actions, logprobs, values, rewards, starts, dones)
         return rollout, last_values, dones[-1]
-
-    def _diverged(self, what: str) -> None:
-        raise TrainingDivergedError(
-            f"training diverged at env step {self.num_timesteps:,} (update {self.n_updates + 1}): {what}. "
-            "The weights were not stepped with it and nothing was saved, so the last checkpoint is the "
-            "last good one; lower learning_rate or check the reward model's scale."
-        )
-
-    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` (..., V) with the tokens outside the env's action mask made impossible."""
-        if self._action_mask is None:
-            return logits
-        return logits.masked_fill(~self._action_mask, torch.finfo(logits.dtype).min)
-
-    def _kl_stats(self) -> dict[str, float]:
-        """KL to the reference over the episodes that ended in the last rollout (nats per episode)."""
-        if not self._rollout_kl:
-            return {
-                "train/kl_ref": float("nan"),
-                "train/kl_ref_sampled": float("nan"),
-                "train/kl_coef": self.kl.value,
-            }
-        exact, sampled = np.mean(self._rollout_kl, axis=0)
-        return {
-            "train/kl_ref": float(exact),
-            "train/kl_ref_sampled": float(sampled),
-            "train/kl_coef": self.kl.value,
-        }
-
-    def _track_episodes(self, reward: torch.Tensor, done: torch.Tensor, infos: dict[str, Any]) -> None:
-        self._episode_return += reward
-        self._episode_length += 1
-        if bool(done.any()):
-            rows = done.nonzero().squeeze(1)
-            for i, r, n in zip(
-                rows.tolist(),
-                self._episode_return[rows].tolist(),
-                self._episode_length[rows].tolist(),
-                strict=True,
-            ):
-                self.ep_info_buffer.append({"r": r, "l": n})
-                final = infos["final_info"]
-                self._samples.append((final["prompt"][i], final["completion"][i], r))
-            self._episode_return[rows] = 0.0
-            self._episode_length[rows] = 0
 
     def update(
         self, rollout: Rollout, last_values: torch.Tensor, last_dones: torch.Tensor
@@ -736,330 +1217,6 @@ class PPO:
             approx_kl = (ratio - 1) - log_ratio
             clipped = ((ratio - 1).abs() > cfg.clip_range).float()
         return torch.stack([pg.sum(), value_error.sum(), -entropy.sum(), approx_kl.sum(), clipped.sum()])
-
-    # ---------------------------------------------------------------------------------- logging
-    def _open_writer(self, tb_log_name: str, new_run: bool) -> None:
-        if self.tensorboard_log is None:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        if self._writer is None or new_run:
-            if self._writer is not None:
-                self._writer.close()
-            if self._tb_dir is None or new_run:
-                # As SB3: <tensorboard_log>/<name>_<k>, k one more than the largest present.
-                taken = [
-                    int(p.name.rsplit("_", 1)[1])
-                    for p in self.tensorboard_log.glob(f"{tb_log_name}_*")
-                    if p.name.rsplit("_", 1)[1].isdigit()
-                ]
-                self._tb_dir = self.tensorboard_log / f"{tb_log_name}_{max(taken, default=0) + 1}"
-            self._writer = SummaryWriter(str(self._tb_dir))
-            self._writer.add_text(
-                "config", f"```\n{json.dumps(self.config.to_dict(), indent=2)}\n```", self.num_timesteps
-            )
-            if self.hf_config is not None:
-                self._writer.add_text(
-                    "hf_config",
-                    f"```\n{json.dumps(self.hf_config.to_dict(), indent=2)}\n```",
-                    self.num_timesteps,
-                )
-
-    def _log(self, stats: dict[str, float], fps: float) -> None:
-        self.last_stats = {**stats, "time/fps": fps}
-        if self.ep_info_buffer:
-            self.last_stats["rollout/ep_rew_mean"] = float(np.mean([e["r"] for e in self.ep_info_buffer]))
-            self.last_stats["rollout/ep_len_mean"] = float(np.mean([e["l"] for e in self.ep_info_buffer]))
-        if self._writer is None:
-            return
-        for tag, value in self.last_stats.items():
-            self._writer.add_scalar(tag, value, self.num_timesteps)
-        if (self.n_updates - 1) % self.config.sample_interval == 0 and self._samples:
-            rows = "\n".join(f"| {p} | {c} | {r:.3f} |" for p, c, r in self._samples)
-            self._writer.add_text(
-                "samples", f"| prompt | completion | return |\n|---|---|---|\n{rows}", self.num_timesteps
-            )
-
-    # ------------------------------------------------------------------------------- inference
-    @torch.no_grad()
-    def predict(
-        self,
-        observation: Mapping[str, Any],
-        state: Any = None,
-        episode_start: Any = None,
-        deterministic: bool = False,
-    ) -> tuple[np.ndarray, None]:
-        """Actions for one observation (dict of (L,) arrays) or a batch (dict of (B, L) arrays).
-
-        Same signature as Stable-Baselines3; ``state`` and ``episode_start`` are accepted and
-        unused (the policy reads the whole text from the observation). Returns ``(actions, None)``.
-        """
-        ids, mask = (_as_tensor(observation[key], self.device) for key in ("input_ids", "attention_mask"))
-        single = ids.ndim == 1
-        if single:
-            ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
-        if ids.ndim != 2 or ids.shape[1] != self.seq_len or mask.shape != ids.shape:
-            raise ValueError(
-                f"observation arrays must have shape ({self.seq_len},) or (B, {self.seq_len}), "
-                f"got input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)}"
-            )
-        self.policy.eval()
-        hidden = self.policy.hidden(ids.long(), mask.long())
-        rows = torch.arange(len(ids), device=self.device)
-        logits, _ = self.policy.heads(hidden[rows, last_real_column(mask)])
-        logits = self._masked(logits)
-        actions = logits.argmax(-1) if deterministic else Categorical(logits=logits).sample()
-        out = actions.cpu().numpy()
-        return (out.reshape(()) if single else out), None
-
-    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
-        """Completions of ``prompts``: see :func:`agents.generation.generate` for the options
-        (greedy, sampling with temperature / top-k / top-p, beam search)."""
-        from agents.generation import generate
-
-        return generate(
-            self.policy, self.tokenizer, prompts, self.prompt_window, self.env.config.max_new_tokens, **kwargs
-        )
-
-    # ---------------------------------------------------------------------------- checkpoints
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write a checkpoint atomically (a unique temporary file, flushed to disk, then a rename):
-        a save that fails or is interrupted leaves the previous file at ``path`` as it was."""
-        return save_torch(path, self._checkpoint(self._training_state(copy_tensors=False)))
-
-    def _checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
-        """A checkpoint of the current weights and optimizer with ``state`` (:meth:`_training_state`)."""
-        return {
-            "schema_version": CHECKPOINT_SCHEMA,
-            "config": self.config.to_dict(),
-            "env_kwargs": _jsonable_or_none(self.env_kwargs),
-            "env_spec": self._env_spec(),
-            "num_envs": self.num_envs,
-            "seed": self.seed,
-            "model": self._policy_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "init_policy": self.init_policy,
-            "policy_model": self.policy_model,
-            "hf_config": None if self.hf_config is None else self.hf_config.to_dict(),
-            "base_digest": self._frozen_digest(),
-            # under LoRA the reference is the policy's own base weights: nothing of its own to save
-            "reference": self.reference.state_dict() if isinstance(self.reference, torch.nn.Module) else None,
-            "tb_dir": None if self._tb_dir is None else str(self._tb_dir.resolve()),
-            **state,
-        }
-
-    def _policy_state(self) -> dict[str, torch.Tensor]:
-        """The policy's weights for a checkpoint: all of them, or under LoRA the trained ones
-        (adapters and value head; the frozen base model is read again from ``policy_model``)."""
-        if self.policy_model is not None:
-            return self.policy.checkpoint_state()
-        return self.policy.state_dict()
-
-    def _frozen_digest(self) -> str | None:
-        """SHA-256 of the frozen base model under LoRA (it never changes, so it is hashed once)."""
-        if self._lora and self._base_digest is None:
-            self._base_digest = self.policy.frozen_digest()
-        return self._base_digest
-
-    def _env_spec(self) -> dict[str, Any]:
-        """The settings of the env that the policy's shapes depend on, to name them on a mismatch."""
-        cfg = self.env.config
-        return {
-            "task": cfg.task,
-            "vocab_size": int(self.env.single_action_space.n),
-            "max_prompt_tokens": int(self.prompt_window),
-            "max_new_tokens": int(cfg.max_new_tokens),
-        }
-
-    def _training_state(self, copy_tensors: bool) -> dict[str, Any]:
-        """What changes while training, apart from the weights and the optimizer: counters, the
-        KL coefficient, the global RNG states and the env's episodes in flight. ``copy_tensors``
-        makes it a snapshot that later steps cannot alter."""
-
-        def host(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to("cpu", copy=copy_tensors)
-
-        return {
-            "num_timesteps": self.num_timesteps,
-            "n_updates": self.n_updates,
-            "target_timesteps": self._target_timesteps,
-            "ep_info_buffer": [dict(e) for e in self.ep_info_buffer],
-            "samples": [list(x) for x in self._samples],
-            "kl_coef": self.kl.value,
-            "kl_pending_steps": self.kl.pending_steps,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": json.dumps(_numpy_state()),
-                "python": json.dumps(random.getstate(), default=list),
-            },
-            "env_state": None
-            if self._obs is None
-            else {
-                "env": self.env.get_state(),
-                "episode_return": host(self._episode_return),
-                "episode_length": host(self._episode_length),
-                "episode_kl": host(self._episode_kl),
-            },
-        }
-
-    def _set_training_state(self, state: Mapping[str, Any]) -> None:
-        """Inverse of :meth:`_training_state`."""
-        self.num_timesteps, self.n_updates = state["num_timesteps"], state["n_updates"]
-        self._target_timesteps = state["target_timesteps"]
-        self.ep_info_buffer.clear()
-        self.ep_info_buffer.extend(state["ep_info_buffer"])
-        self._samples.clear()
-        self._samples.extend(tuple(x) for x in state.get("samples", []))
-        self.kl.value = state["kl_coef"]
-        self.kl.pending_steps = state.get("kl_pending_steps", 0)  # absent from schema 3 and 4
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        name, keys, pos, has_gauss, gauss = json.loads(rng["numpy"])
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        py_state = json.loads(rng["python"])
-        random.setstate((py_state[0], tuple(py_state[1]), py_state[2]))
-        if state["env_state"] is not None:
-            self._restore_env(state["env_state"])
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        env_kwargs: Mapping[str, Any] | None = None,
-        device: str | torch.device = "auto",
-        tensorboard_log: str | os.PathLike[str] | None = None,
-    ) -> PPO:
-        """A PPO agent from a checkpoint, ready to ``predict``, ``generate`` or continue to ``learn``.
-
-        :param env_kwargs: the environment's keyword arguments; needed when the checkpoint could
-            not store them (a reward given as a Python function). The env they make must have the
-            vocabulary, prompt window and ``max_new_tokens`` the checkpoint was trained with.
-
-        The file is checked for damage first (every zip entry's CRC-32, see
-        :func:`textgym.io.check_zip_integrity`). Loading restores the global torch, NumPy and
-        Python RNG states saved in the checkpoint, so that a resumed run continues exactly as
-        the uninterrupted one would have.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-        check_zip_integrity(path)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"{str(path)!r} is not a textgym PPO checkpoint ({type(exc).__name__}: {exc})"
-            ) from None
-        version = ckpt.get("schema_version") if isinstance(ckpt, dict) else None
-        if version not in READABLE_SCHEMAS:
-            raise ValueError(
-                f"{str(path)!r} is not a textgym PPO checkpoint of schema {CHECKPOINT_SCHEMA} (got {version!r})"
-            )
-        if env_kwargs is None:
-            if ckpt["env_kwargs"] is None:
-                raise ValueError(
-                    f"{str(path)!r} was saved with environment arguments that are not JSON (a reward "
-                    "function?); pass them again: PPO.load(path, env_kwargs={...})"
-                )
-            env_kwargs = ckpt["env_kwargs"]
-        model = cls(
-            config=PPOConfig.from_dict(ckpt["config"]),
-            num_envs=ckpt["num_envs"],
-            env_kwargs=env_kwargs,
-            device=device,
-            seed=ckpt["seed"],
-            tensorboard_log=tensorboard_log,
-            policy_model=ckpt["policy_model"],
-            hf_config=ckpt.get("hf_config"),
-        )
-        model._check_env_matches(ckpt, path)
-        saved_digest = ckpt.get("base_digest")
-        if saved_digest is not None and saved_digest != model._frozen_digest():
-            raise ValueError(
-                f"{str(path)!r} holds LoRA adapters trained on another base model than the one now in "
-                f"{ckpt['policy_model']!r} (its frozen weights differ): put the original model back there"
-            )
-        if model.policy_model is not None:
-            model.policy.load_checkpoint_state(ckpt["model"])
-        else:
-            model.policy.load_state_dict(ckpt["model"])
-        model.init_policy = ckpt["init_policy"]
-        if isinstance(model.reference, torch.nn.Module):
-            model.reference.load_state_dict(ckpt["reference"])
-        model.optimizer.load_state_dict(ckpt["optimizer"])
-        model._set_training_state(ckpt)
-        if ckpt["tb_dir"] is not None and tensorboard_log is not None:
-            model._tb_dir = Path(ckpt["tb_dir"])
-        return model
-
-    def _check_env_matches(self, ckpt: Mapping[str, Any], path: Path) -> None:
-        """Refuse an env whose shapes differ from the checkpoint's, naming both settings."""
-        mine = self._env_spec()
-        saved = ckpt.get("env_spec")
-        if saved is not None:
-            differ = [k for k in ("vocab_size", "max_prompt_tokens", "max_new_tokens") if saved[k] != mine[k]]
-            if differ:
-                raise ValueError(
-                    f"{str(path)!r} was trained on task {saved['task']!r} with "
-                    + ", ".join(f"{k}={saved[k]}" for k in differ)
-                    + f"; the env made from these env_kwargs (task {mine['task']!r}) has "
-                    + ", ".join(f"{k}={mine[k]}" for k in differ)
-                    + ". Load it with the environment arguments it was trained with."
-                )
-        expected = self.policy.state_dict()
-        shapes = {
-            k: (tuple(v.shape), tuple(expected[k].shape))
-            for k, v in ckpt["model"].items()
-            if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-        }
-        if shapes:  # a schema-3 checkpoint has no env_spec: name the tensors instead
-            first = next(iter(shapes.items()))
-            raise ValueError(
-                f"{str(path)!r} does not fit this environment (vocab_size={mine['vocab_size']}, "
-                f"max_prompt_tokens={mine['max_prompt_tokens']}, max_new_tokens={mine['max_new_tokens']}): "
-                f"{len(shapes)} weight shapes differ, e.g. {first[0]} is {first[1][0]} in the checkpoint "
-                f"and {first[1][1]} here. Load it with the environment arguments it was trained with."
-            )
-
-    def _restore_env(self, state: Mapping[str, Any]) -> None:
-        env, core, dev = self.env, self.env._core, self.device
-        if "env" in state:
-            env.set_state(state["env"])
-        else:  # schema 3 to 5: the core's tensors and one generator per row
-            if env._rngs is None:
-                env.reset(seed=0)  # allocates the per-env generators, then every piece is overwritten
-            for name in ("tokens", "mask", "gen_len", "prompt_index"):
-                getattr(core, name).copy_(state[name].to(dev))
-            for gen, saved in zip(env._rngs or [], json.loads(state["rngs"]), strict=True):
-                gen.bit_generator.state = saved
-            env._ended[:] = False
-            env._autoreset[:] = False
-            env._needs_reset[:] = False
-        self._episode_return.copy_(state["episode_return"].to(dev))
-        self._episode_length.copy_(state["episode_length"].to(dev))
-        self._episode_kl.copy_(state["episode_kl"].to(dev))
-        self._reset_ended_rows()
-        self._obs = {"input_ids": core.tokens.clone(), "attention_mask": core.mask.clone()}
-
-    def _reset_ended_rows(self) -> None:
-        """Start new episodes in rows that hold an ended one. Only checkpoints written by versions
-        before 0.2 on an interrupt inside ``env.step`` have such rows (a row at ``max_new_tokens``
-        or after ``<eos>`` that was never reset); resuming them is then not exact, but possible."""
-        core, P = self.env._core, self.prompt_window
-        last = core.tokens.gather(1, (P + core.gen_len - 1).clamp(min=P).unsqueeze(1)).squeeze(1)
-        ended = (core.gen_len >= core.max_new_tokens) | ((core.gen_len > 0) & (last == core.eos_id))
-        if not bool(ended.any()):
-            return
-        print(
-            f"checkpoint: {int(ended.sum())} env rows held episodes that had ended without a reset "
-            "(saved by an interrupted step of an older version); they start new episodes"
-        )
-        self.env.reset(options={"reset_mask": ended.cpu().numpy()})
-        for acc in (self._episode_return, self._episode_length, self._episode_kl):
-            acc[ended] = 0
 
 
 @contextlib.contextmanager

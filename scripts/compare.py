@@ -2,6 +2,7 @@
 
     python scripts/compare.py --quick                                  # about 90 s on a 2-core CPU, one thread
     python scripts/compare.py --agents ppo sb3-ppo sb3-a2c --seeds 0 1 2 3 4 --total-timesteps 50000
+    python scripts/compare.py --agents ppo grpo rloo --agent-configs '{"grpo": {"group_size": 4}}'
     python scripts/compare.py --task keyword --device cuda --out runs/compare_keyword
     python scripts/compare.py --summarize runs/compare_<time>          # recompute the tables and plot
     tensorboard --logdir runs/compare_<time>                           # every run, overlaid
@@ -18,7 +19,9 @@ Writes into ``--out`` (default ``runs/compare_<time>``):
 - ``tb/<agent>_s<seed>_1``: the TensorBoard runs every figure above is computed from.
 
 All agents share the Transformer architecture (SB3 through ``agents.extractor``) and, where the
-algorithms share a meaning, the hyperparameters; none bootstraps the value of an episode cut at
+algorithms share a meaning, the hyperparameters (``grpo`` and ``rloo`` take theirs from
+``--agent-configs``: ``agents.grpo.GRPOConfig`` / ``RLOOConfig``, each run ``--num-envs`` rows, so
+``--num-envs / group_size`` prompts per rollout); none bootstraps the value of an episode cut at
 ``max_new_tokens`` (its reward is already complete). Runs are sequential and interleaved by seed.
 
 Every argument is checked before anything is written (each agent is built once, without
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import textgym  # noqa: F401  (registers TextGen-v0)
 from agents.baselines import SB3_AGENTS, hyperparams_error
-from agents.compare import agents_error, run_comparison, save_config, summarize
+from agents.compare import CUSTOM, agents_error, custom_agent, run_comparison, save_config, summarize
 from agents.ppo import PPOConfig
 from agents.runtime import (
     HelpFormatter,
@@ -53,7 +56,7 @@ from agents.runtime import (
 )
 from textgym.tasks import TASKS, env_arguments_error, get_task
 
-AGENTS = ("ppo", *SB3_AGENTS)
+AGENTS = (*CUSTOM, *SB3_AGENTS)
 QUICK = {"agents": ["ppo", "sb3-ppo", "sb3-a2c"], "seeds": [0, 1, 2], "total_timesteps": 16_384}
 
 
@@ -96,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-episodes", type=int, default=256, help="episodes of each greedy evaluation")
     parser.add_argument("--ppo-config", type=json_value, default={}, help="JSON object of PPOConfig fields")
     parser.add_argument(
+        "--agent-configs",
+        type=json_value,
+        default={},
+        help="JSON object {agent: {config field: value}} for grpo (GRPOConfig) and rloo (RLOOConfig), e.g. "
+        '\'{"grpo": {"group_size": 4, "beta": 0.04}}\'',
+    )
+    parser.add_argument(
         "--sb3-hyperparams",
         type=json_value,
         default={},
@@ -126,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for name in ("env_kwargs", "ppo_config", "sb3_hyperparams"):
+    for name in ("env_kwargs", "ppo_config", "agent_configs", "sb3_hyperparams"):
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
     if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
@@ -146,6 +156,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ppo = PPOConfig.from_dict(args.ppo_config)
     except (TypeError, ValueError) as exc:
         parser.error(f"--ppo-config: {exc}")
+    bad = [a for a in args.agent_configs if a not in ("grpo", "rloo")]
+    if bad or not all(isinstance(v, dict) for v in args.agent_configs.values()):
+        parser.error("--agent-configs must map grpo and rloo to JSON objects of their config fields")
+    args.group = {}
+    for agent, fields in args.agent_configs.items():
+        try:
+            args.group[agent] = custom_agent(agent, agent_configs={agent: fields})[1]
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--agent-configs: {agent}: {exc}")
     if args.threshold is not None and not math.isfinite(args.threshold):
         parser.error(f"--threshold must be a finite number, got {args.threshold}")
     if (problem := device_error(args.device)) is not None:
@@ -171,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device,
         args.ppo,
         args.sb3_hyperparams,
+        args.group,
     )
     if problem is not None:
         parser.error(problem)
@@ -192,8 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     threshold = args.threshold if args.threshold is not None else get_task(args.task).reward_threshold
-    config = {k: v for k, v in vars(args).items() if k not in ("ppo", "no_progress", "summarize")}
-    save_config(args.out, config | {"threshold": threshold, "ppo_config_resolved": args.ppo.to_dict()})
+    config = {k: v for k, v in vars(args).items() if k not in ("ppo", "group", "no_progress", "summarize")}
+    resolved = {"ppo_config_resolved": args.ppo.to_dict()}
+    resolved |= {
+        f"{a}_config_resolved": custom_agent(a, agent_configs=args.group)[1].to_dict()
+        for a in ("grpo", "rloo")
+        if a in args.agents
+    }
+    save_config(args.out, config | {"threshold": threshold} | resolved)
     runs = len(args.agents) * len(args.seeds)
     print(
         f"comparing {', '.join(args.agents)} x seeds {args.seeds} ({runs} runs of {args.total_timesteps:,} "
@@ -214,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ppo,
             args.sb3_hyperparams,
             progress=not args.no_progress,
+            agent_configs=args.group,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted: the runs that finished are summarised in {args.out}")

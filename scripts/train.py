@@ -2,6 +2,9 @@
 
     python scripts/train.py                                   # custom PPO, default task, 50k env steps: about 15 s on 2 CPU cores
     python scripts/train.py --agent ppo --task keyword --total-timesteps 100000 --device cuda
+    python scripts/train.py --agent grpo --agent-config '{"group_size": 8, "n_epochs": 4, "num_minibatches": 4}'
+    python scripts/train.py --agent grpo --agent-config '{"scale_rewards": false, "loss_aggregation": "constant"}'   # Dr. GRPO
+    python scripts/train.py --agent rloo --task arithmetic --init-policy lm.pt --agent-config '{"beta": 0.05}'
     python scripts/train.py --agent sb3-ppo --env-kwargs '{"reward": {"name": "length", "target": 4}}'
     python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "bad"]}'
     python scripts/train.py --agent sb3-a2c --hyperparams '{"n_steps": 16}' --extractor mlp
@@ -14,14 +17,21 @@
 Each run writes into ``<logdir>/<agent>_<task>_s<seed>_<time>/``: ``config.json`` (every setting of
 the run), TensorBoard events under Stable-Baselines3's tags (``rollout/ep_rew_mean``,
 ``train/approx_kl``, ...; x axis = env steps), and the model, written atomically: ``checkpoint.pt``
-for ``ppo`` (model, optimizer, config, step, RNG and environment state), ``model.zip`` for SB3
-agents. Before training the script measures the random policy's mean episode reward and afterwards
+for the custom agents ``ppo``, ``grpo`` and ``rloo`` (model, optimizer, config, step, RNG and
+environment state), ``model.zip`` for SB3 agents. Before training the script measures the random policy's mean episode reward and afterwards
 the trained agent's greedy one, on the same evaluation episodes, and prints sample generations.
 Every argument is checked before any work starts or any directory is made.
 
 Training runs in whole rollouts (``n_steps`` x ``--num-envs`` env steps: 32 x 64 = 2,048 for ``ppo``
 by default), so it stops at the first multiple at or past ``--total-timesteps``: 50,000 asked
 trains 51,200. The summary says so.
+
+``grpo`` and ``rloo`` (``agents.grpo``: GRPO, with the Dr. GRPO correction as an option, and RLOO)
+sample ``group_size`` completions of every prompt (``--num-envs`` must be a multiple of it) and
+judge each against the others of its prompt, without a critic. Their settings are
+``--agent-config`` (``agents.grpo.GRPOConfig`` or ``RLOOConfig`` fields); a rollout runs one
+episode per env row, until every group has ended (at most ``max_new_tokens`` x ``--num-envs`` env
+steps), so it ends at the first rollout end at or past ``--total-timesteps``.
 
 TensorBoard, beside the training curves (every agent): ``eval/mean_reward`` (the greedy evaluation
 after training, at the last env step), ``eval/mean_reward_random`` (the random policy on the same
@@ -57,11 +67,13 @@ processes hold: beside one busy process per core the main job ran 3.9-5.6x slowe
 default, and 1.4x slower with one thread (``python scripts/benchmark.py busy``). One thread never
 falls off that cliff; ``--threads 0`` takes torch's default on a machine of your own.
 
-Ctrl-C stops training, saves a checkpoint (``ppo``) or the model (SB3) and flushes the logs.
+Ctrl-C stops training, saves a checkpoint (``ppo``, ``grpo``, ``rloo``) or the model (SB3) and
+flushes the logs.
 
-Resuming: ``--resume CHECKPOINT`` continues a ``ppo`` run where its checkpoint left it, in the same
-run directory and TensorBoard run. The run's settings come from the checkpoint and the
-``config.json`` beside it: --agent, --task, --env-kwargs, --ppo-config, --hyperparams, --extractor,
+Resuming: ``--resume CHECKPOINT`` continues a ``ppo``, ``grpo`` or ``rloo`` run where its checkpoint
+left it, in the same run directory and TensorBoard run. The run's settings come from the checkpoint
+and the ``config.json`` beside it: --agent, --task, --env-kwargs, --ppo-config, --agent-config,
+--hyperparams, --extractor,
 --vec-env, --init-policy, --policy-model, --hf-config, --num-envs, --seed and --logdir are refused
 unless they repeat the run's own values. ``--total-timesteps N`` sets the run's new total: training
 continues until N env steps in all (N below the steps already done is refused); without it, the run trains
@@ -93,8 +105,9 @@ from agents.baselines import (
     repeated_word,
     sb3_hyperparameters,
 )
+from agents.grpo import GRPO, RLOO
 from agents.hf import HFConfig
-from agents.ppo import PPO, PPOConfig
+from agents.ppo import PPO, OnPolicyAgent, PPOConfig
 from agents.runtime import (
     HelpFormatter,
     add_threads_argument,
@@ -110,13 +123,15 @@ from agents.runtime import (
 from textgym.io import write_json
 from textgym.tasks import TASKS, env_arguments_error
 
-AGENTS = ("ppo", *SB3_AGENTS)
+CUSTOM_AGENTS: dict[str, type[OnPolicyAgent]] = {"ppo": PPO, "grpo": GRPO, "rloo": RLOO}
+GROUP_AGENTS = ("grpo", "rloo")
+AGENTS = (*CUSTOM_AGENTS, *SB3_AGENTS)
 # The options that make the run what it is: on --resume they come from its config.json.
 RUN_OPTIONS = (
-    "agent", "task", "env_kwargs", "ppo_config", "hyperparams", "extractor", "vec_env", "init_policy",
-    "policy_model", "hf_config", "num_envs", "seed", "logdir",
+    "agent", "task", "env_kwargs", "ppo_config", "agent_config", "hyperparams", "extractor", "vec_env",
+    "init_policy", "policy_model", "hf_config", "num_envs", "seed", "logdir",
 )  # fmt: skip
-NOT_SAVED = ("no_progress", "ppo", "hf")
+NOT_SAVED = ("no_progress", "ppo", "group", "hf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -137,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON object of PPOConfig fields for --agent ppo, e.g. '{\"n_steps\": 64}'",
     )
     parser.add_argument(
+        "--agent-config",
+        type=json_value,
+        default={},
+        help="JSON object of agents.grpo.GRPOConfig fields for --agent grpo, RLOOConfig fields for --agent "
+        'rloo, e.g. \'{"group_size": 8, "beta": 0.04}\'',
+    )
+    parser.add_argument(
         "--hyperparams",
         type=json_value,
         default={},
@@ -152,20 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--init-policy",
         default=None,
-        help="ppo: language-model checkpoint (scripts/pretrain.py) to start from; with kl_coef in "
-        "--ppo-config it is also the frozen reference of the KL penalty (default: a random policy)",
+        help="ppo, grpo, rloo: language-model checkpoint (scripts/pretrain.py) to start from; with kl_coef "
+        "in --ppo-config (beta in --agent-config) it is also the frozen reference of the KL penalty "
+        "(default: a random policy)",
     )
     parser.add_argument(
         "--policy-model",
         default=None,
-        help="ppo: local directory of a Hugging Face causal LM to fine-tune as the policy (the hf extra); "
+        help="ppo, grpo, rloo: local directory of a Hugging Face causal LM to fine-tune as the policy (the hf "
+        "extra); "
         "its tokenizer becomes the env's unless --env-kwargs gives one (default: the built-in Transformer)",
     )
     parser.add_argument(
         "--hf-config",
         type=json_value,
         default={},
-        help="ppo with --policy-model: JSON object of agents.hf.HFConfig fields, e.g. "
+        help="ppo, grpo, rloo with --policy-model: JSON object of agents.hf.HFConfig fields, e.g. "
         '\'{"dtype": "bfloat16", "lora_rank": 16}\'; ' + hf_config_fields() + " (default: {}, all defaults)",
     )
     parser.add_argument(
@@ -185,13 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         default=None,
-        help="checkpoint.pt of a ppo run to continue, with its own settings (see above; default: a new run)",
+        help="checkpoint.pt of a ppo, grpo or rloo run to continue, with its own settings (see above; "
+        "default: a new run)",
     )
     parser.add_argument(
         "--checkpoint-interval",
         type=int,
         default=10,
-        help="ppo: also save the checkpoint every this many updates (0: only at the end and on Ctrl-C)",
+        help="ppo, grpo, rloo: also save the checkpoint every this many updates (0: only at the end and on "
+        "Ctrl-C)",
     )
     parser.add_argument("--eval-episodes", type=int, default=256, help="episodes of each evaluation")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -202,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_options(parser, argv)
-    for name in ("env_kwargs", "ppo_config", "hyperparams", "hf_config"):
+    for name in ("env_kwargs", "ppo_config", "agent_config", "hyperparams", "hf_config"):
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
     for name in ("num_envs", "eval_episodes"):
@@ -227,9 +253,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_new_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.total_timesteps is None:
         args.total_timesteps = 50_000
+    custom = args.agent in CUSTOM_AGENTS
     if args.policy_model is not None:
-        if args.agent != "ppo" or args.init_policy is not None:
-            parser.error("--policy-model applies to a new --agent ppo run without --init-policy only")
+        if not custom or args.init_policy is not None:
+            parser.error(
+                "--policy-model applies to a new --agent ppo, grpo or rloo run without --init-policy only"
+            )
         model_dir = Path(args.policy_model)
         if not model_dir.is_dir():
             parser.error(f"--policy-model: no directory at {args.policy_model!r} (nothing is downloaded)")
@@ -249,6 +278,10 @@ def _check_new_run(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(problem)
     if args.ppo_config and args.agent != "ppo":
         parser.error("--ppo-config applies to --agent ppo only")
+    if args.agent_config and args.agent not in GROUP_AGENTS:
+        parser.error(
+            "--agent-config applies to --agent grpo and rloo only (--ppo-config for ppo, --hyperparams for sb3-*)"
+        )
     if args.hf_config and args.policy_model is None:
         parser.error(
             "--hf-config sets up the Hugging Face policy (dtype, LoRA, checkpointing): give --policy-model too"
@@ -257,20 +290,29 @@ def _check_new_run(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         args.hf = HFConfig.from_dict(args.hf_config) if args.policy_model is not None else None
     except (TypeError, ValueError) as exc:
         parser.error(f"--hf-config: {exc}")
-    if args.init_policy is not None and args.agent != "ppo":
-        parser.error("--init-policy applies to a new --agent ppo run only")
+    if args.init_policy is not None and not custom:
+        parser.error("--init-policy applies to a new --agent ppo, grpo or rloo run only")
     if args.init_policy is not None and not Path(args.init_policy).is_file():
         parser.error(f"--init-policy: no checkpoint file at {args.init_policy!r}")
-    if args.agent == "ppo" and (
-        args.hyperparams or args.extractor != "transformer" or args.vec_env != "batched"
-    ):
+    if custom and (args.hyperparams or args.extractor != "transformer" or args.vec_env != "batched"):
         parser.error("--hyperparams, --extractor and --vec-env apply to sb3-* agents only")
-    if args.agent != "ppo" and (problem := hyperparams_error(args.agent, args.hyperparams, args.num_envs)):
+    if not custom and (problem := hyperparams_error(args.agent, args.hyperparams, args.num_envs)):
         parser.error(f"--hyperparams: {problem}")
     try:
         args.ppo = PPOConfig.from_dict(args.ppo_config)
     except (TypeError, ValueError) as exc:
         parser.error(f"--ppo-config: {exc}")
+    args.group = None
+    if args.agent in GROUP_AGENTS:
+        try:
+            args.group = CUSTOM_AGENTS[args.agent].config_class.from_dict(args.agent_config)
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--agent-config: {exc}")
+        if args.num_envs % args.group.group_size:
+            parser.error(
+                f"--num-envs {args.num_envs} is not a multiple of group_size {args.group.group_size} "
+                "(--agent-config): every group of that many env rows shares one prompt"
+            )
     if (problem := output_dir_error(args.logdir, "--logdir")) is not None:
         parser.error(problem)
 
@@ -288,9 +330,10 @@ def _take_settings_of_resumed_run(
         saved = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         parser.error(f"--resume: cannot read the run's settings in {str(config_file)!r} ({exc})")
-    if saved.get("agent") != "ppo":
+    if saved.get("agent") not in CUSTOM_AGENTS:
         parser.error(
-            f"--resume continues ppo runs only; {str(config_file)!r} is a {saved.get('agent')!r} run"
+            f"--resume continues {', '.join(CUSTOM_AGENTS)} runs only; {str(config_file)!r} is a "
+            f"{saved.get('agent')!r} run"
         )
     conflicts = []
     for name in sorted(given & set(RUN_OPTIONS)):
@@ -311,7 +354,7 @@ def _take_settings_of_resumed_run(
         )
     for name in RUN_OPTIONS:
         setattr(args, name, saved.get(name, getattr(args, name)))
-    args.ppo = args.hf = None
+    args.ppo = args.group = args.hf = None
 
 
 def hf_config_fields() -> str:
@@ -327,10 +370,10 @@ def run_dir_for(args: argparse.Namespace) -> Path:
 def build_model(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: Path) -> Any:
     """The new run's agent (nothing is written yet); SystemExit with the reason if it cannot be made."""
     try:
-        if args.agent == "ppo":
-            return PPO(
+        if args.agent in CUSTOM_AGENTS:
+            return CUSTOM_AGENTS[args.agent](
                 "TextGen-v0",
-                args.ppo,
+                args.ppo if args.agent == "ppo" else args.group,
                 args.num_envs,
                 env_kwargs,
                 args.device,
@@ -356,10 +399,10 @@ def build_model(args: argparse.Namespace, env_kwargs: dict[str, Any], run_dir: P
         raise SystemExit(f"error: {exc}") from None
 
 
-def load_for_resume(args: argparse.Namespace, run_dir: Path) -> tuple[PPO, int]:
+def load_for_resume(args: argparse.Namespace, run_dir: Path) -> tuple[OnPolicyAgent, int]:
     """The checkpoint's agent and the run's total target (``--total-timesteps`` or its own)."""
     try:
-        model = PPO.load(args.resume, device=args.device, tensorboard_log=run_dir)
+        model = CUSTOM_AGENTS[args.agent].load(args.resume, device=args.device, tensorboard_log=run_dir)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise SystemExit(f"error: --resume: {exc}") from None
     target = model._target_timesteps if args.total_timesteps is None else args.total_timesteps
@@ -372,16 +415,17 @@ def load_for_resume(args: argparse.Namespace, run_dir: Path) -> tuple[PPO, int]:
     return model, target
 
 
-def rollout_size(model: Any) -> int:
-    """Env steps per rollout: training stops at the first multiple of it at or past the target."""
-    if isinstance(model, PPO):
-        return model.config.n_steps * model.num_envs
+def rollout_size(model: Any) -> int | None:
+    """Env steps per rollout: training stops at the first multiple of it at or past the target;
+    None where rollouts vary (grpo, rloo: until every group has ended)."""
+    if isinstance(model, OnPolicyAgent):
+        return model._rollout_size()
     return model.n_steps * model.n_envs
 
 
 def tensorboard_dir(model: Any, run_dir: Path) -> Path:
-    if isinstance(model, PPO):
-        return Path(model._tb_dir) if model._tb_dir is not None else run_dir / "ppo_1"
+    if isinstance(model, OnPolicyAgent):
+        return Path(model._tb_dir) if model._tb_dir is not None else run_dir / f"{model.algorithm}_1"
     return Path(model.logger.get_dir())
 
 
@@ -416,10 +460,11 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args, env_kwargs, run_dir)
         make_dir(run_dir, "--logdir")
         settings = {k: v for k, v in vars(args).items() if k not in NOT_SAVED} | {"run_dir": str(run_dir)}
-        if isinstance(model, PPO):
-            # every PPOConfig field, defaults included (an --init-policy's architecture replaces
+        if isinstance(model, OnPolicyAgent):
+            # every config field, defaults included (an --init-policy's architecture replaces
             # --ppo-config's), so the file alone describes the run
-            settings["ppo_config_resolved"] = model.config.to_dict()
+            key = "ppo_config_resolved" if args.agent == "ppo" else "agent_config_resolved"
+            settings[key] = model.config.to_dict()
             if model.hf_config is not None:
                 settings["hf_config_resolved"] = model.hf_config.to_dict()
         write_json(run_dir / "config.json", settings)
@@ -430,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"random policy: mean episode reward {random_level['mean']:.3f} ± {random_level['std']:.3f}")
     began = time.perf_counter()
     try:
-        if isinstance(model, PPO):
+        if isinstance(model, OnPolicyAgent):
             if remaining:
                 model.learn(
                     remaining,
@@ -448,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
                 os.replace(tmp, run_dir / "model.zip")
     except KeyboardInterrupt:
         checkpoint = run_dir / "checkpoint.pt"
-        if not isinstance(model, PPO):
+        if not isinstance(model, OnPolicyAgent):
             print(f"\ninterrupted: saved {run_dir / 'model.zip'}; logs flushed")
         elif checkpoint.is_file():
             print(
@@ -462,11 +507,14 @@ def run(args: argparse.Namespace) -> int:
 
     trained = evaluate(greedy_policy(model), env_kwargs, args.eval_episodes, args.num_envs)
     steps, trained_now = model.num_timesteps, model.num_timesteps - start
-    rounded = (
-        f" ({args.total_timesteps:,} asked, rounded up to whole rollouts of {rollout_size(model):,})"
-        if steps != args.total_timesteps
-        else ""
-    )
+    size = rollout_size(model)
+    rounded = ""
+    if steps != args.total_timesteps:
+        rounded = (
+            f" ({args.total_timesteps:,} asked, rounded up to whole rollouts of {size:,})"
+            if size is not None
+            else f" ({args.total_timesteps:,} asked; a rollout ends when every group has ended)"
+        )
     if not trained_now:
         session = ", none in this session"
     else:
@@ -495,8 +543,12 @@ def run(args: argparse.Namespace) -> int:
     run_config = json.loads((run_dir / "config.json").read_text())
     hparams = {k: args.__dict__[k] for k in ("agent", "task", "seed", "num_envs", "total_timesteps")}
     hparams["env_kwargs"] = args.env_kwargs
-    hparams["overrides"] = args.ppo_config if args.agent == "ppo" else args.hyperparams
-    agent_config = None if isinstance(model, PPO) else sb3_hyperparameters(args.agent, args.hyperparams)
+    hparams["overrides"] = {"ppo": args.ppo_config, "grpo": args.agent_config, "rloo": args.agent_config}.get(
+        args.agent, args.hyperparams
+    )
+    agent_config = (
+        None if isinstance(model, OnPolicyAgent) else sb3_hyperparameters(args.agent, args.hyperparams)
+    )
     log_evaluation(
         tensorboard_dir(model, run_dir), steps, random_level, trained, run_config, hparams, agent_config
     )

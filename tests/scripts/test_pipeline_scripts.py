@@ -345,7 +345,7 @@ def test_train_refuses_a_missing_policy_model(tmp_path, capsys):
 def test_train_refuses_policy_model_with(extra, gpt2_dir, tmp_path, capsys):
     argv = ["--policy-model", str(gpt2_dir), *extra, "--logdir", str(tmp_path)]
     assert exit_code(script("train").parse_args, argv) == 2
-    assert "--policy-model applies to a new --agent ppo run" in capsys.readouterr().err
+    assert "--policy-model applies to a new --agent ppo, grpo or rloo run" in capsys.readouterr().err
 
 
 @requires_hf

@@ -353,3 +353,96 @@ def test_reward_hacking_note(samples, reward_name, mean, noted, tmp_path, capsys
     assert train_module.main(["--total-timesteps", "32", "--logdir", str(tmp_path), *TINY]) == 0
     out = capsys.readouterr().out
     assert ("reward hacking" in out and "scripts/pipeline.py" in out and "'best'" in out) == noted
+
+
+# ------------------------------------------------------------------------- group agents: grpo, rloo
+GROUP_TINY = ["--num-envs", "8", "--agent-config", '{"group_size": 4}', *COMMON[:3], "--eval-episodes", "4"]
+
+
+@pytest.mark.parametrize("agent", ["grpo", "rloo"])
+def test_group_agent_run_writes_config_checkpoint_and_events_and_resumes(agent, tmp_path, capsys):
+    from agents import GRPO, RLOO
+
+    cls = {"grpo": GRPO, "rloo": RLOO}[agent]
+    logdir = tmp_path / "runs"
+    assert (
+        script().main(["--agent", agent, "--total-timesteps", "100", "--logdir", str(logdir), *GROUP_TINY])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"{cls.config_class.__name__}: " in out
+    # Rollouts of one episode per row: 8 rows x up to 8 steps (the default task's max_new_tokens).
+    assert re.search(rf"trained {agent}: [\d,]+ env steps \(100 asked; a rollout ends when every group", out)
+    (run_dir,) = logdir.iterdir()
+    assert run_dir.name.startswith(f"{agent}_default_s0_")
+    config = json.loads((run_dir / "config.json").read_text())
+    model = cls.load(run_dir / "checkpoint.pt", device="cpu")
+    assert config["agent"] == agent and config["agent_config"] == {"group_size": 4}
+    assert config["agent_config_resolved"] == model.config.to_dict() and model.config.group_size == 4
+    assert "ppo_config_resolved" not in config
+    done = model.num_timesteps
+    assert done >= 100 and model.n_updates >= 1
+    acc = tb_run(run_dir)
+    assert {"rollout/ep_rew_mean", "train/group_reward_std", "eval/mean_reward"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("rollout/ep_rew_mean")[-1].step == done
+
+    # --resume continues it; options that would change the run are refused.
+    checkpoint = run_dir / "checkpoint.pt"
+    assert (
+        exit_code(script().parse_args, ["--resume", str(checkpoint), "--agent-config", '{"group_size": 2}'])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert '--agent-config {"group_size": 2} (the run has {"group_size": 4})' in err
+    argv = [
+        "--resume",
+        str(checkpoint),
+        "--total-timesteps",
+        str(done + 64),
+        *COMMON[:3],
+        "--eval-episodes",
+        "4",
+    ]
+    assert script().main(argv) == 0
+    assert f"resuming at {done} env steps; 64 to go" in capsys.readouterr().out
+    resumed = cls.load(checkpoint, device="cpu")
+    assert resumed.num_timesteps >= done + 64 and resumed.n_updates > model.n_updates
+    assert list(logdir.iterdir()) == [run_dir]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--agent", "ppo", "--agent-config", '{"group_size": 2}'],
+            "--agent-config applies to --agent grpo and rloo only",
+        ),
+        (
+            ["--agent", "sb3-ppo", "--agent-config", '{"beta": 1}'],
+            "--agent-config applies to --agent grpo and rloo only",
+        ),
+        (["--agent", "grpo", "--ppo-config", '{"n_steps": 8}'], "--ppo-config applies to --agent ppo only"),
+        (
+            ["--agent", "rloo", "--hyperparams", '{"n_steps": 8}'],
+            "--hyperparams, --extractor and --vec-env apply to sb3-*",
+        ),
+        (["--agent", "grpo", "--num-envs", "12"], "--num-envs 12 is not a multiple of group_size 8"),
+        (["--agent", "grpo", "--agent-config", '{"group_size": 1}'], "GRPOConfig.group_size must be >= 2"),
+        (
+            ["--agent", "rloo", "--agent-config", '{"scale_rewards": false}'],
+            "unknown RLOOConfig fields ['scale_rewards']",
+        ),
+        (["--agent", "grpo", "--agent-config", "[1]"], "--agent-config must be a JSON object"),
+        (
+            ["--agent", "grpo", "--agent-config", '{"loss_aggregation": "mean"}'],
+            "GRPOConfig.loss_aggregation must be one of",
+        ),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else None,
+)
+def test_group_agent_options_are_checked_before_any_work(argv, message, tmp_path, capsys):
+    logdir = tmp_path / "runs"
+    assert exit_code(script().parse_args, [*argv, "--logdir", str(logdir)]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err, err
+    assert not logdir.exists()

@@ -1,0 +1,516 @@
+"""Group-relative agents on TextGen-v0: GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024).
+
+Both sample G completions of every prompt (the env's ``group_size``), take each completion's
+episode return as its reward, and judge it against the other completions of the same prompt
+instead of a learned critic. The policy acts through its KV cache and is updated on whole
+sequences, as PPO's; the training loop, interrupts, checkpoints, logging, ``predict`` and
+``generate`` are :class:`agents.ppo.OnPolicyAgent`'s, shared with PPO.
+
+**Rollouts: one episode per row, whole groups only.** A rollout starts every row on a fresh
+episode, the G rows of a group on one prompt, and steps the env until every row's episode has
+ended (at most ``max_new_tokens`` steps); then it trains on all ``num_envs`` completions, i.e.
+``num_envs / G`` complete groups, and nothing else. A row whose episode has ended is done for the
+rollout: while the rest of its group runs it *waits* (``infos["waiting"]``: its action is ignored,
+its reward 0; such a step is no transition), and once its group has ended the env resets the group
+onto a new prompt (``autoreset_mode="same_step"``), whose first tokens the rollout discards:
+the next rollout restarts those groups on the same prompts (``reset(options={"prompt_index":
+...})``, so no prompt is skipped and the prompt generators stay where the env left them) under
+the new weights. Every token trained on was therefore sampled by the weights being updated, and
+the first minibatch's ratio is 1 (to the rounding between the KV cache and the update's
+whole-sequence forward pass, about 1e-6). ``num_timesteps`` counts every row of every env step,
+waits and discarded steps included, as PPO counts them, so equal budgets mean equal env work;
+``rollout/trained_fraction`` logs the share of them that are trained on.
+
+**GRPO** (Shao et al. 2024, DeepSeekMath, section 4.1): completion i of a group gets the
+advantage ``(r_i - mean(r)) / (std(r) + 1e-4)`` (std over the group, population: ddof 0) at every
+one of its tokens, and the loss is PPO's clipped surrogate per token plus ``beta`` times the k3
+estimate of the KL to the reference, ``exp(ref - logp) - (ref - logp) - 1`` per token (eq. 4),
+averaged as ``loss_aggregation`` says. The default, ``"sequence"``, is the paper's objective
+(eq. 3): the mean over each completion's tokens, then over completions. The **Dr. GRPO**
+correction (Liu et al. 2025, "Understanding R1-Zero-Like Training") is
+``scale_rewards=False, loss_aggregation="constant"``: no division by the group's std (which
+up-weights groups whose rewards barely differ) and no per-completion length normalisation (which
+makes a wrong answer's loss per token smaller the longer it is): token terms are summed and
+divided by a constant, completions x ``max_new_tokens``. ``"token"`` (DAPO's token-level mean)
+is offered as well. The default is the paper's, so that "GRPO" means what its authors and most
+implementations mean by it; on the built-in tasks, whose completions are at most a few tokens,
+the two differ little.
+
+**RLOO** (Ahmadian et al. 2024, "Back to Basics", section 3.1): completion i's baseline is the
+mean reward of the other G - 1 completions of its prompt, ``b_i = (sum_j r_j - r_i) / (G - 1)``,
+and the loss is REINFORCE's, ``-(r_i - b_i) * sum_t log π(a_t)``, averaged over completions (each
+completion's token terms summed, not averaged). With more than one optimizer step per rollout
+(``n_epochs`` or ``num_minibatches`` > 1) each token's term becomes PPO's clipped
+``-min(ρ_t A_i, clip(ρ_t, 1 ± clip_range) A_i)``, ``ρ_t = π(a_t) / π_old(a_t)``, whose gradient is
+REINFORCE's while ρ_t = 1. The KL to the reference is a **reward penalty**, as in the paper: with
+``beta > 0`` a completion's reward is ``r_i - beta * sum_t (log π_old(a_t) - log π_ref(a_t))``
+(the sampled log-ratio of its tokens) before the baselines are taken.
+
+TensorBoard: Stable-Baselines3's tags where the quantity is PPO's (``rollout/ep_rew_mean``,
+``rollout/ep_len_mean``, ``train/approx_kl``, ``train/clip_fraction``, ``train/entropy_loss``,
+``train/policy_gradient_loss`` and ``train/loss`` (both aggregated as the loss is), ``train/learning_rate``, ``train/clip_range``,
+``train/n_updates``, ``train/epochs``, ``train/sequences``, ``time/fps``, and with a reference
+``train/kl_ref``, ``train/kl_ref_sampled``, ``train/kl_coef``), and these: ``train/group_reward_std``
+(the mean over groups of the std of their rewards), ``train/zero_std_fraction`` (the share of
+groups whose rewards are all equal: their advantages are 0 and they teach nothing),
+``train/kl_k3`` (GRPO with a reference: the k3 term of the loss, aggregated as the loss is; a mean
+over the update's minibatches) and ``rollout/trained_fraction``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agents.policy import PolicyConfig
+from agents.ppo import ConfigIO, OnPolicyAgent, check_fields
+from textgym.vector import TextGenVectorEnv
+
+STD_EPS = 1e-4
+"""Added to a group's reward std before GRPO divides by it (as TRL): a group of equal rewards gets
+advantages 0, not NaN."""
+LOSS_AGGREGATIONS = ("sequence", "token", "constant")
+
+
+# ------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class GroupConfig(ConfigIO):
+    """Hyperparameters that GRPO and RLOO share; saved as ``config.json`` and in every checkpoint."""
+
+    group_size: int = 8
+    """G: completions sampled per prompt (the env's ``group_size``; ``num_envs`` must be a
+    multiple). A rollout holds ``num_envs / G`` groups, one completion per env row."""
+    n_epochs: int = 1
+    """Passes over each rollout. 1 with one minibatch (the papers' setting): one on-policy gradient
+    step per rollout. More steps per rollout (PPO's 4 x 4) learnt the default task in half the env
+    steps in one measured run, but degraded a pretrained arithmetic policy with 64 envs (minibatches
+    of 16 completions): raise ``num_envs`` with them."""
+    num_minibatches: int = 1
+    """Minibatches per epoch, each a random set of whole completions (advantages are computed
+    per group before the rollout is cut, so a minibatch need not hold whole groups)."""
+    micro_batch_size: int | None = None
+    """Completions per forward and backward pass inside a minibatch (gradients accumulated before
+    the one optimizer step: the minibatch's gradient up to float rounding). None: all at once."""
+    learning_rate: float = 1e-3
+    """Adam step size at the start of training."""
+    anneal_lr: bool = True
+    """Decay the learning rate linearly to 0 over ``total_timesteps``."""
+    adam_eps: float = 1e-5
+    """Adam's epsilon (as PPOConfig)."""
+    clip_range: float = 0.2
+    """Clip of the per-token probability ratio (inactive while the ratio is 1: the first
+    minibatch of every rollout)."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    beta: float = 0.0
+    """Weight of the KL to the reference policy (the initial policy, frozen; under LoRA the model
+    with its adapters off): GRPO's k3 term in the loss, RLOO's reward penalty. 0: no reference.
+    0 by default as PPOConfig.kl_coef: from a random policy there is nothing to stay near (the
+    GRPO paper used 0.04 from a pretrained model)."""
+    mask_actions: bool = False
+    """Sample only the tokens of the env's action mask (its ``allowed_tokens``); the reference is
+    masked the same way."""
+    sample_interval: int = 10
+    """Write generated text samples to TensorBoard every this many updates."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """Architecture of the Transformer policy (unused with ``policy_model``)."""
+
+    def __post_init__(self) -> None:
+        bools = tuple(name for name in ("anneal_lr", "mask_actions", "scale_rewards") if hasattr(self, name))
+        check_fields(
+            self,
+            bools=bools,
+            positive_ints=("group_size", "n_epochs", "num_minibatches", "sample_interval"),
+            optional_positive_ints=("micro_batch_size",),
+            positive=("learning_rate", "adam_eps", "clip_range", "max_grad_norm"),
+            non_negative=("beta",),
+        )
+        if self.group_size < 2:
+            raise ValueError(
+                f"{type(self).__name__}.group_size must be >= 2 (completions are judged against the others "
+                f"of their prompt), got {self.group_size}"
+            )
+
+
+@dataclass(frozen=True)
+class GRPOConfig(GroupConfig):
+    """Hyperparameters of :class:`GRPO` (with :class:`GroupConfig`'s). The Dr. GRPO correction
+    (Liu et al. 2025) is ``GRPOConfig(scale_rewards=False, loss_aggregation="constant")``."""
+
+    scale_rewards: bool = True
+    """Divide each completion's advantage by its group's reward std (+1e-4), as the GRPO paper;
+    False: centre only (Dr. GRPO)."""
+    loss_aggregation: str = "sequence"
+    """How token terms become the minibatch's loss: "sequence" (the paper's: the mean over each
+    completion's tokens, then over completions), "token" (DAPO: the mean over all tokens of the
+    minibatch) or "constant" (Dr. GRPO: their sum divided by completions x max_new_tokens)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(
+                f"GRPOConfig.loss_aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}, got "
+                f"{self.loss_aggregation!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RLOOConfig(GroupConfig):
+    """Hyperparameters of :class:`RLOO` (:class:`GroupConfig`'s; ``beta`` is a reward penalty)."""
+
+
+# --------------------------------------------------------------------------------------- maths
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = STD_EPS
+) -> torch.Tensor:
+    """GRPO's advantages (N,) of rewards (N,) in consecutive groups of ``group_size``:
+    ``r_i - mean`` of the group, divided by the group's std (ddof 0) + ``eps`` if ``scale``."""
+    r = rewards.view(-1, group_size)  # (groups, G)
+    centred = r - r.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (r.std(1, correction=0, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_baselines(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's baselines (N,): for each reward, the mean of the other ``group_size - 1`` rewards of
+    its group (groups are consecutive)."""
+    r = rewards.view(-1, group_size)  # (groups, G)
+    return ((r.sum(1, keepdim=True) - r) / (group_size - 1)).reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(π ‖ π_ref) per sampled token, ``exp(d) - d - 1`` with
+    ``d = log π_ref(a) - log π(a)``: non-negative, and exactly 0 where the two agree."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def clipped_token_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> torch.Tensor:
+    """PPO's clipped surrogate per token, to minimise: ``max(-A ρ, -A clip(ρ, 1 ± clip_range))``,
+    ``ρ = exp(logprobs - old_logprobs)``; all arrays (m,), one entry per token."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    return torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+
+
+def group_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    clip_range: float,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of a set of tokens (all arrays (m,), one entry per token: its log-prob now and at
+    sampling, its completion's advantage, its weight from :func:`token_weights`): ``sum(weights *
+    (clipped surrogate + beta * k3))``, with its two parts (the weighted surrogate and the weighted
+    k3 before ``beta``; the k3 part is 0 without ``ref_logprobs``)."""
+    pg = clipped_token_loss(logprobs, old_logprobs, advantages, clip_range)
+    kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(pg)
+    pg_part, kl_part = (weights * pg).sum(), (weights * kl).sum()
+    return pg_part + beta * kl_part, pg_part, kl_part
+
+
+def token_weights(lengths: torch.Tensor, max_new_tokens: int, aggregation: str) -> torch.Tensor:
+    """(n, max_new_tokens) weight of each token of n completions of ``lengths`` (n,) in their
+    minibatch's loss (0 past a completion's end), so that the loss is ``sum(weights * terms)``:
+
+    - ``"sequence"``: ``1 / (n * length_i)``, the mean over each completion, then over completions;
+    - ``"token"``: ``1 / sum(lengths)``, the mean over all tokens;
+    - ``"constant"``: ``1 / (n * max_new_tokens)``, the sum over tokens divided by a constant;
+    - ``"sum"``: ``1 / n``, each completion's sum over its tokens, averaged over completions (RLOO).
+    """
+    n = lengths.shape[0]
+    valid = torch.arange(max_new_tokens, device=lengths.device) < lengths.unsqueeze(1)  # (n, M)
+    if aggregation == "sequence":
+        w = 1.0 / (n * lengths.unsqueeze(1).double())
+    elif aggregation == "token":
+        w = 1.0 / lengths.sum().double()
+    elif aggregation == "constant":
+        w = torch.tensor(1.0 / (n * max_new_tokens), dtype=torch.float64, device=lengths.device)
+    elif aggregation == "sum":
+        w = torch.tensor(1.0 / n, dtype=torch.float64, device=lengths.device)
+    else:
+        raise ValueError(f"aggregation must be one of {(*LOSS_AGGREGATIONS, 'sum')}, got {aggregation!r}")
+    return torch.where(valid, w, 0.0).float()
+
+
+class GroupRollout(NamedTuple):
+    """One rollout of a group agent: one finished episode per env row, rows in group order
+    (group k = rows ``[k*G, (k+1)*G)``); every tensor on the agent's device."""
+
+    input_ids: torch.Tensor  # (N, L) each row's episode: its prompt, then its completion from column P
+    attention_mask: torch.Tensor  # (N, L)
+    lengths: torch.Tensor  # (N,) long, tokens generated (>= 1)
+    logprobs: torch.Tensor  # (N, M) log π_old of generated token t (column P + t); 0 from lengths on
+    ref_logprobs: torch.Tensor | None  # (N, M) log π_ref of the same tokens; None without a reference
+    rewards: torch.Tensor  # (N,) float32, the episode's return (the env's rewards, no KL penalty)
+    kl_sampled: torch.Tensor  # (N,) float32, sum over the completion of log π_old - log π_ref (0 without)
+    env_steps: int  # env steps of the rollout, every row counted (waits and discarded steps too)
+
+
+# --------------------------------------------------------------------------------------- agents
+class GroupAgent(OnPolicyAgent):
+    """What GRPO and RLOO share: group rollouts, one completion per row, and the update on whole
+    completions; they differ in :meth:`advantages`, the loss's aggregation and where the KL goes.
+
+    Parameters as :class:`agents.ppo.OnPolicyAgent`'s: ``env`` (``"TextGen-v0"`` or a
+    :class:`~textgym.vector.TextGenVectorEnv` with ``group_size=config.group_size``,
+    ``autoreset_mode="same_step"``, ``array_type="torch"``), ``config``, ``num_envs`` (a multiple of
+    ``config.group_size``), ``env_kwargs`` (without ``group_size``), ``device``, ``seed``,
+    ``tensorboard_log``, ``verbose``, ``init_policy``, ``policy_model``, ``hf_config``.
+    """
+
+    config: GroupConfig
+    aggregation = "sequence"
+    kl_in_loss = False
+
+    def _env_options(self) -> dict[str, Any]:
+        if "group_size" in self.env_kwargs:
+            raise ValueError(
+                f"group_size is {type(self.config).__name__}.group_size (here {self.config.group_size}), "
+                "not an env argument: leave it out of env_kwargs"
+            )
+        return {"group_size": self.config.group_size}
+
+    def _check_env(self, env: TextGenVectorEnv) -> None:
+        if env.group_size != self.config.group_size:
+            raise ValueError(
+                f"{type(self).__name__} needs an env with group_size={self.config.group_size} "
+                f"({type(self.config).__name__}.group_size), got group_size={env.group_size}"
+            )
+
+    def _kl_settings(self) -> tuple[float, float | None, int | None]:
+        return self.config.beta, None, None
+
+    def _collect(self) -> GroupRollout:
+        return self.collect_rollout()
+
+    def _train(self, batch: GroupRollout) -> dict[str, float]:
+        return self.update(batch)
+
+    def advantages(self, rollout: GroupRollout) -> torch.Tensor:
+        """(N,) the advantage of each completion, given to every one of its tokens."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def collect_rollout(self) -> GroupRollout:
+        """One episode per row (see the module docstring): every row starts a fresh episode on the
+        prompt its group holds, and the env steps until every row's episode has ended."""
+        assert self._obs is not None
+        env, N, P = self.env, self.num_envs, self.prompt_window
+        M, dev = env.config.max_new_tokens, self.device
+        # A group that ended early in the last rollout began a new episode under the old weights:
+        # restart every group on the prompt it holds (the generators are not advanced).
+        prompts = env._core.prompt_index.cpu().numpy().copy()
+        obs, _ = env.reset(options={"prompt_index": prompts})
+        self._obs = obs
+        for acc in (self._episode_return, self._episode_length, self._episode_kl):
+            acc.zero_()
+        self._rollout_kl = []
+        ids, masks = obs["input_ids"].clone(), obs["attention_mask"].clone()  # (N, L) final observations
+        logprobs = torch.zeros(N, M, device=dev)
+        ref = self.reference is not None
+        ref_logprobs = torch.zeros(N, M, device=dev) if ref else None
+        returns = torch.zeros(N, dtype=torch.float64, device=dev)
+        kl_sampled_sum = torch.zeros(N, dtype=torch.float64, device=dev)
+        live = torch.ones(N, dtype=torch.bool, device=dev)  # rows whose rollout episode runs
+        self.policy.eval()
+        # The weights changed in the last update: recompute every cached key and value.
+        logits, _ = self._cache.rebuild(obs["input_ids"], obs["attention_mask"])
+        if ref:
+            ref_logits, _ = self._ref_cache.rebuild(obs["input_ids"], obs["attention_mask"])
+        steps = 0
+        for t in range(M):  # a live row generates token t at step t; all have ended after M steps
+            action, log_probs, logprob = self._sample(logits)
+            logprobs[:, t] = torch.where(live, logprob, 0.0)
+            if ref:
+                # The reference scores the very token sampled, under the same mask.
+                ref_log_probs = self._reference_log_probs(ref_logits)
+                ref_logprob = ref_log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
+                ref_logprobs[:, t] = torch.where(live, ref_logprob, 0.0)
+                kl_exact = (log_probs.exp() * (log_probs - ref_log_probs)).sum(-1)  # KL(π(·|s) ‖ π_ref(·|s))
+                kl_step = torch.stack([kl_exact, logprob - ref_logprob], 1).double()  # (N, 2)
+            obs, reward, terminated, truncated, infos = env.step(action)
+            steps += 1
+            # Under same_step a waiting row's step is no transition; a live row never waits, so
+            # this is a guard: the steps trained on are the live rows' only.
+            trained = live & ~infos["waiting"] if "waiting" in infos else live
+            done = (terminated | truncated) & trained
+            returns += torch.where(trained, reward, 0.0)
+            self._track_episodes(reward, done, infos, live=trained)
+            if ref:
+                self._episode_kl += torch.where(trained.unsqueeze(1), kl_step, 0.0)
+            if bool(done.any()):
+                rows = done.nonzero().squeeze(1)
+                ids[rows] = infos["final_obs"]["input_ids"][rows]
+                masks[rows] = infos["final_obs"]["attention_mask"][rows]
+                if ref:
+                    kl_sampled_sum[rows] = self._episode_kl[rows, 1]
+                    self._rollout_kl += [tuple(r) for r in self._episode_kl[rows].tolist()]
+                    self._episode_kl[rows] = 0.0
+            live &= ~done
+            # Counted per step, so an interrupted rollout leaves a consistent state to save.
+            self._obs = obs
+            self.num_timesteps += N
+            if not bool(live.any()):
+                break
+            logits, _ = self._cache.step(obs["input_ids"], obs["attention_mask"], P)
+            if ref:
+                ref_logits, _ = self._ref_cache.step(obs["input_ids"], obs["attention_mask"], P)
+        assert not bool(live.any()), "every episode ends within max_new_tokens steps"
+        lengths = masks[:, P:].sum(1)  # (N,)
+        return GroupRollout(
+            ids, masks, lengths, logprobs, ref_logprobs, returns.float(), kl_sampled_sum.float(), steps * N
+        )
+
+    # ----------------------------------------------------------------------------------- update
+    def update(self, rollout: GroupRollout) -> dict[str, float]:
+        """``n_epochs`` passes of minibatch steps on the rollout's whole completions.
+
+        Returns the update's metrics: means over its minibatches, except ``train/loss`` (the last
+        minibatch's, as SB3 logs it), and the rollout's group statistics.
+        """
+        cfg = self.config
+        N, M = rollout.logprobs.shape
+        advantages = self.advantages(rollout)  # (N,)
+        micro = cfg.micro_batch_size or N
+        beta = cfg.beta if self.kl_in_loss and rollout.ref_logprobs is not None else 0.0
+        self.policy.train()
+        pg_losses, kl_losses, entropy_losses, approx_kls, clip_fractions = [], [], [], [], []
+        loss = 0.0
+        epochs = 0
+        for _ in range(cfg.n_epochs):
+            epochs += 1
+            order = torch.randperm(N, device=self.device)
+            for batch in order.chunk(cfg.num_minibatches):
+                # Weights over the whole minibatch, however it is cut into micro-batches.
+                weights = token_weights(rollout.lengths[batch], M, self.aggregation)  # (b, M)
+                self.optimizer.zero_grad(set_to_none=True)
+                sums = torch.zeros(7, device=self.device)
+                for start in range(0, len(batch), micro):
+                    part = batch[start : start + micro]
+                    terms = self._loss_sums(rollout, part, weights[start : start + micro], advantages, beta)
+                    terms[0].backward()  # each micro-batch adds its share of the minibatch's loss
+                    sums += terms.detach()
+                part_loss, pg_loss, kl_loss, neg_entropy, approx_kl, clipped, tokens = sums.tolist()
+                if not np.isfinite(part_loss):
+                    self._diverged(
+                        f"the loss is not finite (policy-gradient {pg_loss}, k3 KL {kl_loss}; advantages in "
+                        f"[{advantages.min().item():.3g}, {advantages.max().item():.3g}])"
+                    )
+                loss = part_loss
+                pg_losses.append(pg_loss)
+                kl_losses.append(kl_loss)
+                entropy_losses.append(neg_entropy / tokens)
+                approx_kls.append(approx_kl / tokens)
+                clip_fractions.append(clipped / tokens)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, cfg.max_grad_norm)
+                if not np.isfinite(grad_norm.item()):
+                    self._diverged(f"the gradient norm is {grad_norm.item()}")
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # the rollout needs that memory more
+        by_group = rollout.rewards.view(-1, cfg.group_size)  # (groups, G)
+        spread = by_group.std(1, correction=0)
+        stats = {
+            "train/policy_gradient_loss": float(np.mean(pg_losses)),
+            "train/entropy_loss": float(np.mean(entropy_losses)),
+            "train/approx_kl": float(np.mean(approx_kls)),
+            "train/clip_fraction": float(np.mean(clip_fractions)),
+            "train/loss": loss,  # last minibatch, as SB3
+            "train/learning_rate": self.optimizer.param_groups[0]["lr"],
+            "train/clip_range": cfg.clip_range,
+            "train/n_updates": self.n_updates + 1,
+            "train/epochs": epochs,
+            "train/sequences": N,
+            "train/group_reward_std": float(spread.mean()),
+            "train/zero_std_fraction": float((by_group == by_group[:, :1]).all(1).float().mean()),
+            "rollout/trained_fraction": float(rollout.lengths.sum()) / rollout.env_steps,
+        }
+        if beta > 0:
+            stats["train/kl_k3"] = float(np.mean(kl_losses))
+        return stats
+
+    def _loss_sums(
+        self,
+        rollout: GroupRollout,
+        part: torch.Tensor,
+        weights: torch.Tensor,
+        advantages: torch.Tensor,
+        beta: float,
+    ) -> torch.Tensor:
+        """One forward pass over the completions ``part`` (indices into the rollout's rows) with
+        their token ``weights`` (b, M): the weighted loss (differentiable), its policy-gradient and
+        k3 parts, and sums over their tokens of the negative entropy, the approx-KL, the clipped
+        ratios and the token count (not), as a (7,) tensor."""
+        P, cfg = self.prompt_window, self.config
+        ids, mask = rollout.input_ids[part], rollout.attention_mask[part]  # (b, L)
+        rows, t = (weights > 0).nonzero(as_tuple=True)  # (m,) each trained token: its row in part, index
+        hidden = self.policy.hidden(ids, mask)  # (b, L, C)
+        logits, _ = self.policy.heads(hidden[rows, P - 1 + t])  # (m, V): the column before the token
+        log_probs = F.log_softmax(self._masked(logits), dim=-1)  # (m, V), float32
+        new_logprobs = log_probs.gather(1, ids[rows, P + t].unsqueeze(1)).squeeze(1)  # (m,)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (m,)
+        old_logprobs = rollout.logprobs[part][rows, t]
+        ref = rollout.ref_logprobs[part][rows, t] if beta > 0 and rollout.ref_logprobs is not None else None
+        loss, pg, kl = group_loss(
+            new_logprobs, old_logprobs, advantages[part][rows], weights[rows, t], cfg.clip_range, ref, beta
+        )
+        with torch.no_grad():
+            log_ratio = new_logprobs - old_logprobs
+            ratio = log_ratio.exp()
+            approx_kl = (ratio - 1) - log_ratio  # as PPO: (r - 1) - log r
+            clipped = ((ratio - 1).abs() > cfg.clip_range).float()
+        return torch.stack(
+            [
+                loss,
+                pg.detach(),
+                kl.detach(),
+                -entropy.sum().detach(),
+                approx_kl.sum(),
+                clipped.sum(),
+                torch.tensor(float(len(t)), device=loss.device),
+            ]
+        )
+
+
+class GRPO(GroupAgent):
+    """Group Relative Policy Optimization (Shao et al. 2024) on ``TextGen-v0``; see the module
+    docstring. ``GRPO(config=GRPOConfig(...), num_envs=64, ...)``, then ``learn``, ``save``,
+    ``GRPO.load``, ``predict``, ``generate`` as :class:`agents.PPO`."""
+
+    algorithm = "grpo"
+    config_class = GRPOConfig
+    config: GRPOConfig
+    kl_in_loss = True
+
+    @property
+    def aggregation(self) -> str:  # type: ignore[override]
+        return self.config.loss_aggregation
+
+    def advantages(self, rollout: GroupRollout) -> torch.Tensor:
+        return group_advantages(rollout.rewards, self.config.group_size, self.config.scale_rewards)
+
+
+class RLOO(GroupAgent):
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024) on ``TextGen-v0``; see the module docstring.
+    ``RLOO(config=RLOOConfig(...), num_envs=64, ...)``, then as :class:`agents.PPO`."""
+
+    algorithm = "rloo"
+    config_class = RLOOConfig
+    config: RLOOConfig
+    aggregation = "sum"
+
+    def advantages(self, rollout: GroupRollout) -> torch.Tensor:
+        rewards = rollout.rewards
+        if self.reference is not None:  # the KL penalty is part of the reward (section 3.1)
+            rewards = rewards - self.config.beta * rollout.kl_sampled
+        return rewards - leave_one_out_baselines(rewards, self.config.group_size)

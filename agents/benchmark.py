@@ -376,3 +376,391 @@ def busy_speed(
         "settings": {"updates": updates, "num_envs": num_envs, "task": task, "device": device},
         "runs": rows,
     }
+
+
+# ------------------------------------------------------------------ generation against transformers
+GENERATE_PATHS = ("hf_generate", "textgym_generate", "ppo_acting")
+
+
+def _benchmark_model(model: str, new_tokens: int, folder: Path) -> tuple[Path, str]:
+    """The model folder :func:`generate_speed` loads, and how to describe it.
+
+    ``model`` is a registered name (:data:`textgym.models.MODELS`), a folder, or ``"tiny"``: a
+    random GPT-2 built offline in ``folder`` (2 layers, 64 wide, a BPE tokenizer of 1,024 tokens
+    trained on the ``reviews`` corpus). A registered model that is not on disk falls back to it.
+    """
+    from agents.hf import tiny_causal_lm
+    from textgym.hf import HFTokenizer, train_bpe_tokenizer
+    from textgym.models import MODELS, model_path
+    from textgym.tasks import get_task
+
+    if model in MODELS:
+        path = model_path(model)
+        if (path / "config.json").is_file():
+            return path, model
+        note = f"tiny GPT-2 built offline ({model} is not at {path}: python scripts/get_model.py {model})"
+    elif model == "tiny":
+        note = "tiny GPT-2 built offline (random weights)"
+    else:
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model: {model!r} is neither a folder written by save_pretrained nor one of "
+                f"{', '.join([*MODELS, 'tiny'])}"
+            )
+        return path, str(path)
+    task = get_task("reviews")
+    tokenizer = train_bpe_tokenizer([*task.corpus, *task.prompts], 1024)
+    tokenizer.save_pretrained(folder)
+    longest = max(len(HFTokenizer(folder).encode(p)) for p in task.prompts)
+    tiny_causal_lm(tokenizer, max_positions=longest + 1 + new_tokens).save_pretrained(folder)
+    return folder, note
+
+
+def generate_speed(
+    model: str = "smollm2-135m",
+    batch: int = 8,
+    new_tokens: int = 64,
+    dtype: str = "float32",
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Tokens per second of greedy generation by ``transformers`` and through the project's cache,
+    on the same model, prompts and batch, in one run.
+
+    Three paths, each producing ``new_tokens`` tokens for each of ``batch`` prompts (the first
+    prompts of the ``reviews`` task, repeated if ``batch`` is larger), end of text forbidden so every
+    row runs to full length:
+
+    - ``hf_generate``: ``model.generate`` (greedy, ``use_cache=True``, ``min_new_tokens=new_tokens``)
+      on the prompts as the policy reads them (``<bos>`` + prompt, left-padded), with its own
+      ``DynamicCache``.
+    - ``textgym_generate``: :func:`agents.generation.generate` (greedy) with the
+      :class:`~agents.hf.HFPolicy` of the same weights, through :class:`~agents.hf.HFKVCache`.
+    - ``ppo_acting``: what :meth:`agents.ppo.PPO.collect_rollout` does per token, without the env:
+      ``policy.make_cache(batch)``, ``rebuild`` on the prompts, then per token the finiteness
+      check, a ``Categorical`` sample, the log-probability of the sampled token, and ``step``.
+
+    After ``warmup`` untimed rounds, each repeat runs the three in turn, in that order and then
+    in reverse, so that a load changing over the run hits them alike; the report gives every repeat, the median, and the
+    ratio of medians to ``hf_generate``. ``same_tokens`` is the share of prompts whose two greedy
+    completions are identical (float rounding can flip a near tie; the policy also never emits the
+    model's special tokens, which ``generate`` may).
+    """
+    import statistics
+    import tempfile
+
+    import torch.nn.functional as F
+    from torch.distributions import Categorical
+
+    from agents.generation import encode_prompts, generate
+    from agents.hf import HFConfig, HFPolicy
+    from textgym.hf import HFTokenizer
+    from textgym.tasks import get_task
+    from textgym.tokenizers import NUM_SPECIAL
+
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, described = _benchmark_model(model, new_tokens, Path(tmp))
+        tokenizer = HFTokenizer(path)
+        task_prompts = get_task("reviews").prompts
+        prompts = [task_prompts[i % len(task_prompts)] for i in range(batch)]
+        P = max(len(tokenizer.encode(p)) + 1 for p in prompts)  # <bos> + the longest prompt
+        M = new_tokens
+        policy = (
+            HFPolicy.from_pretrained(path, tokenizer, P + M, options=HFConfig(dtype=dtype)).to(dev).eval()
+        )
+    causal_lm, eos = policy.causal_lm, tokenizer.eos_id
+    hf_eos = tokenizer.hf_special_ids["eos"]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, P, M, dev)
+    hf_ids, hf_mask = policy.model_ids[prompt_ids[:, :P]], prompt_mask[:, :P]  # (B, P) each
+
+    @torch.no_grad()
+    def hf_generate() -> list[str]:
+        out = causal_lm.generate(
+            input_ids=hf_ids,
+            attention_mask=hf_mask,
+            max_new_tokens=M,
+            min_new_tokens=M,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=hf_eos,
+            pad_token_id=hf_eos,
+        )
+        assert out.shape == (batch, P + M), out.shape
+        return tokenizer.decode_batch((out[:, P:] + NUM_SPECIAL).cpu().numpy())
+
+    def textgym_generate() -> list[str]:
+        return generate(policy, tokenizer, prompts, P, M, "greedy", min_new_tokens=M)
+
+    @torch.no_grad()
+    def ppo_acting() -> None:
+        ids, mask = prompt_ids.clone(), prompt_mask.clone()
+        cache = policy.make_cache(batch, dev)
+        logits, _ = cache.rebuild(ids, mask)
+        for t in range(M):
+            logits[:, eos] = torch.finfo(logits.dtype).min  # every row runs its full length, as the others
+            if not bool(torch.isfinite(logits).all()):
+                raise RuntimeError("the policy's logits contain NaN or infinity")
+            action = Categorical(logits=logits).sample()
+            F.log_softmax(logits, dim=-1).gather(1, action.unsqueeze(1))
+            ids[:, P + t], mask[:, P + t] = action, 1
+            if t + 1 < M:
+                logits, _ = cache.step(ids, mask, P)
+
+    paths: dict[str, Callable[[], Any]] = {
+        "hf_generate": hf_generate,
+        "textgym_generate": textgym_generate,
+        "ppo_acting": ppo_acting,
+    }
+    texts: dict[str, list[str]] = {}
+    for _ in range(warmup):
+        for name, run in paths.items():
+            texts[name] = run()
+    speeds: dict[str, list[float]] = {name: [] for name in paths}
+    for repeat in range(repeats):
+        torch.manual_seed(0)
+        order = list(paths.items())
+        for name, run in order[::-1] if repeat % 2 else order:  # ABC, CBA, ...: drift hits all alike
+            _sync(dev)
+            start = time.perf_counter()
+            out = run()
+            _sync(dev)
+            speeds[name].append(batch * M / (time.perf_counter() - start))
+            if out is not None:
+                texts[name] = out
+    median = {name: statistics.median(values) for name, values in speeds.items()}
+    same = [a == b for a, b in zip(texts["hf_generate"], texts["textgym_generate"], strict=True)]
+    return {
+        "benchmark": "generate",
+        "model": described,
+        "settings": {
+            "batch": batch,
+            "new_tokens": M,
+            "prompt_window": P,
+            "dtype": dtype,
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "warmup": warmup,
+        },
+        "tokens_per_second": {
+            name: {"median": median[name], "min": min(v), "max": max(v), "runs": v}
+            for name, v in speeds.items()
+        },
+        "ratio_to_hf_generate": {name: median[name] / median["hf_generate"] for name in paths},
+        "same_tokens": sum(same) / len(same),
+    }
+
+
+def format_generate_table(report: dict[str, Any]) -> str:
+    """The report of :func:`generate_speed` as a Markdown table."""
+    s = report["settings"]
+    lines = [
+        f"{report['model']}, batch {s['batch']}, {s['new_tokens']} new tokens, {s['dtype']}, "
+        f"{s['threads']} thread(s) on {s['device']}; median of {s['repeats']} repeats:",
+        "",
+        "| path | tokens/s (median) | min – max | vs generate |",
+        "|---|---:|---:|---:|",
+    ]
+    names = {
+        "hf_generate": "transformers `generate`",
+        "textgym_generate": "`agents.generation.generate`",
+        "ppo_acting": "PPO acting (`make_cache`, sampled)",
+    }
+    for name, label in names.items():
+        t = report["tokens_per_second"][name]
+        ratio = report["ratio_to_hf_generate"][name]
+        lines.append(f"| {label} | {t['median']:,.1f} | {t['min']:,.1f} – {t['max']:,.1f} | {ratio:.2f}× |")
+    lines.append("")
+    lines.append(f"greedy completions identical to generate's: {report['same_tokens']:.0%} of prompts")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ memory of PPO on a causal LM
+MEMORY_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "float32": ({}, {}),
+    "bf16_autocast": ({"autocast": True}, {}),
+    "checkpointing": ({"gradient_checkpointing": True}, {}),
+    "micro_batches": ({}, {"micro_batch_size": 2}),
+    "lora": ({"lora_rank": 16}, {}),
+    "lora_checkpointing": ({"lora_rank": 16, "gradient_checkpointing": True}, {}),
+    "lora_bf16": ({"lora_rank": 16, "dtype": "bfloat16"}, {}),
+    "lora_bf16_checkpointing_micro": (
+        {"lora_rank": 16, "dtype": "bfloat16", "gradient_checkpointing": True},
+        {"micro_batch_size": 2},
+    ),
+}
+""":func:`memory_benchmark`'s configurations: (:class:`agents.hf.HFConfig` fields, PPOConfig fields
+replaced in :meth:`PPOConfig.pretrained`). Full fine-tuning unless ``lora_rank`` is given."""
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _memory_in_process(
+    results: Any,
+    path: str,
+    hf_fields: dict[str, Any],
+    ppo_fields: dict[str, Any],
+    num_envs: int,
+    n_steps: int,
+    max_new_tokens: int,
+    iterations: int,
+    warmup: int,
+    device: str,
+    threads: int,
+) -> None:
+    """Child process of :func:`memory_benchmark`: one configuration, ``warmup`` + ``iterations``
+    PPO iterations, its own memory high-water mark."""
+    try:
+        from agents.hf import HFConfig
+        from agents.runtime import set_threads
+
+        in_effect = set_threads(threads)
+        dev = resolve_device(device)
+        env_kwargs = {
+            "task": "reviews",
+            "tokenizer": path,
+            "reward": "vader",
+            "max_new_tokens": max_new_tokens,
+        }
+        config = PPOConfig.pretrained(lora="lora_rank" in hf_fields, n_steps=n_steps, **ppo_fields)
+        model = PPO(
+            "TextGen-v0",
+            config,
+            num_envs,
+            env_kwargs,
+            device,
+            0,
+            policy_model=path,
+            hf_config=HFConfig(**hf_fields),
+        )
+        loaded = _peak_rss_mib()
+        per_iteration = n_steps * num_envs
+        if warmup:
+            model.learn(warmup * per_iteration)  # first-call costs: allocation, lazy initialisation
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        _sync(dev)
+        start = time.perf_counter()
+        model.learn(iterations * per_iteration, reset_num_timesteps=not warmup)
+        _sync(dev)
+        seconds = (time.perf_counter() - start) / iterations
+        trainable = sum(p.numel() for p in model.policy.parameters() if p.requires_grad)
+        results.put(
+            {
+                "threads": in_effect,
+                "peak_rss_mib": _peak_rss_mib(),
+                "rss_after_load_mib": loaded,
+                "cuda_peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+                "seconds_per_iteration": seconds,
+                "trainable_parameters": trainable,
+                "approx_kl": model.last_stats.get("train/approx_kl"),
+            }
+        )
+    except BaseException as exc:  # the parent raises it, with the configuration's name
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def memory_benchmark(
+    model: str = "smollm2-135m",
+    configs: Sequence[str] = tuple(MEMORY_CONFIGS),
+    num_envs: int = 16,
+    n_steps: int = 16,
+    max_new_tokens: int = 16,
+    iterations: int = 1,
+    warmup: int = 1,
+    device: str = "cpu",
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Peak memory and seconds per PPO iteration of fine-tuning a causal LM, per configuration
+    (:data:`MEMORY_CONFIGS`): full fine-tuning in float32, under bfloat16 autocast, with activation
+    checkpointing, with micro-batches; LoRA alone, with checkpointing, with a bfloat16 base, and
+    all of them at once.
+
+    The workload is fixed: task ``reviews`` with the VADER reward, ``num_envs`` envs ×
+    ``n_steps`` steps per rollout, ``max_new_tokens`` per completion, :meth:`PPOConfig.pretrained`
+    with the KL penalty on (a frozen copy of the model as the reference, or under LoRA the model
+    with its adapters off). Each configuration runs in a fresh process (``spawn``): ``warmup``
+    untimed iterations, then ``iterations`` timed ones; its peak is that process's RSS high-water
+    mark (loading included; ``rss_after_load_mib`` is the mark before the first rollout) and, on
+    a GPU, ``torch.cuda.max_memory_allocated`` over the timed iterations. ``model`` as in
+    :func:`generate_speed`: a registered model not on disk falls back to a tiny GPT-2 built offline.
+    """
+    import tempfile
+
+    unknown = [c for c in configs if c not in MEMORY_CONFIGS]
+    if unknown or not configs:
+        raise ValueError(
+            f"configs must be a non-empty subset of {', '.join(MEMORY_CONFIGS)}; got {list(configs)}"
+        )
+    ctx = mp.get_context("spawn")
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, described = _benchmark_model(model, max_new_tokens, Path(tmp))
+        for name in configs:
+            hf_fields, ppo_fields = MEMORY_CONFIGS[name]
+            results = ctx.Queue()
+            args = (results, str(path), hf_fields, ppo_fields, num_envs, n_steps, max_new_tokens)
+            proc = ctx.Process(target=_memory_in_process, args=(*args, iterations, warmup, device, threads))
+            proc.start()
+            while True:  # a child killed outright (out of memory) puts nothing: do not wait for ever
+                try:
+                    row = results.get(timeout=5)
+                    break
+                except queue.Empty:
+                    if not proc.is_alive():
+                        try:  # what it put just before ending
+                            row = results.get(timeout=1)
+                        except queue.Empty:
+                            row = {"error": f"the process ended with exit code {proc.exitcode}"}
+                        break
+            proc.join()
+            if "error" in row:
+                raise RuntimeError(f"memory benchmark {name!r} failed: {row['error']}")
+            rows[name] = {"hf_config": hf_fields, "ppo_config": ppo_fields, **row}
+    return {
+        "benchmark": "memory",
+        "model": described,
+        "settings": {
+            "task": "reviews",
+            "reward": "vader",
+            "num_envs": num_envs,
+            "n_steps": n_steps,
+            "max_new_tokens": max_new_tokens,
+            "iterations": iterations,
+            "warmup": warmup,
+            "device": str(resolve_device(device)),
+            "threads": threads,
+        },
+        "configs": rows,
+    }
+
+
+def format_memory_table(report: dict[str, Any]) -> str:
+    """The report of :func:`memory_benchmark` as a Markdown table."""
+    s = report["settings"]
+    gpu = any(r["cuda_peak_mib"] is not None for r in report["configs"].values())
+    lines = [
+        f"{report['model']}, PPO on `reviews` (VADER, KL reference on), {s['num_envs']} envs × "
+        f"{s['n_steps']} steps, {s['max_new_tokens']} new tokens, {s['threads']} thread(s) on "
+        f"{s['device']}; one fresh process per configuration, {s['iterations']} timed iteration(s) "
+        f"after {s['warmup']} warm-up:",
+        "",
+        "| configuration | trainable parameters | peak RSS | RSS after loading |"
+        + (" CUDA peak |" if gpu else "")
+        + " s / iteration |",
+        "|---|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|",
+    ]
+    for name, r in report["configs"].items():
+        cuda = f" {r['cuda_peak_mib']:,.0f} MiB |" if gpu else ""
+        lines.append(
+            f"| {name} | {r['trainable_parameters']:,} | {r['peak_rss_mib']:,.0f} MiB | "
+            f"{r['rss_after_load_mib']:,.0f} MiB |{cuda} {r['seconds_per_iteration']:.1f} |"
+        )
+    return "\n".join(lines)

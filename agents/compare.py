@@ -7,7 +7,11 @@ those event files alone, so the tables can always be checked against the curves:
 - per run (``runs.csv``): the final ``rollout/ep_rew_mean`` (mean return of the last 100 training
   episodes, as SB3 computes it), the greedy evaluation ``eval/mean_reward`` after training, the
   first env step at which ``rollout/ep_rew_mean`` reached the threshold, wall time and env steps
-  per second (``compare/wall_seconds``, ``compare/env_steps_per_second``);
+  per second (``compare/wall_seconds``, ``compare/env_steps_per_second``); and, when the agents
+  train on a task's ``"train"`` split (``split="train"``, the default of ``reviews`` and
+  ``arithmetic2``), the same greedy evaluation on its held-out ``"test"`` prompts,
+  ``eval/test_mean_reward`` (a verifiable reward must be judged on prompts the agent never
+  trained on). Trained on ``"all"``, every prompt is a training prompt and there is none;
 - per agent (``results.csv``, ``results.md``): mean and std over seeds of those, each agent's env
   steps per second as a ratio to the custom PPO's, and with five or more seeds the interquartile
   mean (IQM) with a 95% stratified-bootstrap confidence interval (Agarwal et al. 2021);
@@ -34,6 +38,8 @@ AGENT_ORDER = ("ppo", "grpo", "rloo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo")
 CUSTOM = ("ppo", "grpo", "rloo")  # the package's own agents (agents.ppo, agents.grpo)
 RANDOM = "random"
 SUMMARY_TAGS = ("compare/wall_seconds", "compare/env_steps_per_second", "eval/mean_reward")
+TEST_TAG = "eval/test_mean_reward"
+"""The greedy evaluation on the held-out prompts; only where the agents trained on the train split."""
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -114,14 +120,18 @@ class RunSummary:
     wall_seconds: float
     env_steps_per_second: float
     curve: tuple[np.ndarray, np.ndarray] = field(repr=False)
+    test_eval_reward: float | None = None
+    """The greedy evaluation on the held-out test prompts; None when the run trained on them too."""
 
     def row(self) -> dict[str, Any]:
+        held_out = {} if self.test_eval_reward is None else {"test_eval_reward": self.test_eval_reward}
         return {
             "agent": self.agent,
             "seed": self.seed,
             "env_steps": self.env_steps,
             "final_reward": self.final_reward,
             "eval_reward": self.eval_reward,
+            **held_out,
             "steps_to_threshold": "" if self.steps_to_threshold is None else self.steps_to_threshold,
             "wall_seconds": self.wall_seconds,
             "env_steps_per_second": self.env_steps_per_second,
@@ -146,6 +156,7 @@ def summarize_run(run_dir: Path, agent: str, seed: int, threshold: float) -> Run
         wall_seconds=float(scalars["compare/wall_seconds"][1][-1]),
         env_steps_per_second=float(scalars["compare/env_steps_per_second"][1][-1]),
         curve=(steps, rewards),
+        test_eval_reward=float(scalars[TEST_TAG][1][-1]) if TEST_TAG in scalars else None,
     )
 
 
@@ -183,6 +194,12 @@ def aggregate(runs: Sequence[RunSummary], iqm_min_seeds: int = 5) -> list[dict[s
             "final_reward_std": final_std,
             "eval_reward_mean": eval_mean,
             "eval_reward_std": eval_std,
+        }
+        if all(r.test_eval_reward is not None for r in group):
+            row["test_eval_reward_mean"], row["test_eval_reward_std"] = _mean_std(
+                [float(r.test_eval_reward) for r in group]  # type: ignore[arg-type]
+            )
+        row |= {
             "steps_to_threshold_mean": float(np.mean(reached)) if reached and trained else math.nan,
             "seeds_reaching_threshold": len(reached) if trained else 0,
             "wall_seconds_mean": float(np.mean([r.wall_seconds for r in group])) if trained else math.nan,
@@ -211,12 +228,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def results_markdown(rows: Sequence[Mapping[str, Any]], threshold: float) -> str:
     """The per-agent table as Markdown."""
     with_iqm = any("final_reward_iqm" in r for r in rows)
+    with_test = any("test_eval_reward_mean" in r for r in rows)
     head = [
         "agent",
         "seeds",
         "final ep_rew_mean (mean ± std)",
         "greedy eval reward (mean ± std)",
     ]
+    if with_test:
+        head.append("held-out greedy eval (mean ± std)")
     if with_iqm:
         head.append("final ep_rew_mean IQM [95% CI]")
     head += [f"env steps to {threshold:g}", "wall time (s)", "env steps/s", "speed vs ppo"]
@@ -228,6 +248,12 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], threshold: float) -> str
             f"{_fmt(r['final_reward_mean'])} ± {_fmt(r['final_reward_std'])}",
             f"{_fmt(r['eval_reward_mean'])} ± {_fmt(r['eval_reward_std'])}",
         ]
+        if with_test:
+            cells.append(
+                f"{_fmt(r['test_eval_reward_mean'])} ± {_fmt(r['test_eval_reward_std'])}"
+                if "test_eval_reward_mean" in r
+                else "–"
+            )
         if with_iqm:
             cells.append(
                 f"{_fmt(r['final_reward_iqm'])} [{_fmt(r['final_reward_iqm_ci_low'])}, "
@@ -451,6 +477,7 @@ def run_comparison(
         raise FileExistsError(f"{out} already holds a comparison; choose another output directory")
     tb_root.mkdir(parents=True, exist_ok=True)
     env = {"task": task, **dict(env_kwargs or {})}
+    test_env = held_out_env(env)
     if threshold is None:
         threshold = get_task(task).reward_threshold
     for agent in (*agents, RANDOM):
@@ -470,6 +497,11 @@ def run_comparison(
         for seed in seeds:
             random_level = evaluate(None, env, eval_episodes, num_envs, seed=10_000 + seed)
             random_dir, level = tb_root / f"{run_name(RANDOM, seed)}_1", random_level["mean"]
+            random_test = {}
+            if test_env is not None:
+                random_test = {
+                    TEST_TAG: evaluate(None, test_env, eval_episodes, num_envs, seed=10_000 + seed)["mean"]
+                }
             # a flat line in TensorBoard, beside the agents' curves, and the summary at the end
             _log_summary(random_dir, 0, {"rollout/ep_rew_mean": level})
             _log_summary(
@@ -480,6 +512,7 @@ def run_comparison(
                     "compare/wall_seconds": 0.0,
                     "compare/env_steps_per_second": 0.0,
                     "eval/mean_reward": level,
+                    **random_test,
                 },
             )
             for agent in agents:
@@ -513,6 +546,12 @@ def run_comparison(
 
                 steps = model.num_timesteps
                 result = evaluate(greedy_policy(model), env, eval_episodes, num_envs, seed=10_000 + seed)
+                held_out = {}
+                if test_env is not None:
+                    test = evaluate(
+                        greedy_policy(model), test_env, eval_episodes, num_envs, seed=10_000 + seed
+                    )
+                    held_out = {TEST_TAG: test["mean"]}
                 _log_summary(
                     run_dir,
                     steps,
@@ -520,6 +559,7 @@ def run_comparison(
                         "compare/wall_seconds": seconds,
                         "compare/env_steps_per_second": steps / seconds,
                         "eval/mean_reward": result["mean"],
+                        **held_out,
                     },
                 )
                 done_steps += total_timesteps
@@ -536,6 +576,19 @@ def run_comparison(
             except FileNotFoundError:  # interrupted before any run finished
                 summary = None
     return {**(summary or {}), "threshold": threshold}
+
+
+def held_out_env(env_kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The env arguments of the held-out evaluation (``split="test"``) when ``env_kwargs`` (with
+    ``task``) train on a task's ``"train"`` split, given or by the task's default; else None (the
+    split is ``"all"``, or the prompts are one's own: none is held out)."""
+    from textgym.tasks import get_task
+
+    kwargs = dict(env_kwargs)
+    if kwargs.get("prompts") is not None:
+        return None
+    split = kwargs.get("split") or get_task(kwargs.get("task", "default")).default_split
+    return {**kwargs, "split": "test"} if split == "train" else None
 
 
 def _bar_callback(bar: Any, done_steps: int, total_timesteps: int) -> Any:

@@ -75,6 +75,7 @@ def generate(
     top_p: float | None = None,
     num_beams: int = 4,
     seed: int | None = None,
+    min_new_tokens: int = 0,
 ) -> list[str]:
     """Complete each prompt with up to ``max_new_tokens`` tokens, stopping at ``<eos>``.
 
@@ -84,6 +85,8 @@ def generate(
     :param top_p: sample from the smallest set of tokens holding this much probability.
     :param num_beams: beams kept per prompt (``"beam"``), ranked by total log-probability.
     :param seed: seeds a private generator for ``"sample"``; the global RNG is left alone.
+    :param min_new_tokens: ``<eos>`` cannot end a completion before this many tokens (as
+        transformers' ``min_new_tokens``); ``max_new_tokens`` makes every completion that long.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -93,6 +96,8 @@ def generate(
         raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if not (isinstance(min_new_tokens, int) and not isinstance(min_new_tokens, bool) and min_new_tokens >= 0):
+        raise ValueError(f"min_new_tokens must be a non-negative integer, got {min_new_tokens!r}")
     if max_new_tokens + prompt_window > policy.max_len:
         raise ValueError(
             f"prompt window + max_new_tokens = {prompt_window + max_new_tokens} exceeds the policy's {policy.max_len}"
@@ -104,7 +109,7 @@ def generate(
         ids, mask = encode_prompts(tokenizer, prompts, prompt_window, max_new_tokens, device)
         if strategy == "beam":
             tokens = _beam_search(
-                policy, ids, mask, prompt_window, max_new_tokens, tokenizer.eos_id, num_beams
+                policy, ids, mask, prompt_window, max_new_tokens, tokenizer.eos_id, num_beams, min_new_tokens
             )
         else:
             generator = None
@@ -122,6 +127,7 @@ def generate(
                 top_k,
                 top_p,
                 generator,
+                min_new_tokens,
             )
     finally:
         policy.train(was_training)
@@ -140,27 +146,30 @@ def _decode(
     top_k: int | None,
     top_p: float | None,
     generator: torch.Generator | None,
+    min_new_tokens: int = 0,
 ) -> list[list[int]]:
     B = ids.shape[0]
     cache = policy.make_cache(B, ids.device)
-    out: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
     logits, _ = cache.step(ids, mask, P)
+    steps = M
     for t in range(M):
+        if t < min_new_tokens:
+            logits[:, eos] = float("-inf")
         if strategy == "greedy":
             token = logits.argmax(-1)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        for i in (~finished).nonzero().squeeze(1).tolist():
-            if int(token[i]) != eos:
-                out[i].append(int(token[i]))
-        finished |= token == eos
-        if bool(finished.all()) or t == M - 1:
-            break
+        # Rows that ended keep decoding until all have (their tokens are cut below): the tokens
+        # stay on the device, with one host sync per step, for the stopping test.
         ids[:, P + t], mask[:, P + t] = token, 1
+        finished |= token == eos
+        if t == M - 1 or bool(finished.all()):
+            steps = t + 1
+            break
         logits, _ = cache.step(ids, mask, P)
-    return out
+    return [row[: row.index(eos)] if eos in row else row for row in ids[:, P : P + steps].tolist()]
 
 
 class Beams(NamedTuple):
@@ -172,10 +181,18 @@ class Beams(NamedTuple):
 
 
 def beam_search(
-    policy: TransformerPolicy, ids: torch.Tensor, mask: torch.Tensor, P: int, M: int, eos: int, num_beams: int
+    policy: TransformerPolicy,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    P: int,
+    M: int,
+    eos: int,
+    num_beams: int,
+    min_new_tokens: int = 0,
 ) -> Beams:
     """Keep the ``num_beams`` highest-scoring continuations of each prompt row of ``ids`` (B, L);
-    a beam that emits ``<eos>`` is finished and keeps its score."""
+    a beam that emits ``<eos>`` is finished and keeps its score. No beam ends before
+    ``min_new_tokens`` tokens."""
     if not is_positive_int(num_beams):
         raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
     B, L = ids.shape
@@ -190,6 +207,8 @@ def beam_search(
     logits, _ = cache.step(beams, beam_mask, P)  # prefills every beam's prompt
     for t in range(M):
         logp = F.log_softmax(logits.float(), -1)  # (B*K, V)
+        if t < min_new_tokens:
+            logp[:, eos] = float("-inf")
         V = logp.shape[-1]
         logp = logp.view(B, K, V)
         # A finished beam continues only as itself, at no cost, through a single placeholder token.
@@ -215,10 +234,17 @@ def beam_search(
 
 
 def _beam_search(
-    policy: TransformerPolicy, ids: torch.Tensor, mask: torch.Tensor, P: int, M: int, eos: int, num_beams: int
+    policy: TransformerPolicy,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    P: int,
+    M: int,
+    eos: int,
+    num_beams: int,
+    min_new_tokens: int = 0,
 ) -> list[list[int]]:
     """The tokens of each prompt's best beam (finished or running), without ``<eos>``."""
-    found = beam_search(policy, ids, mask, P, M, eos, num_beams)
+    found = beam_search(policy, ids, mask, P, M, eos, num_beams, min_new_tokens)
     B = ids.shape[0]
     best = found.scores.argmax(-1)  # (B,)
     chosen = found.tokens[torch.arange(B), best]  # (B, L)

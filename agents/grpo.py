@@ -50,11 +50,20 @@ TensorBoard: Stable-Baselines3's tags where the quantity is PPO's (``rollout/ep_
 ``rollout/ep_len_mean``, ``train/approx_kl``, ``train/clip_fraction``, ``train/entropy_loss``,
 ``train/policy_gradient_loss`` and ``train/loss`` (both aggregated as the loss is), ``train/learning_rate``, ``train/clip_range``,
 ``train/n_updates``, ``train/epochs``, ``train/sequences``, ``time/fps``, and with a reference
-``train/kl_ref``, ``train/kl_ref_sampled``, ``train/kl_coef``), and these: ``train/group_reward_std``
+``train/kl_ref_sampled``, ``train/kl_coef``), and these: ``train/group_reward_std``
 (the mean over groups of the std of their rewards), ``train/zero_std_fraction`` (the share of
 groups whose rewards are all equal: their advantages are 0 and they teach nothing),
 ``train/kl_k3`` (GRPO with a reference: the k3 term of the loss, aggregated as the loss is; a mean
 over the update's minibatches) and ``rollout/trained_fraction``.
+
+**The reference** (with ``beta > 0``) scores the finished completions after the rollout, in one
+causal pass over whole sequences (``micro_batch_size`` rows at a time), not token by token beside
+the policy as PPO's must (PPO's KL penalty enters the rewards as they are collected): one pass
+costs less than as many decoding steps as tokens. It gives the log-probabilities of the sampled
+tokens, so the KL logged and steered by ``kl_target`` is the sampled one, ``train/kl_ref_sampled``
+(the sum over a completion of log π_old - log π_ref, averaged over completions); PPO's exact
+per-step ``train/kl_ref`` is not computed. Both passes, the reference's and the update's, leave out
+the columns that are padding in every row.
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.policy import PolicyConfig
-from agents.ppo import ConfigIO, OnPolicyAgent, check_fields
+from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, filled_span
 from textgym.vector import TextGenVectorEnv
 
 STD_EPS = 1e-4
@@ -110,7 +119,14 @@ class GroupConfig(ConfigIO):
     """Weight of the KL to the reference policy (the initial policy, frozen; under LoRA the model
     with its adapters off): GRPO's k3 term in the loss, RLOO's reward penalty. 0: no reference.
     0 by default as PPOConfig.kl_coef: from a random policy there is nothing to stay near (the
-    GRPO paper used 0.04 from a pretrained model)."""
+    GRPO paper used 0.04 from a pretrained model). With ``kl_target``, the starting value."""
+    kl_target: float | None = None
+    """Adapt β after each rollout towards this KL per completion (nats; the sampled KL to the
+    reference, ``train/kl_ref_sampled``), as PPOConfig.kl_target; None keeps β fixed. Needs
+    ``beta > 0`` as the starting β."""
+    kl_horizon: int | None = None
+    """How fast the adaptive β moves, as PPOConfig.kl_horizon: None moves it by its clipped error
+    (up to 20%) after every rollout."""
     mask_actions: bool = False
     """Sample only the tokens of the env's action mask (its ``allowed_tokens``); the reference is
     masked the same way."""
@@ -125,10 +141,15 @@ class GroupConfig(ConfigIO):
             self,
             bools=bools,
             positive_ints=("group_size", "n_epochs", "num_minibatches", "sample_interval"),
-            optional_positive_ints=("micro_batch_size",),
+            optional_positive_ints=("micro_batch_size", "kl_horizon"),
             positive=("learning_rate", "adam_eps", "clip_range", "max_grad_norm"),
+            optional_positive=("kl_target",),
             non_negative=("beta",),
         )
+        if self.kl_target is not None and self.beta == 0:
+            raise ValueError(
+                f"{type(self).__name__}.kl_target needs beta > 0 as the starting β (β adapts by multiplication)"
+            )
         if self.group_size < 2:
             raise ValueError(
                 f"{type(self).__name__}.group_size must be >= 2 (completions are judged against the others "
@@ -271,6 +292,8 @@ class GroupAgent(OnPolicyAgent):
     config: GroupConfig
     aggregation = "sequence"
     kl_in_loss = False
+    reference_decodes = False  # the reference scores the finished completions in one pass
+    kl_control_tag = "train/kl_ref_sampled"
 
     def _env_options(self) -> dict[str, Any]:
         if "group_size" in self.env_kwargs:
@@ -288,7 +311,7 @@ class GroupAgent(OnPolicyAgent):
             )
 
     def _kl_settings(self) -> tuple[float, float | None, int | None]:
-        return self.config.beta, None, None
+        return self.config.beta, self.config.kl_target, self.config.kl_horizon
 
     def _collect(self) -> GroupRollout:
         return self.collect_rollout()
@@ -318,27 +341,15 @@ class GroupAgent(OnPolicyAgent):
         self._rollout_kl = []
         ids, masks = obs["input_ids"].clone(), obs["attention_mask"].clone()  # (N, L) final observations
         logprobs = torch.zeros(N, M, device=dev)
-        ref = self.reference is not None
-        ref_logprobs = torch.zeros(N, M, device=dev) if ref else None
         returns = torch.zeros(N, dtype=torch.float64, device=dev)
-        kl_sampled_sum = torch.zeros(N, dtype=torch.float64, device=dev)
         live = torch.ones(N, dtype=torch.bool, device=dev)  # rows whose rollout episode runs
         self.policy.eval()
         # The weights changed in the last update: recompute every cached key and value.
         logits, _ = self._cache.rebuild(obs["input_ids"], obs["attention_mask"])
-        if ref:
-            ref_logits, _ = self._ref_cache.rebuild(obs["input_ids"], obs["attention_mask"])
         steps = 0
         for t in range(M):  # a live row generates token t at step t; all have ended after M steps
-            action, log_probs, logprob = self._sample(logits)
+            action, _, logprob = self._sample(logits)
             logprobs[:, t] = torch.where(live, logprob, 0.0)
-            if ref:
-                # The reference scores the very token sampled, under the same mask.
-                ref_log_probs = self._reference_log_probs(ref_logits)
-                ref_logprob = ref_log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
-                ref_logprobs[:, t] = torch.where(live, ref_logprob, 0.0)
-                kl_exact = (log_probs.exp() * (log_probs - ref_log_probs)).sum(-1)  # KL(π(·|s) ‖ π_ref(·|s))
-                kl_step = torch.stack([kl_exact, logprob - ref_logprob], 1).double()  # (N, 2)
             obs, reward, terminated, truncated, infos = env.step(action)
             steps += 1
             # Under same_step a waiting row's step is no transition; a live row never waits, so
@@ -347,16 +358,10 @@ class GroupAgent(OnPolicyAgent):
             done = (terminated | truncated) & trained
             returns += torch.where(trained, reward, 0.0)
             self._track_episodes(reward, done, infos, live=trained)
-            if ref:
-                self._episode_kl += torch.where(trained.unsqueeze(1), kl_step, 0.0)
             if bool(done.any()):
                 rows = done.nonzero().squeeze(1)
                 ids[rows] = infos["final_obs"]["input_ids"][rows]
                 masks[rows] = infos["final_obs"]["attention_mask"][rows]
-                if ref:
-                    kl_sampled_sum[rows] = self._episode_kl[rows, 1]
-                    self._rollout_kl += [tuple(r) for r in self._episode_kl[rows].tolist()]
-                    self._episode_kl[rows] = 0.0
             live &= ~done
             # Counted per step, so an interrupted rollout leaves a consistent state to save.
             self._obs = obs
@@ -364,13 +369,54 @@ class GroupAgent(OnPolicyAgent):
             if not bool(live.any()):
                 break
             logits, _ = self._cache.step(obs["input_ids"], obs["attention_mask"], P)
-            if ref:
-                ref_logits, _ = self._ref_cache.step(obs["input_ids"], obs["attention_mask"], P)
         assert not bool(live.any()), "every episode ends within max_new_tokens steps"
         lengths = masks[:, P:].sum(1)  # (N,)
+        ref_logprobs, kl_sampled = None, torch.zeros(N, device=dev)
+        if self.reference is not None:
+            ref_logprobs = self._reference_pass(ids, masks, lengths)
+            kl_sampled = (logprobs.double() - ref_logprobs.double()).sum(1).float()  # both 0 past the end
+            self._rollout_kl = kl_sampled.tolist()
         return GroupRollout(
-            ids, masks, lengths, logprobs, ref_logprobs, returns.float(), kl_sampled_sum.float(), steps * N
+            ids, masks, lengths, logprobs, ref_logprobs, returns.float(), kl_sampled, steps * N
         )
+
+    @torch.no_grad()
+    def _reference_pass(self, ids: torch.Tensor, masks: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """log π_ref (N, M) of every completion's tokens (0 past its length), by causal passes of
+        the reference over the finished completions, ``micro_batch_size`` rows at a time. One
+        pass over whole sequences costs less than decoding the reference beside the policy token
+        by token, as PPO must (its KL penalty enters the rewards as they are collected)."""
+        N, M = len(ids), self.env.config.max_new_tokens
+        out = torch.zeros(N, M, device=self.device)
+        micro = self.config.micro_batch_size or N
+        for start in range(0, N, micro):
+            rows = torch.arange(start, min(start + micro, N), device=self.device)
+            part_ids, part_mask, P = self._filled_columns(ids[rows], masks[rows])
+            valid = torch.arange(M, device=self.device).unsqueeze(0) < lengths[rows].unsqueeze(1)  # (b, M)
+            r, t = valid.nonzero(as_tuple=True)  # (m,) each generated token: its row, its index
+            hidden = self.reference.hidden(part_ids, part_mask)  # (b, T, C)
+            logits, _ = self.reference.heads(hidden[r, P - 1 + t])  # (m, V): the column before the token
+            log_probs = self._reference_log_probs(logits)  # the policy's action mask, as when sampled
+            out[rows[r], t] = log_probs.gather(1, part_ids[r, P + t].unsqueeze(1)).squeeze(1)
+        return out
+
+    def _filled_columns(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``ids`` and ``mask`` (b, L) cut to the columns from the first real token of any row to the
+        last, and the completions' first column in them. The others are padding in every row
+        (prompts shorter than the window, completions shorter than max_new_tokens); positions
+        count real tokens and attention is causal and skips padding, so leaving them out changes no
+        output, only the work (a third of the columns on the reviews task with a real tokenizer)."""
+        first, last = filled_span(mask)
+        return ids[:, first : last + 1], mask[:, first : last + 1], self.prompt_window - first
+
+    def _kl_stats(self) -> dict[str, float]:
+        """The sampled KL to the reference of the rollout's completions, sum over each one's tokens
+        of log π_old - log π_ref, averaged (nats per completion): the reference scores the sampled
+        tokens in one pass, so the exact per-step KL (``train/kl_ref`` of PPO) is not computed."""
+        sampled = float(np.mean(self._rollout_kl)) if self._rollout_kl else float("nan")
+        return {"train/kl_ref_sampled": sampled, "train/kl_coef": self.kl.value}
 
     # ----------------------------------------------------------------------------------- update
     def update(self, rollout: GroupRollout) -> dict[str, float]:
@@ -383,7 +429,7 @@ class GroupAgent(OnPolicyAgent):
         N, M = rollout.logprobs.shape
         advantages = self.advantages(rollout)  # (N,)
         micro = cfg.micro_batch_size or N
-        beta = cfg.beta if self.kl_in_loss and rollout.ref_logprobs is not None else 0.0
+        beta = self.kl.value if self.kl_in_loss and rollout.ref_logprobs is not None else 0.0
         self.policy.train()
         pg_losses, kl_losses, entropy_losses, approx_kls, clip_fractions = [], [], [], [], []
         loss = 0.0
@@ -451,10 +497,10 @@ class GroupAgent(OnPolicyAgent):
         their token ``weights`` (b, M): the weighted loss (differentiable), its policy-gradient and
         k3 parts, and sums over their tokens of the negative entropy, the approx-KL, the clipped
         ratios and the token count (not), as a (7,) tensor."""
-        P, cfg = self.prompt_window, self.config
-        ids, mask = rollout.input_ids[part], rollout.attention_mask[part]  # (b, L)
+        cfg = self.config
+        ids, mask, P = self._filled_columns(rollout.input_ids[part], rollout.attention_mask[part])  # (b, T)
         rows, t = (weights > 0).nonzero(as_tuple=True)  # (m,) each trained token: its row in part, index
-        hidden = self.policy.hidden(ids, mask)  # (b, L, C)
+        hidden = self.policy.hidden(ids, mask)  # (b, T, C)
         logits, _ = self.policy.heads(hidden[rows, P - 1 + t])  # (m, V): the column before the token
         log_probs = F.log_softmax(self._masked(logits), dim=-1)  # (m, V), float32
         new_logprobs = log_probs.gather(1, ids[rows, P + t].unsqueeze(1)).squeeze(1)  # (m,)
@@ -512,5 +558,5 @@ class RLOO(GroupAgent):
     def advantages(self, rollout: GroupRollout) -> torch.Tensor:
         rewards = rollout.rewards
         if self.reference is not None:  # the KL penalty is part of the reward (section 3.1)
-            rewards = rewards - self.config.beta * rollout.kl_sampled
+            rewards = rewards - self.kl.value * rollout.kl_sampled
         return rewards - leave_one_out_baselines(rewards, self.config.group_size)

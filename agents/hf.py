@@ -15,9 +15,10 @@ logits back into textgym order; the shifted copies of Hugging Face special token
 end-of-text probability. Positions count real tokens (``cumsum(mask) - 1``), as in the built-in
 policy, so left padding does not move them.
 
-Acting uses :class:`HFKVCache` (``cache="kv"``), built on ``transformers.DynamicCache``: one slot per
-observation column and env, new episodes prefilled over the prompt window, later steps feeding
-one token; tested equal to recompute on GPT-2 and Llama. ``cache="recompute"`` runs the whole
+Acting uses :class:`HFKVCache` (``cache="kv"``), handed to the model as a ``transformers`` cache:
+one slot per observation column and env, new episodes prefilled over the prompt window, then one
+token per row and step, its key and value written into its slot in place; tested equal to
+recompute on GPT-2 and Llama. ``cache="recompute"`` runs the whole
 observation every step instead, for architectures whose caches do not fit that layout.
 
 Memory (:class:`HFConfig`, ``PPO(hf_config=...)``): bfloat16 weights or bfloat16 autocast, LoRA
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -53,6 +55,7 @@ from textgym.checks import is_positive_int, is_real
 from textgym.hf import HFTokenizer, _local_dir, require
 from textgym.io import save_torch
 from textgym.tasks import make_action_mask
+from textgym.tokenizers import NUM_SPECIAL
 
 __all__ = [
     "CACHES",
@@ -262,9 +265,15 @@ class HFPolicy(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(device=next(model.parameters()).device)
-        self.register_buffer("model_ids", torch.as_tensor(tokenizer.model_ids()), persistent=False)
+        model_ids = torch.as_tensor(tokenizer.model_ids())
+        self.register_buffer("model_ids", model_ids, persistent=False)
+        # textgym ids from NUM_SPECIAL on are the LM head's first outputs in order (HFTokenizer's
+        # layout): the head's logits then become textgym's by one contiguous copy, not a gather.
+        self._hf_vocab = tokenizer.hf_vocab_size
+        self._shifted = torch.equal(model_ids[NUM_SPECIAL:], torch.arange(self._hf_vocab))
         impossible = ~torch.as_tensor(make_action_mask(tokenizer).copy())
         self.register_buffer("impossible", impossible, persistent=False)
+        self.register_buffer("impossible_ids", impossible.nonzero().squeeze(1), persistent=False)
         self._check_logits()
         self.train()
 
@@ -368,9 +377,16 @@ class HFPolicy(nn.Module):
         both float32: the log-probabilities and losses of PPO are computed in float32."""
         head = self.causal_lm.get_output_embeddings()
         with torch.autocast(self.model_ids.device.type, enabled=False):
-            logits = head(hidden.to(head.weight.dtype)).index_select(-1, self.model_ids).float()  # (..., V)
+            model_logits = head(hidden.to(head.weight.dtype))  # (..., model vocabulary)
+            if self._shifted:
+                specials = model_logits.index_select(-1, self.model_ids[:NUM_SPECIAL])  # (..., 4)
+                logits = torch.cat([specials, model_logits[..., : self._hf_vocab]], -1)  # (..., V)
+            else:
+                logits = model_logits.index_select(-1, self.model_ids)  # (..., V)
+            logits = logits.float()
             values = self.value_head(hidden.float()).squeeze(-1)
-        return logits.masked_fill(self.impossible, torch.finfo(logits.dtype).min), values
+        # in place on a fresh tensor, a few columns: no pass over the whole (..., V) as masked_fill
+        return logits.index_fill_(-1, self.impossible_ids, torch.finfo(logits.dtype).min), values
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -614,15 +630,23 @@ def _checkpointed_layers(causal_lm: nn.Module) -> list[nn.Module]:
 
 class HFKVCache(RowCache):
     """Per-env keys and values of every layer, one slot per observation column, as
-    :class:`agents.policy.KVCache` keeps them, fed to the model as a ``transformers.DynamicCache``.
+    :class:`agents.policy.KVCache` keeps them, fed to the model as a ``transformers`` cache.
 
-    A step feeds each running row's newest token with every earlier slot as its past (stale slots
-    masked out) and writes the new key and value back into that token's column.
+    The slots run from column 0 to the rightmost column any row has reached (not to the end of
+    the observation): a rebuild keeps the keys and values the model computed over the observations
+    up to their last real column, and a decoding step (:class:`_Slots`) hands the model the
+    filled columns ``[0, W)`` of every row, stale ones masked out by the observation's own mask.
+    Each row's new key and value go into its own column: in place, or, when a row reaches a new
+    rightmost column, by appending that column, as ``transformers``' own cache appends its one
+    token per step. Generation thus costs what ``model.generate`` costs per step, and a PPO
+    rollout, whose rows soon span the whole observation, writes in place with no copy at all.
+    (On a CPU, attending to keys just appended is faster than to keys written in place one
+    step earlier, which have left the processor's caches: 3% of a SmolLM2 decoding step.)
     """
 
     def __init__(self, policy: HFPolicy, num_envs: int, device: torch.device | str):
         self.policy, self.num_envs, self.device = policy, num_envs, torch.device(device)
-        # per layer (N, kv heads, L, head size), in the dtype the model computes keys in
+        # per layer (N, kv heads, W, head size), in the dtype the model computes keys in
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -639,12 +663,15 @@ class HFKVCache(RowCache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Refill every row from full observations (N, L); logits (N, V) and values (N,) at each
         row's last real token."""
+        last = last_real_column(attention_mask)  # (N,)
+        W = int(last.max()) + 1  # the columns after every row's last real token hold nothing
+        mask = attention_mask[:, :W]
         past = self._new_cache()
-        out = self.policy.trunk(input_ids, attention_mask, real_positions(attention_mask), past)
-        self.keys = [layer.keys for layer in past.layers]
+        out = self.policy.trunk(input_ids[:, :W], mask, real_positions(mask), past)
+        self.keys = [layer.keys for layer in past.layers]  # (N, kv heads, W, head size) each
         self.values = [layer.values for layer in past.layers]
         rows = torch.arange(len(input_ids), device=input_ids.device)
-        return self.policy.heads(out.last_hidden_state[rows, last_real_column(attention_mask)])
+        return self.policy.heads(out.last_hidden_state[rows, last])
 
     def step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
@@ -655,34 +682,86 @@ class HFKVCache(RowCache):
         return super().step(input_ids, attention_mask, prompt_window)
 
     def _prefill(
-        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = attention_mask[rows, :P]
+        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
+    ) -> None:
+        mask = attention_mask[rows, :width]
         past = self._new_cache()
-        out = self.policy.trunk(input_ids[rows, :P], mask, real_positions(mask), past)
-        for layer, cached in enumerate(past.layers):
-            self.keys[layer][rows, :, :P] = cached.keys
-            self.values[layer][rows, :, :P] = cached.values
-        return self.policy.heads(out.last_hidden_state[:, -1])
+        self.policy.trunk(input_ids[rows, :width], mask, real_positions(mask), past)
+        for layer, cached in enumerate(past.layers):  # the slots reach column P - 1 at least
+            self.keys[layer][rows, :, :width] = cached.keys
+            self.values[layer][rows, :, :width] = cached.values
 
     def _decode(
-        self, rows: torch.Tensor, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        everything = rows.numel() == input_ids.shape[0]
-        past = self._new_cache()
-        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            past.update(k if everything else k[rows], v if everything else v[rows], layer)
-        mask = attention_mask[rows].clone()
-        n = torch.arange(rows.numel(), device=input_ids.device)
-        mask[n, col] = 0  # its key is not cached yet: the model appends it after slot L - 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (n, L + 1)
-        positions = (attention_mask[rows].sum(1) - 1).unsqueeze(1)  # (n, 1)
-        newest = input_ids[rows, col].unsqueeze(1)  # (n, 1)
-        out = self.policy.trunk(newest, mask, positions, past)
-        for layer, cached in enumerate(past.layers):
-            self.keys[layer][rows, :, col] = cached.keys[:, :, -1]
-            self.values[layer][rows, :, col] = cached.values[:, :, -1]
+        first, last = torch.stack(torch.aminmax(col)).tolist()  # one host sync
+        past = _slot_cache(self, col, last + 1, aligned=first == last)
+        newest = input_ids.gather(1, col.unsqueeze(1))  # (N, 1)
+        positions = attention_mask.sum(1, keepdim=True) - 1  # (N, 1) real tokens before the newest
+        out = self.policy.trunk(newest, attention_mask[:, : last + 1], positions, past)
         return self.policy.heads(out.last_hidden_state[:, -1])
+
+
+@functools.cache
+def _slots_class() -> type:
+    """:class:`_Slots`, a ``transformers`` cache layer (defined on first use: transformers is an
+    optional dependency of this module)."""
+    CacheLayerMixin = require("transformers.cache_utils").CacheLayerMixin
+
+    class _Slots(CacheLayerMixin):
+        """One decoder layer of an :class:`HFKVCache` for one decoding step: ``update`` puts each
+        row's new key and value (N, kv heads, 1, head size) into its column ``col[row]`` and
+        returns the columns ``[0, width)`` of every row (``width = max(col) + 1``)."""
+
+        is_sliding = False
+
+        def __init__(self, cache: HFKVCache, layer: int, index: torch.Tensor, width: int, aligned: bool):
+            super().__init__()
+            self.cache, self.layer, self.index, self.width, self.aligned = cache, layer, index, width, aligned
+            self.keys, self.values = cache.keys[layer], cache.values[layer]
+            self.device, self.is_initialized = self.keys.device, True
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            """Nothing to allocate: the slots exist before the first update."""
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            self.keys = self._write(self.keys, key_states)
+            self.values = self._write(self.values, value_states)
+            self.cache.keys[self.layer], self.cache.values[self.layer] = self.keys, self.values
+            return self.keys[:, :, : self.width], self.values[:, :, : self.width]
+
+        def _write(self, slots: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            have = slots.shape[2]
+            if have < self.width:  # a row reached a new rightmost column: append it
+                gap = slots.new_zeros(*slots.shape[:2], self.width - 1 - have, slots.shape[3])
+                slots = torch.cat([slots, gap, new] if gap.shape[2] else [slots, new], 2)
+                if self.aligned:  # every row's newest token is in that column: written
+                    return slots
+            return slots.scatter_(2, self.index.expand_as(new), new)
+
+        def get_seq_length(self) -> int:
+            return self.width - 1  # the query comes after every other slot it may attend to
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.width, 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+    return _Slots
+
+
+def _slot_cache(cache: HFKVCache, col: torch.Tensor, width: int, aligned: bool) -> Any:
+    """A ``transformers.Cache`` over ``cache``'s slots for one decoding step: each row's new key
+    and value go into its column ``col`` (N,) and attention runs over columns ``[0, width)``,
+    masked by the observation's own mask (stale slots of earlier episodes are 0 there).
+    ``aligned``: every row's newest token is in the same column."""
+    layer_class = _slots_class()
+    index = col.view(-1, 1, 1, 1)  # (N, 1, 1, 1), expanded to (N, kv heads, 1, head size)
+    layers = [layer_class(cache, i, index, width, aligned) for i in range(len(cache.keys))]
+    return require("transformers.cache_utils").Cache(layers=layers)
 
 
 def cache_argument(trunk: nn.Module) -> str:

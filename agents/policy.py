@@ -10,7 +10,8 @@ and attention is causal and never looks at padding.
 Acting with a cache (:class:`KVCache`): the environment's transition only appends the agent's
 own token, so the keys and values of every earlier token stay valid. The cache has one slot per
 observation column, per env; a new episode's row is filled by one forward pass over its prompt
-window (prefill), and each later step feeds only the newest token (decode). The logits equal
+window but the last column (prefill), and every step feeds each row's newest token, the prompt's
+last for a new episode, in one batch (decode). The logits equal
 those of a full forward pass over the observation (tested against recompute). Beam search keeps
 the rows of the beams it extends with :meth:`RowCache.reorder` instead of recomputing them.
 """
@@ -84,10 +85,14 @@ class TransformerPolicy(TransformerDecoder):
 
 
 class RowCache:
-    """Acting through a cache of per-env rows: how a step splits rows, for every cache class.
+    """Acting through a cache of per-env rows: the step that every cache class shares.
 
-    Subclasses prefill rows that start an episode (``_prefill``) and feed the newest token of the
-    others (``_decode``), each returning next-token logits (n, V) and values (n,) of those rows.
+    A step first fills the slots of the rows that start an episode over their prompt window but
+    its last column (``_prefill``: keys and values only, no outputs), then feeds every row's newest
+    token, the prompt's last one for those rows, in one batch (``_decode``), which gives the
+    next-token logits (N, V) and values (N,) of all rows. One pass over all rows, not one for new
+    rows and one for the others: no gather of the running rows' cached slots and no scatter of two
+    sets of outputs, at the price of one prompt token fed apart from the rest of its prompt.
     """
 
     policy: nn.Module
@@ -105,20 +110,14 @@ class RowCache:
         """
         P = prompt_window
         generated = attention_mask[:, P:].sum(1)  # (N,) tokens generated so far
-        new = (generated == 0).nonzero().squeeze(1)
-        old = (generated > 0).nonzero().squeeze(1)
-        parts = []
-        if new.numel():
-            parts.append((new, *self._prefill(new, input_ids, attention_mask, P)))
-        if old.numel():
-            col = P - 1 + generated[old]  # (n,) the newest token's column
-            parts.append((old, *self._decode(old, col, input_ids, attention_mask)))
-        _, first_logits, first_values = parts[0]
-        logits = first_logits.new_empty(input_ids.shape[0], first_logits.shape[-1])  # (N, V)
-        values = first_values.new_empty(input_ids.shape[0])  # (N,)
-        for rows, part_logits, part_values in parts:
-            logits[rows], values[rows] = part_logits, part_values
-        return logits, values
+        if P > 1:
+            # A prompt of <bos> alone has nothing before its last column: nothing to prefill.
+            starting = (generated == 0) & attention_mask[:, : P - 1].bool().any(1)
+            new = starting.nonzero().squeeze(1)
+            if new.numel():
+                self._prefill(new, input_ids, attention_mask, P - 1)
+        col = P - 1 + generated  # (N,) the newest token's column (the prompt's last for new rows)
+        return self._decode(col, input_ids, attention_mask)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row ``i`` of the cache a copy of row ``rows[i]`` (beam search keeps the rows of
@@ -126,13 +125,16 @@ class RowCache:
         raise NotImplementedError
 
     def _prefill(
-        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
+    ) -> None:
+        """Fill the slots of columns ``[0, width)`` of ``rows`` from the observations."""
         raise NotImplementedError
 
     def _decode(
-        self, rows: torch.Tensor, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed every row's token in column ``col`` (N,), whose earlier slots are filled; its
+        key and value go into that column. Logits (N, V) and values (N,)."""
         raise NotImplementedError
 
 
@@ -170,24 +172,29 @@ class KVCache(RowCache):
         self.values = [v[rows] for v in self.values]
 
     def _prefill(
-        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        lg, val = self._run(
-            rows, input_ids[rows, :P], attention_mask[rows, :P], torch.arange(P, device=input_ids.device)
-        )
-        return lg[:, -1], val[:, -1]
+        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
+    ) -> None:
+        cols = torch.arange(width, device=input_ids.device)
+        self._run(rows, input_ids[rows, :width], attention_mask[rows, :width], cols, heads=False)
 
     def _decode(
-        self, rows: torch.Tensor, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        col = col.unsqueeze(1)  # (n, 1)
-        lg, val = self._run(rows, input_ids[rows].gather(1, col), attention_mask[rows], col)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        col = col.unsqueeze(1)  # (N, 1)
+        lg, val = self._run(rows, input_ids.gather(1, col), attention_mask, col)
         return lg[:, -1], val[:, -1]
 
     def _run(
-        self, rows: torch.Tensor, ids: torch.Tensor, full_mask: torch.Tensor, cols: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed ``ids`` (n, T) of ``rows`` at columns ``cols`` ((T,) or (n, T)) through the cache."""
+        self,
+        rows: torch.Tensor,
+        ids: torch.Tensor,
+        full_mask: torch.Tensor,
+        cols: torch.Tensor,
+        heads: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Feed ``ids`` (n, T) of ``rows`` at columns ``cols`` ((T,) or (n, T)) through the cache;
+        the logits and values of every column, unless ``heads`` is False (prefill)."""
         policy = self.policy
         n, T = ids.shape
         S = policy.max_len
@@ -204,7 +211,7 @@ class KVCache(RowCache):
         x = policy._embed(ids, positions)
         for layer, block in enumerate(policy.blocks):
             x = block(x, allowed.unsqueeze(1), (self.keys[layer], self.values[layer], rows, cols))
-        return policy.heads(policy.ln_f(x))
+        return policy.heads(policy.ln_f(x)) if heads else None
 
 
 class RecomputeCache:

@@ -8,6 +8,10 @@
     python scripts/benchmark.py sb3 --max-new-tokens 8 32 64 --profile benchmarks/sb3_profile.txt
     python scripts/benchmark.py hf                     # Hugging Face GPT-2 policy vs built-in (hf extra)
     python scripts/benchmark.py busy                   # the main job idle and beside busy processes
+    python scripts/benchmark.py generate               # SmolLM2: transformers generate vs the project's cache
+    python scripts/benchmark.py generate --batch 8 --new-tokens 64 --threads 2 --dtype bfloat16
+    python scripts/benchmark.py trl                    # SmolLM2: GRPO vs TRL's GRPOTrainer, side by side (pip install trl)
+    python scripts/benchmark.py memory                 # SmolLM2: peak memory and s/iteration of PPO, per configuration
 
 ``env`` drives every face of TextGen-v0 with the same random policy and the same reward (by
 default the cheap built-in ``length`` reward on the default task) and prints env steps per second,
@@ -24,6 +28,18 @@ baseline, recomputing every step. ``busy`` trains the custom PPO (the main job's
 of updates) on an idle machine and beside one process per core spinning in pure Python, with one
 torch thread and with torch's default (one per core), each in a fresh process, and reports the
 slowdown idle/busy: torch's OpenMP threads spin-wait for cores that the other processes hold.
+``generate`` times greedy generation on one causal LM (SmolLM2-135M once ``scripts/get_model.py``
+has fetched it, else a tiny GPT-2 built offline), same prompts and batch, by ``transformers``'
+``model.generate``, by ``agents.generation.generate`` through the policy's KV cache, and by PPO's
+acting loop through ``policy.make_cache``: tokens/s, median of repeats, ratio to ``generate``.
+``memory`` fine-tunes the same causal LM with PPO (task ``reviews``, VADER, KL reference on,
+``PPOConfig.pretrained``) in each configuration (float32, bfloat16 autocast, activation
+checkpointing, micro-batches, LoRA and its combinations), each in a fresh process, and reports the
+process's peak RSS (and CUDA peak on a GPU) and seconds per PPO iteration.
+``trl`` trains the project's GRPO and TRL's ``GRPOTrainer`` on the same causal LM at matched
+settings (prompts x completions per step, completion length, VADER reward, KL to a reference, one
+gradient step per batch, float32), each in fresh processes in alternating order, and reports
+seconds per optimizer step, generated tokens per second and peak memory (``agents/benchmark_trl.py``).
 Each report is saved as JSON; ``--threads`` sets the torch threads of the others (default 1; 0,
 torch's default, for ``hf``).
 """
@@ -41,6 +57,7 @@ from agents.runtime import (
     json_value,
     non_negative_int,
     output_dir_error,
+    positive_int,
     set_threads,
 )
 from textgym.benchmark import format_env_table, run_env_benchmark
@@ -111,6 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--task", default="sentiment", help="built-in task: its corpus trains the tokenizer")
     hf.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     hf.add_argument("--out", default="benchmarks/hf.json", help="where to save the JSON report")
+    gen = command("generate", "greedy generation: transformers' generate vs the project's KV cache")
+    gen.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a registered model (falls back to a tiny GPT-2 built offline when not on disk), a folder, "
+        "or 'tiny'",
+    )
+    gen.add_argument("--batch", type=int, default=8, help="prompts generated together")
+    gen.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (no early end)")
+    gen.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="precision of the weights"
+    )
+    gen.add_argument(
+        "--repeats", type=int, default=5, help="timed rounds of the three paths; the median is kept"
+    )
+    gen.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
+    gen.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    gen.add_argument("--out", default="benchmarks/generate.json", help="where to save the JSON report")
+    trl = command(
+        "trl", "GRPO vs TRL's GRPOTrainer at matched settings, side by side (needs: pip install trl)"
+    )
+    trl.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a registered model (else a tiny GPT-2 built offline), or a folder",
+    )
+    trl.add_argument("--prompts", type=int, default=2, help="prompts per optimizer step")
+    trl.add_argument("--group-size", type=int, default=8, help="completions per prompt")
+    trl.add_argument("--new-tokens", type=int, default=16, help="most tokens per completion")
+    trl.add_argument(
+        "--beta", type=float, default=0.04, help="weight of the KL to the reference (> 0: one is held)"
+    )
+    trl.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
+    trl.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps first, per run")
+    trl.add_argument("--rounds", type=int, default=2, help="runs of each trainer, in alternating order")
+    trl.add_argument("--device", default="cpu", help="torch device: cpu, cuda")
+    trl.add_argument("--out", default="benchmarks/trl.json", help="where to save the JSON report")
     busy = sub.add_parser(
         "busy",
         help="the main job's speed idle and beside one busy process per core, per thread setting",
@@ -145,13 +199,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds before a measurement is stopped (and busy processes end)",
     )
     busy.add_argument("--out", default="benchmarks/busy.json", help="where to save the JSON report")
+    from agents.benchmark import MEMORY_CONFIGS
+
+    mem = command("memory", "peak memory and seconds per PPO iteration on a causal LM, per configuration")
+    mem.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a registered model (falls back to a tiny GPT-2 built offline when not on disk), a folder, "
+        "or 'tiny'",
+    )
+    mem.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(MEMORY_CONFIGS),
+        default=list(MEMORY_CONFIGS),
+        metavar="NAME",
+        help=f"configurations, each in a fresh process: {', '.join(MEMORY_CONFIGS)}",
+    )
+    mem.add_argument("--num-envs", type=int, default=16, help="envs of the PPO rollout")
+    mem.add_argument("--n-steps", type=positive_int, default=16, help="steps per env of the PPO rollout")
+    mem.add_argument("--max-new-tokens", type=int, default=16, help="tokens per completion")
+    mem.add_argument("--iterations", type=positive_int, default=1, help="timed PPO iterations")
+    mem.add_argument("--warmup", type=non_negative_int, default=1, help="untimed PPO iterations first")
+    mem.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    mem.add_argument("--out", default="benchmarks/memory.json", help="where to save the JSON report")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("num_envs", "max_new_tokens", "episodes", "total_timesteps", "updates"):
+    for name in (
+        "num_envs",
+        "max_new_tokens",
+        "episodes",
+        "total_timesteps",
+        "updates",
+        "batch",
+        "new_tokens",
+        "repeats",
+        "prompts",
+        "steps",
+        "rounds",
+    ):
         if isinstance(getattr(args, name, 1), int) and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.command == "env" and args.env_kwargs is not None and not isinstance(args.env_kwargs, dict):
@@ -216,6 +306,43 @@ def main(argv: list[str] | None = None) -> int:
             )
         print("(PPO training env steps per second; same env, tokens and model size)")
         print(f"saved {write_json(args.out, {'runs': rows})}")
+    elif args.command == "generate":
+        from agents.benchmark import format_generate_table, generate_speed
+
+        try:
+            report = generate_speed(
+                args.model, args.batch, args.new_tokens, args.dtype, args.repeats, args.warmup, args.device
+            )
+        except FileNotFoundError as error:
+            parser.error(str(error))
+        print(format_generate_table(report))
+        print(f"saved {write_json(args.out, report)}")
+    elif args.command == "trl":
+        from agents.benchmark_trl import format_trl_table, grpo_vs_trl
+
+        if args.group_size < 2:
+            parser.error(
+                f"--group-size must be >= 2 (GRPO judges each completion against the others), got {args.group_size}"
+            )
+        if not args.beta >= 0:
+            parser.error(f"--beta must be >= 0, got {args.beta}")
+        try:
+            report = grpo_vs_trl(
+                args.model,
+                args.prompts,
+                args.group_size,
+                args.new_tokens,
+                args.beta,
+                steps=args.steps,
+                warmup=args.warmup,
+                rounds=args.rounds,
+                threads=args.threads,
+                device=args.device,
+            )
+        except (ImportError, FileNotFoundError) as error:
+            parser.error(str(error))
+        print(format_trl_table(report))
+        print(f"saved {write_json(args.out, report)}")
     elif args.command == "busy":
         from agents.benchmark import busy_speed
 
@@ -247,6 +374,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{cell(r['busy_env_steps_per_second']):>10} {slowdown:>9}"
             )
         print("(env steps per second; slowdown = idle / busy)")
+        print(f"saved {write_json(args.out, report)}")
+    elif args.command == "memory":
+        from agents.benchmark import format_memory_table, memory_benchmark
+
+        try:
+            report = memory_benchmark(
+                args.model,
+                args.configs,
+                args.num_envs,
+                args.n_steps,
+                args.max_new_tokens,
+                args.iterations,
+                args.warmup,
+                args.device,
+                args.threads,
+            )
+        except FileNotFoundError as error:
+            parser.error(str(error))
+        print(format_memory_table(report))
         print(f"saved {write_json(args.out, report)}")
     else:
         from agents.benchmark import training_speed

@@ -12,7 +12,10 @@ Writes into ``--out`` (default ``runs/compare_<time>``):
 - ``results.csv`` / ``results.md``: per agent, the final ``rollout/ep_rew_mean`` (mean ± std over
   seeds), the greedy evaluation reward after training, the env steps to reach the task's reward
   threshold, wall time, env steps per second and that speed as a ratio to the custom PPO's; with
-  five or more seeds also the interquartile mean with a 95% stratified-bootstrap interval;
+  five or more seeds also the interquartile mean with a 95% stratified-bootstrap interval; when
+  the agents train on a task's ``"train"`` split (``--env-kwargs '{"split": "train"}'``, the
+  default of ``reviews`` and ``arithmetic2``), a column more: the same greedy evaluation on the
+  held-out ``"test"`` prompts (``eval/test_mean_reward``);
 - ``runs.csv``: the same figures per run;
 - ``curves.png``: ``rollout/ep_rew_mean`` against env steps (mean and ±1 std band over seeds);
 - ``hyperparams/<agent>.json``, ``config.json``: every setting;

@@ -1,13 +1,14 @@
 """Tasks bundle a tokenizer, prompts, a reward model and lengths; ``task=`` picks one.
 
-=============  =====================================================  ==========  ==============
-task           what the agent does                                    tokenizer   reward
-=============  =====================================================  ==========  ==============
-``sentiment``  continues the opening of a short review                word        lexicon sentiment
-``arithmetic`` answers ``"a+b="`` for operands below 20               char        exact match
-``keyword``    continues a story, rewarded for "happy friend home"    word        keyword fraction
-``reviews``    continues a natural review opening ("The movie was")   byte        VADER sentiment
-=============  =====================================================  ==========  ==============
+===============  ====================================================  =========  =================
+task             what the agent does                                   tokenizer  reward
+===============  ====================================================  =========  =================
+``sentiment``    continues the opening of a short review               word       lexicon sentiment
+``arithmetic``   answers ``"a+b="`` for operands below 20              char       exact match
+``arithmetic2``  answers ``"a+b="`` for operands below 100             char       exact match
+``keyword``      continues a story, rewarded for "happy friend home"   word       keyword fraction
+``reviews``      continues a natural review opening ("The movie was")  byte       VADER sentiment
+===============  ====================================================  =========  =================
 
 ``default`` is ``sentiment``: its reward is dense enough that learning shows within a few
 thousand episodes. Any part of a task can be overridden through the environment's keyword
@@ -15,9 +16,10 @@ arguments (:func:`make_env_config`).
 
 Every task's prompts are split once, by a seeded draw, into ``"train"`` (80%) and ``"test"``
 (20%) (:func:`held_out`); ``split=`` picks ``"train"``, ``"test"`` or ``"all"``. Left at None
-it is the task's ``default_split``: ``"train"`` for ``reviews``, ``"all"`` for the older tasks,
-whose prompt sets stay what they were. Arithmetic holds out operand pairs (``3+4=`` and ``4+3=``
-fall on the same side), and its corpus, which holds the answers, leaves the test equations out.
+it is the task's ``default_split``: ``"train"`` for ``reviews`` and ``arithmetic2``, ``"all"``
+for the older tasks, whose prompt sets stay what they were. Both arithmetic tasks hold out
+operand pairs (``3+4=`` and ``4+3=`` fall on the same side), and their corpora, which hold the
+answers, leave the test equations out.
 """
 
 from __future__ import annotations
@@ -119,14 +121,16 @@ def _sentiment() -> Task:
     )
 
 
-def _arithmetic() -> Task:
-    prompts = tuple(corpora.arithmetic_prompts(20))
+def _addition(name: str, max_operand: int, default_split: str) -> Task:
+    prompts = tuple(corpora.arithmetic_prompts(max_operand))
     # One key per unordered operand pair: "3+4=" and "4+3=" are held out together.
     test = held_out([tuple(sorted(map(int, re.findall(r"\d+", p)))) for p in prompts])
     held = set(test)
     return Task(
-        name="arithmetic",
-        description="answer 'a+b=' (operands 0..19); reward: 1 for the exact answer then <eos>, else 0",
+        name=name,
+        description=(
+            f"answer 'a+b=' (operands 0..{max_operand - 1}); reward: 1 for the exact answer then <eos>, else 0"
+        ),
         tokenizer_kind="char",
         prompts=prompts,
         # The equations of the training prompts only: a model pretrained on this corpus has not
@@ -136,7 +140,19 @@ def _arithmetic() -> Task:
         max_new_tokens=4,
         reward_threshold=0.5,
         test_indices=test,
+        default_split=default_split,
     )
+
+
+def _arithmetic() -> Task:
+    return _addition("arithmetic", 20, default_split="all")
+
+
+def _arithmetic2() -> Task:
+    # 10,000 prompts, answers of up to three digits, carries. A small Transformer needs a
+    # few hundred supervised steps before it carries (scripts/arithmetic.py), so a short warm-up
+    # leaves room for RL to learn on the training prompts what carries over to the held-out ones.
+    return _addition("arithmetic2", 100, default_split="train")
 
 
 def _keyword() -> Task:
@@ -182,6 +198,7 @@ def _reviews() -> Task:
 TASKS: dict[str, Callable[[], Task]] = {
     "sentiment": _sentiment,
     "arithmetic": _arithmetic,
+    "arithmetic2": _arithmetic2,
     "keyword": _keyword,
     "reviews": _reviews,
 }

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from agents.compare import (
+    TEST_TAG,
     RunSummary,
     agents_error,
     aggregate,
     find_run_dir,
+    held_out_env,
     iqm,
     results_markdown,
     run_comparison,
@@ -551,3 +553,49 @@ def test_ctrl_c_mid_comparison_summarises_the_finished_runs(tmp_path, monkeypatc
         )
     assert "| ppo | 1 |" in (tmp_path / "results.md").read_text()
     assert "sb3-ppo" not in (tmp_path / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------- held-out evaluation
+def test_held_out_env_only_when_training_on_the_train_split():
+    assert held_out_env({"task": "arithmetic2"}) == {"task": "arithmetic2", "split": "test"}  # default: train
+    assert held_out_env({"task": "arithmetic", "split": "train"}) == {"task": "arithmetic", "split": "test"}
+    assert held_out_env({"task": "reviews", "reward": "length"})["split"] == "test"
+    # trained on every prompt, or on prompts of one's own: nothing is held out
+    assert held_out_env({"task": "arithmetic"}) is None
+    assert held_out_env({"task": "default"}) is None
+    assert held_out_env({"task": "arithmetic2", "split": "all"}) is None
+    assert held_out_env({"task": "arithmetic", "prompts": ["1+1="]}) is None
+
+
+def test_held_out_column_from_the_scalars(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    tb = tmp_path / "tb"
+    for name, test in (("ppo_s0_1", 0.3), ("ppo_s1_1", 0.5), ("random_s0_1", 0.0)):
+        write_run(tb / name, [(100, 0.2), (400, 0.4)], (400, 2.0, 200.0, 0.6))
+        writer = SummaryWriter(str(tb / name))
+        writer.add_scalar(TEST_TAG, test, 400)
+        writer.close()
+    result = summarize(tmp_path, threshold=0.8)
+    assert [r.test_eval_reward for r in result["runs"]] == pytest.approx([0.3, 0.5, 0.0])
+    columns, results = read_csv(tmp_path / "results.csv")
+    assert columns[:9] == [*RESULT_COLUMNS[:7], "test_eval_reward_mean", "test_eval_reward_std"]
+    assert float(results[0]["test_eval_reward_mean"]) == approx(0.4)
+    assert float(results[0]["test_eval_reward_std"]) == approx(np.std([0.3, 0.5], ddof=1))
+    columns, runs = read_csv(tmp_path / "runs.csv")
+    assert "test_eval_reward" in columns and float(runs[0]["test_eval_reward"]) == approx(0.3)
+    md = (tmp_path / "results.md").read_text()
+    assert "held-out greedy eval (mean ± std)" in md and "| 0.400 ± 0.141 |" in md
+
+
+def test_comparison_on_a_train_split_evaluates_the_held_out_prompts(tmp_path):
+    """A tiny real run on arithmetic2 (trains on its train split by default): the held-out column is
+    the greedy evaluation on the test prompts; on the default task (split "all") there is none."""
+    run_comparison(tmp_path / "a", ["ppo"], [0], task="arithmetic2", ppo_config=tiny_ppo_config(), **TINY_RUN)
+    columns, results = read_csv(tmp_path / "a" / "results.csv")
+    assert "test_eval_reward_mean" in columns
+    for row in results:  # ppo, then random
+        assert 0.0 <= float(row["test_eval_reward_mean"]) <= 1.0
+    run_comparison(tmp_path / "b", ["ppo"], [0], ppo_config=tiny_ppo_config(), **TINY_RUN)
+    columns, _ = read_csv(tmp_path / "b" / "results.csv")
+    assert columns == RESULT_COLUMNS

@@ -355,6 +355,22 @@ def test_generation_stops_at_eos(kwargs):
     assert s.gen(prompts, **kwargs) == [""] * len(prompts)
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"strategy": "sample", "seed": 0}, {"strategy": "beam", "num_beams": 3}]
+)
+def test_min_new_tokens_holds_eos_back(kwargs):
+    """<eos> is the policy's first choice everywhere; min_new_tokens=3 makes it wait three tokens
+    (as transformers' min_new_tokens), and the completion then ends at once."""
+    s = Setup("default", seed=3)
+    with torch.no_grad():
+        s.policy.policy_head.bias[s.eos] = 1e4
+    prompts = mixed_prompts(s)
+    for text in s.gen(prompts, min_new_tokens=3, **kwargs):
+        assert len(s.ids_of(text)) == 3
+    out = s.gen(prompts, min_new_tokens=s.M + 5, **kwargs)  # never <eos>: the length limit ends them
+    assert [len(s.ids_of(text)) for text in out] == [s.M] * len(prompts)
+
+
 # ------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     ("kwargs", "match"),
@@ -369,6 +385,8 @@ def test_generation_stops_at_eos(kwargs):
         ({"strategy": "sample", "top_p": 1.5}, r"top_p must be None or in \(0, 1\]"),
         ({"strategy": "beam", "num_beams": 0}, "num_beams must be a positive integer"),
         ({"max_new_tokens": 99}, "exceeds the policy's"),
+        ({"min_new_tokens": -1}, "min_new_tokens must be a non-negative integer"),
+        ({"min_new_tokens": 1.5}, "min_new_tokens must be a non-negative integer"),
     ],
 )
 def test_bad_arguments(default, kwargs, match):

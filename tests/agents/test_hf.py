@@ -177,6 +177,22 @@ def test_logits_equal_the_models_own_on_unpadded_ids(model_dirs, arch):
     assert values.shape == ids.shape
 
 
+def test_heads_copy_the_lm_heads_columns_as_the_gather_does(model_dirs):
+    """HFTokenizer's layout (textgym id = Hugging Face id + 4 past the specials) lets the heads
+    copy the LM head's columns in one piece; the general gather through model_ids gives the same
+    logits bit for bit."""
+    env = vector_env(model_dirs["llama"])
+    policy = load_policy(model_dirs["llama"], env)
+    assert policy._shifted
+    obs = observations(env, steps=2)
+    with torch.no_grad():
+        hidden = policy.hidden(obs["input_ids"], obs["attention_mask"])
+        copied, values = policy.heads(hidden)
+        policy._shifted = False
+        gathered, gathered_values = policy.heads(hidden)
+    assert torch.equal(copied, gathered) and torch.equal(values, gathered_values)
+
+
 def test_left_padding_does_not_change_the_logits(model_dirs, arch):
     env = vector_env(model_dirs[arch])
     policy = load_policy(model_dirs[arch], env)
@@ -237,7 +253,32 @@ def test_kv_cache_equals_recompute_along_a_rollout(model_dirs, arch):
     assert ends > 16 and starts > 16  # many autoresets, at many different lengths
     if arch == "llama":
         heads = policy.model.config.num_key_value_heads
-        assert cache.keys[0].shape == (8, heads, env.config.seq_len, 32 // 4)
+        N, kv_heads, width, head_size = cache.keys[0].shape  # slots up to the rightmost column reached
+        assert (N, kv_heads, head_size) == (8, heads, 32 // 4) and P <= width <= env.config.seq_len
+
+
+def test_kv_cache_prompts_of_bos_alone_and_restarts_mid_rollout(model_dirs, arch, hand_rollout):
+    """New episodes are prefilled over the prompt window but its last column, which is decoded
+    with every other row's newest token; a <bos>-only prompt has nothing to prefill. The slots
+    grow by a column when a row reaches a new rightmost one; otherwise a step writes in place."""
+    env = vector_env(model_dirs[arch], 3)
+    P, L = env.prompt_window, env.config.seq_len
+    policy = load_policy(model_dirs[arch], env)
+    cache, reference = HFKVCache(policy, 3, "cpu"), RecomputeCache(policy)
+    width, in_place = 0, 0
+    for obs in hand_rollout(env.tokenizer.vocab_size, P, L):
+        before = [k.data_ptr() for k in (*cache.keys, *cache.values)]
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
+        ref_logits, ref_values = reference.step(obs["input_ids"], obs["attention_mask"], P)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values, ref_values, atol=1e-4, rtol=1e-4)
+        rightmost = int(last_real_column(obs["attention_mask"]).max())
+        if width and rightmost < width:  # no row reached a new column: written in place
+            assert [k.data_ptr() for k in (*cache.keys, *cache.values)] == before
+            in_place += 1
+        width = max(width, rightmost + 1)
+        assert cache.keys[0].shape[2] == width == cache.values[0].shape[2]
+    assert in_place >= 3
 
 
 def test_kv_cache_rebuild_after_new_weights(model_dirs, arch):

@@ -241,3 +241,15 @@ def test_kv_cache_shapes_and_dtype():
     assert len(cache.keys) == len(cache.values) == policy.cfg.n_layers
     for k in (*cache.keys, *cache.values):
         assert k.shape == (5, 4, 16, 8) and k.dtype == torch.float32
+
+
+def test_kv_cache_prompts_of_bos_alone_and_restarts_mid_rollout(hand_rollout):
+    """The step prefills new rows over the prompt window but its last column, then decodes every
+    row's newest token together: a <bos>-only prompt has nothing to prefill."""
+    policy = make_policy(vocab=20, max_len=16)
+    cache = KVCache(policy, 3, "cpu")
+    for obs in hand_rollout(20, P=5, L=16):
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], 5)
+        ref_logits, ref_values = full_pass(policy, obs)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)

@@ -147,6 +147,37 @@ def test_config_round_trip_through_json():
     assert PPOConfig.from_dict({"n_steps": 4}).n_steps == 4
 
 
+def test_pretrained_preset_takes_few_small_steps_and_keeps_the_kl_penalty():
+    full, lora, no_kl = (
+        PPOConfig.pretrained(),
+        PPOConfig.pretrained(lora=True),
+        PPOConfig.pretrained(kl=False),
+    )
+    default = PPOConfig()
+    # a quarter of the default's optimizer steps per rollout, far smaller ones, no annealing
+    assert full.n_epochs * full.num_minibatches * 4 == default.n_epochs * default.num_minibatches
+    assert full.learning_rate <= default.learning_rate / 50 and not full.anneal_lr
+    assert full.target_kl is not None and full.ent_coef == 0 and full.vf_coef < default.vf_coef
+    assert lora.learning_rate == 50 * full.learning_rate  # LoRA's B starts at zero: larger steps
+    assert full.kl_coef > 0 and full.kl_target == 3.0 and lora.kl_target == full.kl_target
+    assert full.kl_horizon == 10 * full.n_steps * 16  # β moves 2% per rollout at most, 16 envs
+    assert no_kl.kl_coef == 0 and no_kl.kl_target is None and no_kl.kl_horizon is None
+    assert dataclasses.replace(no_kl, kl_coef=0, kl_target=None) == dataclasses.replace(
+        full, kl_coef=0, kl_target=None, kl_horizon=None
+    )
+    assert PPOConfig.from_dict(json.loads(json.dumps(full.to_dict()))) == full
+
+
+def test_pretrained_preset_overrides_are_validated():
+    assert PPOConfig.pretrained(learning_rate=1e-5, n_steps=8).learning_rate == 1e-5
+    with pytest.raises(ValueError, match="learning_rate"):
+        PPOConfig.pretrained(learning_rate=-1.0)
+    with pytest.raises(ValueError, match="kl_target needs kl_coef"):
+        PPOConfig.pretrained(kl_coef=0.0)
+    with pytest.raises(TypeError):
+        PPOConfig.pretrained(no_such_field=1)
+
+
 def test_config_from_dict_refuses_unknown_fields():
     with pytest.raises(
         ValueError, match=r"unknown PPOConfig fields \['bogus', 'n_step'\]; known: .*'n_steps'"

@@ -145,6 +145,65 @@ def test_benchmark_busy_reports_idle_and_busy_speeds(tmp_path):
     assert "slowdown" in out
 
 
+def test_benchmark_generate_falls_back_to_a_tiny_model(tmp_path):
+    """benchmark.py generate: transformers' generate, the project's generation and PPO's acting
+    loop on one model, same prompts and batch. Without SmolLM2 on disk (an empty cache here) it
+    measures a tiny GPT-2 built offline; a folder that holds no model is refused."""
+    pytest.importorskip("transformers")
+    out_file = tmp_path / "generate.json"
+    args = ["--batch", "2", "--new-tokens", "3", "--repeats", "2", "--warmup", "0", "--out", str(out_file)]
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "generate", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+        env={**ENV, "TEXTGYM_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out_file.read_text())
+    assert report["model"].startswith("tiny GPT-2 built offline (smollm2-135m is not at")
+    assert report["settings"]["batch"] == 2 and report["settings"]["new_tokens"] == 3
+    speeds = report["tokens_per_second"]
+    assert set(speeds) == {"hf_generate", "textgym_generate", "ppo_acting"}
+    for name, speed in speeds.items():
+        assert len(speed["runs"]) == 2 and speed["min"] <= speed["median"] <= speed["max"]
+        assert report["ratio_to_hf_generate"][name] == pytest.approx(
+            speed["median"] / speeds["hf_generate"]["median"]
+        )
+    assert 0 <= report["same_tokens"] <= 1
+    assert "| transformers `generate` |" in proc.stdout and "vs generate" in proc.stdout
+    proc = run(
+        "scripts/benchmark.py", "generate", "--model", str(tmp_path), "--out", str(out_file), check=False
+    )
+    assert proc.returncode == 2 and "neither a folder written by save_pretrained" in proc.stderr
+
+
+def test_benchmark_memory_falls_back_to_a_tiny_model(tmp_path):
+    """benchmark.py memory: peak memory and seconds per PPO iteration, each configuration in a
+    fresh process. Without SmolLM2 on disk it measures a tiny GPT-2 built offline; LoRA trains
+    only the adapters and the value head."""
+    pytest.importorskip("peft")
+    pytest.importorskip("vaderSentiment")
+    out_file = tmp_path / "memory.json"
+    args = ["--configs", "float32", "lora", "--num-envs", "2", "--n-steps", "4", "--max-new-tokens", "4",
+            "--warmup", "0", "--out", str(out_file)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "memory", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+        env={**ENV, "TEXTGYM_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out_file.read_text())
+    assert report["model"].startswith("tiny GPT-2 built offline (smollm2-135m is not at")
+    assert list(report["configs"]) == ["float32", "lora"]
+    full, lora = report["configs"]["float32"], report["configs"]["lora"]
+    for row in (full, lora):
+        assert row["peak_rss_mib"] >= row["rss_after_load_mib"] > 50  # torch alone is more
+        assert row["seconds_per_iteration"] > 0 and row["cuda_peak_mib"] is None
+    assert 0 < lora["trainable_parameters"] < full["trainable_parameters"] / 4
+    assert "| lora |" in proc.stdout and "peak RSS" in proc.stdout
+    proc = run("scripts/benchmark.py", "memory", "--configs", "nope", "--out", str(out_file), check=False)
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+
+
 # ------------------------------------------------------------------- train.py: SB3 options
 TINY_SB3 = (
     "--total-timesteps", "64", "--num-envs", "4", "--eval-episodes", "4", "--no-progress",

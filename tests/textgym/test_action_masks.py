@@ -522,7 +522,7 @@ def test_env_arguments_error_none_for_good_arguments(task, env_kwargs):
     ("task", "env_kwargs", "needles"),
     [
         ("sentiment", {"task": "keyword"}, ["--task", "not inside --env-kwargs"]),
-        ("nope", {}, ["unknown task 'nope'", "sentiment, arithmetic, keyword"]),
+        ("nope", {}, ["unknown task 'nope'", "sentiment, arithmetic, arithmetic2, keyword"]),
         ("sentiment", {"bogus": 1}, ["'bogus'"]),
         ("sentiment", {"allowed_tokens": ["zzzqqq"]}, ["'zzzqqq' is neither a token", "[0, {V})"]),
         ("sentiment", {"allowed_tokens": "great"}, ["must be a sequence", "'great'"]),

@@ -34,20 +34,28 @@ from textgym.tokenizers import BOS_ID, UNK_ID, ByteTokenizer, CharTokenizer, Wor
 # Longest prompts, counted by hand:
 #   sentiment  "review of the hotel : the breakfast was"  8 words + <bos> = 9
 #   arithmetic "10+10="                                    6 chars + <bos> = 7
+#   arithmetic2 "10+10="                                   6 chars + <bos> = 7 (no operand has 3 digits)
 #   keyword    "once upon a time the fox walked to the"   9 words + <bos> = 10
 #   reviews    "I have used it every day for a month, and the battery life is"  61 bytes + <bos> = 62
 DEFAULTS = {
     "sentiment": (WordTokenizer, SentimentReward, 8, 9),
     "arithmetic": (CharTokenizer, ExactMatchReward, 4, 7),
+    "arithmetic2": (CharTokenizer, ExactMatchReward, 4, 7),
     "keyword": (WordTokenizer, KeywordReward, 10, 10),
     "reviews": (ByteTokenizer, VaderReward, 24, 62),
 }
-KINDS = {"sentiment": "word", "arithmetic": "char", "keyword": "word", "reviews": "byte"}
+KINDS = {
+    "sentiment": "word",
+    "arithmetic": "char",
+    "arithmetic2": "char",
+    "keyword": "word",
+    "reviews": "byte",
+}
 
 
 # ------------------------------------------------------------------------------------ get_task
 def test_task_registry():
-    assert set(TASKS) == {"sentiment", "arithmetic", "keyword", "reviews"}
+    assert set(TASKS) == {"sentiment", "arithmetic", "arithmetic2", "keyword", "reviews"}
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -74,7 +82,7 @@ def test_default_task_is_sentiment():
 def test_get_task_unknown_lists_names(name):
     with pytest.raises(
         ValueError,
-        match=rf"unknown task {name!r}; built-in tasks: default, sentiment, arithmetic, keyword, reviews",
+        match=rf"unknown task {name!r}; built-in tasks: default, sentiment, arithmetic, arithmetic2, keyword, reviews",
     ):
         get_task(name)
 
@@ -100,7 +108,7 @@ def test_make_env_config_defaults(name):
     assert cfg.seq_len == longest + max_new
     assert cfg.length_penalty == 0.0
     task = get_task(name)
-    assert cfg.split == task.default_split == ("train" if name == "reviews" else "all")
+    assert cfg.split == task.default_split == ("train" if name in ("reviews", "arithmetic2") else "all")
     assert cfg.prompts == task.split_prompts(task.default_split)
     assert len(cfg.prompt_ids) == len(cfg.prompts)
     assert all(ids[0] == BOS_ID for ids in cfg.prompt_ids)
@@ -405,7 +413,8 @@ def test_splits_partition_the_prompts_and_keep_their_order(name):
 def test_split_sizes_by_hand():
     # round(0.2 * distinct keys): sentiment 68 -> 13.6 -> 14, keyword 56 -> 11.2 -> 11,
     # reviews 378 -> 75.6 -> 76. Arithmetic: 20 * 21 / 2 = 210 unordered pairs -> 42 held out,
-    # 82 prompts (two orders each, but one for a pair a == b: 2 such pairs here).
+    # 82 prompts (two orders each, but one for a pair a == b: 2 such pairs here). Arithmetic2:
+    # 100 * 101 / 2 = 5050 pairs -> 1010 held out; 2000 prompts, so 20 of them pairs a == b.
     sizes = {
         name: (len(get_task(name).split_prompts("train")), len(get_task(name).test_indices)) for name in TASKS
     }
@@ -414,6 +423,7 @@ def test_split_sizes_by_hand():
         "keyword": (45, 11),
         "reviews": (302, 76),
         "arithmetic": (318, 82),
+        "arithmetic2": (8000, 2000),
     }
 
 
@@ -439,8 +449,9 @@ def test_held_out_is_seeded_and_keeps_equal_keys_together():
     assert held_out(keys, 1.0) == tuple(range(len(keys)))
 
 
-def test_arithmetic_holds_out_operand_pairs_in_both_orders_and_their_answers():
-    task = get_task("arithmetic")
+@pytest.mark.parametrize("name", ["arithmetic", "arithmetic2"])
+def test_arithmetic_holds_out_operand_pairs_in_both_orders_and_their_answers(name):
+    task = get_task(name)
     test = set(task.split_prompts("test"))
     for prompt in task.prompts:
         a, b = prompt[:-1].split("+")
@@ -448,7 +459,26 @@ def test_arithmetic_holds_out_operand_pairs_in_both_orders_and_their_answers():
     # The corpus (pretraining text) holds the training equations only; the vocabulary is unchanged.
     assert task.corpus == tuple(p + arithmetic_answer(p) for p in task.split_prompts("train"))
     assert not {line.split("=")[0] + "=" for line in task.corpus} & test
-    assert make_env_config("arithmetic").tokenizer.vocabulary[4:] == ("+", *"0123456789", "=")
+    assert make_env_config(name).tokenizer.vocabulary[4:] == ("+", *"0123456789", "=")
+
+
+def test_arithmetic2_prompts_answers_and_split_by_hand():
+    task = get_task("arithmetic2")
+    assert len(task.prompts) == 100 * 100
+    assert task.prompts[:2] == ("0+0=", "0+1=") and task.prompts[-1] == "99+99="
+    assert task.default_split == "train"  # a new task: the held-out prompts are opt-in
+    cfg = make_env_config("arithmetic2")
+    assert cfg.split == "train" and len(cfg.prompts) == 8000
+    test = make_env_config("arithmetic2", split="test")
+    assert not set(cfg.prompts) & set(test.prompts)
+    assert set(cfg.prompts) | set(test.prompts) == set(task.prompts)
+    assert test.prompts[:3] == task.split_prompts("test")[:3]
+    # answers, by hand: carries into a third digit, zeros, and the largest sum
+    reward = cfg.reward
+    assert reward.score(["57+68=", "0+0=", "99+99=", "40+60="], ["125", "0", "198", "100"]) == [1.0] * 4
+    assert reward.score(["57+68=", "57+68="], ["115", "1250"]) == [0.0, 0.0]
+    assert "57+68=125" in task.corpus or "57+68=" in test.prompts
+    assert len(task.corpus) == 8000 and all(c.count("=") == 1 for c in task.corpus)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -45,7 +45,8 @@ from agents.runtime import (
 from textgym.io import write_json, write_text
 
 QUICK = {"total_timesteps": 64, "num_envs": 4, "max_new_tokens": 8, "eval_episodes": 8, "eval_envs": 4}
-"""``--quick``: two rollouts of 4 envs × 16 steps on a tiny model, 8 evaluation episodes."""
+"""``--quick``: one rollout of 4 envs × 16 steps on a tiny model, 8 evaluation episodes; the KL
+horizon is one rollout (the preset's is sized for rollouts of 256 env steps, and would warn)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     model = str(quick_model(out / "tiny_model")) if args.quick else args.model
+    overrides = dict(args.ppo_config or {})
+    if args.quick:
+        overrides.setdefault("kl_horizon", None)
     settings = RLHFSettings(
         model=model,
         preset=args.preset,
-        ppo_overrides=tuple(sorted((args.ppo_config or {}).items())),
+        ppo_overrides=tuple(sorted(overrides.items())),
         lora_rank=args.lora_rank,
         seed=args.seed,
         device=args.device,

@@ -392,33 +392,54 @@ def sample_with_kl(
     episodes: int = 256,
     num_envs: int = 64,
     seed: int = 10_000,
+    samples: int = 8,
+    cache: bool = False,
 ) -> dict[str, Any]:
     """Sample ``episodes`` completions from ``policy`` (temperature 1) on TextGen-v0 and measure
     the mean episode reward and the KL to ``reference``: per episode, the sum over its steps of
-    KL(π(·|s) ‖ π_ref(·|s)), computed exactly from both next-token distributions."""
+    KL(π(·|s) ‖ π_ref(·|s)), computed exactly from both next-token distributions. The first
+    ``samples`` episodes to end are returned as (prompt, completion, reward).
+
+    ``cache=True`` acts through both models' KV caches (``make_cache``), one token per step, instead
+    of recomputing the whole sequence at every step: the same episodes (same env seed, same sampling
+    generator) and statistics to float rounding, for far less work on a real model (SmolLM2's
+    49k-token head alone scores every column when recomputing). ``reference`` may be ``policy``
+    itself: its KL is then 0, and it is computed once."""
     from agents.policy import last_real_column
     from textgym.vector import TextGenVectorEnv
 
     dev = next(policy.parameters()).device
     env = TextGenVectorEnv(num_envs, device=dev, autoreset_mode="same_step", array_type="torch", **env_kwargs)
+    models = [policy] if reference is policy else [policy, reference]
+    P, rows = env.prompt_window, torch.arange(num_envs, device=dev)
+    caches = [m.make_cache(num_envs, dev) for m in models] if cache else []
+
+    def next_token_logits(obs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """(N, V) of each model at every row's newest token."""
+        ids, mask = obs["input_ids"], obs["attention_mask"]
+        if cache:
+            return [c.step(ids, mask, P)[0] for c in caches]
+        col = last_real_column(mask)
+        return [m(ids, mask)[0][rows, col] for m in models]
+
     gen = torch.Generator(device=dev).manual_seed(seed)
     obs, _ = env.reset(seed=seed)
-    rows = torch.arange(num_envs, device=dev)
-    ret, kl = (
-        torch.zeros(num_envs, dtype=torch.float64, device=dev),
-        torch.zeros(num_envs, dtype=torch.float64, device=dev),
-    )
+    ret = torch.zeros(num_envs, dtype=torch.float64, device=dev)
+    kl = torch.zeros(num_envs, dtype=torch.float64, device=dev)
     per_env = -(-episodes // num_envs)
     counts = np.zeros(num_envs, dtype=int)
-    returns, kls, samples = [], [], []
-    policy_mode, ref_mode = policy.training, reference.training
-    policy.eval()
-    reference.eval()
+    returns: list[float] = []
+    kls: list[float] = []
+    shown: list[tuple[str, str, float]] = []
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     while counts.min() < per_env:
-        col = last_real_column(obs["attention_mask"])
-        logp = F.log_softmax(policy(obs["input_ids"], obs["attention_mask"])[0][rows, col], -1)
-        logq = F.log_softmax(reference(obs["input_ids"], obs["attention_mask"])[0][rows, col], -1)
-        kl += (logp.exp() * (logp - logq)).sum(-1).double()
+        logits = next_token_logits(obs)
+        logp = F.log_softmax(logits[0].float(), -1)  # (N, V)
+        if len(logits) > 1:
+            logq = F.log_softmax(logits[1].float(), -1)
+            kl += (logp.exp() * (logp - logq)).sum(-1).double()
         action = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
         obs, reward, terminated, truncated, infos = env.step(action)
         ret += reward.double()
@@ -427,22 +448,17 @@ def sample_with_kl(
                 returns.append(float(ret[i]))
                 kls.append(float(kl[i]))
                 counts[i] += 1
-                if len(samples) < 8:
-                    samples.append(
-                        (
-                            infos["final_info"]["prompt"][i],
-                            infos["final_info"]["completion"][i],
-                            float(ret[i]),
-                        )
-                    )
+                if len(shown) < samples:
+                    final = infos["final_info"]
+                    shown.append((final["prompt"][i], final["completion"][i], float(ret[i])))
             ret[i], kl[i] = 0.0, 0.0
     env.close()
-    policy.train(policy_mode)
-    reference.train(ref_mode)
+    for m, mode in zip(models, modes, strict=True):
+        m.train(mode)
     return {
         "reward_mean": float(np.mean(returns)),
         "reward_std": float(np.std(returns)),
         "kl_mean": float(np.mean(kls)),
         "episodes": len(returns),
-        "samples": samples,
+        "samples": shown,
     }

@@ -5,7 +5,7 @@ For each run (:data:`RUNS`: full fine-tuning or LoRA, with or without the KL pen
 the model on the ``reviews`` task's training openings ("The movie was", ...) with the VADER
 sentiment reward, then the fine-tuned policy is sampled at temperature 1 on the task's held-out
 openings, and each episode's exact KL to the pretrained model (the sum over its steps of
-KL(π(·|s) ‖ π_ref(·|s)), :func:`sample_with_kl_cached`) is measured beside its reward. The
+KL(π(·|s) ‖ π_ref(·|s)), :func:`agents.lm.sample_with_kl` through the KV caches) is measured beside its reward. The
 pretrained model is measured the same way, on the same episodes (same seed), first.
 
 Every run, and the pretrained model's evaluation, runs in a fresh process (``spawn``), so that its
@@ -108,83 +108,17 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def sample_with_kl_cached(
-    policy: Any,
-    reference: Any,
-    env_kwargs: dict[str, Any],
-    episodes: int = 128,
-    num_envs: int = 32,
-    seed: int = 10_000,
-    samples: int = 8,
-) -> dict[str, Any]:
-    """:func:`agents.lm.sample_with_kl` acting through both models' KV caches: the same episodes
-    (same env seed, same sampling generator), the same statistics, one token per step instead of
-    the whole sequence. On SmolLM2 recomputing every step costs some 30 times more (its 49k-token
-    head alone scores every column). ``reference`` may be ``policy`` itself (KL 0, computed once).
-    """
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from textgym.vector import TextGenVectorEnv
-
-    dev = next(policy.parameters()).device
-    env = TextGenVectorEnv(num_envs, device=dev, autoreset_mode="same_step", array_type="torch", **env_kwargs)
-    P = env.prompt_window
-    caches = [policy.make_cache(num_envs, dev)]
-    if reference is not policy:
-        caches.append(reference.make_cache(num_envs, dev))
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    obs, _ = env.reset(seed=seed)
-    ret = torch.zeros(num_envs, dtype=torch.float64, device=dev)
-    kl = torch.zeros(num_envs, dtype=torch.float64, device=dev)
-    per_env = -(-episodes // num_envs)
-    counts = np.zeros(num_envs, dtype=int)
-    returns: list[float] = []
-    kls: list[float] = []
-    shown: list[tuple[str, str, float]] = []
-    modes = [m.training for m in (policy, reference)]
-    policy.eval()
-    reference.eval()
-    with torch.no_grad():
-        while counts.min() < per_env:
-            logits = [cache.step(obs["input_ids"], obs["attention_mask"], P)[0] for cache in caches]
-            logp = F.log_softmax(logits[0].float(), -1)  # (N, V)
-            if len(logits) > 1:
-                logq = F.log_softmax(logits[1].float(), -1)
-                kl += (logp.exp() * (logp - logq)).sum(-1).double()
-            action = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-            obs, reward, terminated, truncated, infos = env.step(action)
-            ret += reward.double()
-            for i in (terminated | truncated).nonzero().squeeze(1).tolist():
-                if counts[i] < per_env:
-                    returns.append(float(ret[i]))
-                    kls.append(float(kl[i]))
-                    counts[i] += 1
-                    if len(shown) < samples:
-                        final = infos["final_info"]
-                        shown.append((final["prompt"][i], final["completion"][i], float(ret[i])))
-                ret[i], kl[i] = 0.0, 0.0
-    env.close()
-    policy.train(modes[0])
-    reference.train(modes[1])
-    return {
-        "reward_mean": float(np.mean(returns)),
-        "reward_std": float(np.std(returns)),
-        "kl_mean": float(np.mean(kls)),
-        "episodes": len(returns),
-        "samples": shown,
-    }
-
-
 def _evaluate(policy: Any, reference: Any, settings: RLHFSettings) -> dict[str, Any]:
-    return sample_with_kl_cached(
+    from agents.lm import sample_with_kl
+
+    return sample_with_kl(
         policy,
         reference,
         settings.env_kwargs("test"),
         settings.eval_episodes,
         settings.eval_envs,
         seed=10_000 + settings.seed,
+        cache=True,
     )
 
 

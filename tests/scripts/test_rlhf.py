@@ -130,15 +130,15 @@ def test_the_real_model_writes_sentences_about_the_held_out_openings():
 
 
 def test_cached_evaluation_matches_the_full_recompute(tmp_path):
-    """sample_with_kl_cached gives agents.lm.sample_with_kl's episodes, rewards and KL (through
-    the KV caches instead of recomputing every step), against a perturbed reference."""
+    """agents.lm.sample_with_kl through the KV caches (cache=True, as the RLHF evaluation runs it)
+    gives the full recompute's episodes, rewards and KL, against a perturbed reference."""
     import copy
 
     import torch
 
     from agents.hf import HFPolicy
     from agents.lm import sample_with_kl
-    from agents.rlhf import RLHFSettings, quick_model, sample_with_kl_cached
+    from agents.rlhf import RLHFSettings, quick_model
     from textgym.hf import HFTokenizer
     from textgym.tasks import make_env_config
 
@@ -153,10 +153,10 @@ def test_cached_evaluation_matches_the_full_recompute(tmp_path):
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
     full = sample_with_kl(policy, reference, env_kwargs, episodes=12, num_envs=4, seed=3)
-    cached = sample_with_kl_cached(policy, reference, env_kwargs, episodes=12, num_envs=4, seed=3)
+    cached = sample_with_kl(policy, reference, env_kwargs, episodes=12, num_envs=4, seed=3, cache=True)
     assert cached["episodes"] == full["episodes"] == 12
     assert cached["samples"] == full["samples"]
     assert cached["reward_mean"] == pytest.approx(full["reward_mean"])
     assert cached["kl_mean"] == pytest.approx(full["kl_mean"], rel=1e-4) and cached["kl_mean"] > 0.01
-    itself = sample_with_kl_cached(policy, policy, env_kwargs, episodes=4, num_envs=4, seed=3)
+    itself = sample_with_kl(policy, policy, env_kwargs, episodes=4, num_envs=4, seed=3, cache=True)
     assert itself["kl_mean"] == 0.0 and itself["samples"] == full["samples"][:4]

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -146,6 +147,17 @@ def output_dir_error(path: str | os.PathLike[str], option: str) -> str | None:
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         return f"{option}: cannot write into {str(probe)!r} (permission denied)"
     return None
+
+
+def new_run_dir(
+    out: str | os.PathLike[str] | None, name: str, option: str = "--out"
+) -> tuple[Path, str | None]:
+    """The folder of a new run, ``out`` or ``runs/<name>_<time>`` when None, and why it cannot be
+    used (a folder that already holds files, or :func:`output_dir_error`'s reasons), or None."""
+    path = Path(out or f"runs/{name}_{time.strftime('%Y%m%d-%H%M%S')}")
+    if path.is_dir() and any(path.iterdir()):
+        return path, f"{option}: {str(path)!r} is not empty; choose another directory"
+    return path, output_dir_error(path, option)
 
 
 def make_dir(path: str | os.PathLike[str], option: str, exist_ok: bool = False) -> Path:

@@ -33,7 +33,6 @@ import argparse
 import copy
 import importlib.util
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from agents.runtime import (
     add_threads_argument,
     device_error,
     make_dir,
-    output_dir_error,
+    new_run_dir,
     seed,
     set_threads,
 )
@@ -128,10 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (problem := device_error(args.device)) is not None:
         parser.error(problem)
     args.threads = 1 if args.threads is None else args.threads
-    args.out = Path(args.out or f"runs/pipeline_{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.out.is_dir() and any(args.out.iterdir()):
-        parser.error(f"--out: {str(args.out)!r} is not empty; choose another directory")
-    if (problem := output_dir_error(args.out, "--out")) is not None:
+    args.out, problem = new_run_dir(args.out, "pipeline")
+    if problem is not None:
         parser.error(problem)
     return args
 

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 from agents.rlhf import PRESETS, RUNS, RLHFSettings, quick_model, results_markdown, rlhf, run_config
@@ -37,8 +36,8 @@ from agents.runtime import (
     device_error,
     json_value,
     make_dir,
+    new_run_dir,
     non_negative_int,
-    output_dir_error,
     positive_int,
     seed,
 )
@@ -148,10 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"--model: {args.model!r} is neither a folder written by save_pretrained nor one of "
                 f"{', '.join(MODELS)}"
             )
-    args.out = Path(args.out or f"runs/rlhf_{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.out.is_dir() and any(args.out.iterdir()):
-        parser.error(f"--out: {str(args.out)!r} is not empty; choose another directory")
-    if (problem := output_dir_error(args.out, "--out")) is not None:
+    args.out, problem = new_run_dir(args.out, "rlhf")
+    if problem is not None:
         parser.error(problem)
     return args
 

@@ -27,6 +27,7 @@ import torch
 
 from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
 from agents.ppo import PPO, PPOConfig
+from agents.runtime import peak_rss_mib
 from textgym.core import resolve_device
 from textgym.vector import TextGenVectorEnv
 
@@ -596,12 +597,6 @@ MEMORY_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 replaced in :meth:`PPOConfig.pretrained`). Full fine-tuning unless ``lora_rank`` is given."""
 
 
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _memory_in_process(
     results: Any,
     path: str,
@@ -640,7 +635,7 @@ def _memory_in_process(
             policy_model=path,
             hf_config=HFConfig(**hf_fields),
         )
-        loaded = _peak_rss_mib()
+        loaded = peak_rss_mib()
         per_iteration = n_steps * num_envs
         if warmup:
             model.learn(warmup * per_iteration)  # first-call costs: allocation, lazy initialisation
@@ -655,7 +650,7 @@ def _memory_in_process(
         results.put(
             {
                 "threads": in_effect,
-                "peak_rss_mib": _peak_rss_mib(),
+                "peak_rss_mib": peak_rss_mib(),
                 "rss_after_load_mib": loaded,
                 "cuda_peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
                 "seconds_per_iteration": seconds,

@@ -15,9 +15,6 @@ child process that runs it.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
-import resource
 import statistics
 import tempfile
 import time
@@ -25,13 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agents.runtime import in_fresh_process, peak_rss_mib
+
 SIDES = ("textgym", "trl")
-
-
-def _peak_rss_gib() -> float:
-    """The process's resident-memory high-water mark (GiB; Linux reports kB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if peak > 2**32 else peak / 2**20
 
 
 def _textgym_worker(settings: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +56,7 @@ def _textgym_worker(settings: dict[str, Any]) -> dict[str, Any]:
         if step >= settings["warmup"]:
             seconds.append(elapsed)
             tokens.append(sum(e["l"] for e in list(model.ep_info_buffer)[-n:]))
-    return {"step_seconds": seconds, "tokens": tokens, "peak_rss_gib": _peak_rss_gib()}
+    return {"step_seconds": seconds, "tokens": tokens, "peak_rss_gib": peak_rss_mib() / 1024}
 
 
 def _trl_worker(settings: dict[str, Any]) -> dict[str, Any]:
@@ -139,38 +132,19 @@ def _trl_worker(settings: dict[str, Any]) -> dict[str, Any]:
     return {
         "step_seconds": times[w:],
         "tokens": [round(length * n) for length in lengths[w:]],
-        "peak_rss_gib": _peak_rss_gib(),
+        "peak_rss_gib": peak_rss_mib() / 1024,
     }
-
-
-def _run_child(results: Any, side: str, settings: dict[str, Any]) -> None:
-    worker = _textgym_worker if side == "textgym" else _trl_worker
-    try:
-        results.put({"ok": worker(settings)})
-    except Exception as error:  # reported by the parent with the side's name
-        results.put({"error": f"{type(error).__name__}: {error}"})
 
 
 def run_side(side: str, settings: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One side's measurement in a fresh process; raises RuntimeError naming the side on failure."""
     if side not in SIDES:
         raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
-    spawn = mp.get_context("spawn")
-    results = spawn.Queue()
-    child = spawn.Process(target=_run_child, args=(results, side, settings))
-    child.start()
+    worker = _textgym_worker if side == "textgym" else _trl_worker
     try:
-        result = results.get(timeout=timeout)
-    except queue.Empty:
-        result = {"error": f"no result within {timeout:.0f} s"}
-    finally:
-        child.join(10)
-        if child.is_alive():
-            child.terminate()
-            child.join()
-    if "error" in result:
-        raise RuntimeError(f"the {side} run failed: {result['error']}")
-    return result["ok"]
+        return in_fresh_process(worker, settings, timeout=timeout)
+    except RuntimeError as error:
+        raise RuntimeError(f"the {side} run failed: {error}") from None
 
 
 def grpo_vs_trl(

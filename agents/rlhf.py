@@ -21,16 +21,14 @@ adapters switched off (no second copy of the weights).
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
-import queue as queue_module
-import resource
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agents.runtime import in_fresh_process, peak_rss_mib
 
 RUNS = ("full_kl", "full_no_kl", "lora_kl", "lora_no_kl")
 """The runs :func:`rlhf` can do: full fine-tuning or LoRA, with the KL penalty or without."""
@@ -104,10 +102,6 @@ class RLHFSettings:
         }
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _evaluate(policy: Any, reference: Any, settings: RLHFSettings) -> dict[str, Any]:
     from agents.lm import sample_with_kl
 
@@ -145,7 +139,7 @@ def evaluate_pretrained(settings: RLHFSettings) -> dict[str, Any]:
     with torch.no_grad():
         policy = _load_pretrained(settings).to(resolve_device(settings.device))
         stats = _evaluate(policy, policy, settings)
-    return {**stats, "eval_seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()}
+    return {**stats, "eval_seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}
 
 
 def train_and_evaluate(settings: RLHFSettings, run: str) -> dict[str, Any]:
@@ -187,7 +181,7 @@ def train_and_evaluate(settings: RLHFSettings, run: str) -> dict[str, Any]:
         )
 
     model.learn(settings.total_timesteps, progress_bar=settings.progress, callback=record)
-    train_seconds, train_peak = time.perf_counter() - start, _peak_rss_mib()
+    train_seconds, train_peak = time.perf_counter() - start, peak_rss_mib()
     with torch.no_grad():
         if lora:
             reference = model.policy.adapters_disabled()
@@ -206,38 +200,6 @@ def train_and_evaluate(settings: RLHFSettings, run: str) -> dict[str, Any]:
         "final_kl_coef": model.kl.value if config.kl_coef else 0.0,
         "curve": curve,
     }
-
-
-def _child(job: Callable[..., dict[str, Any]], args: tuple[Any, ...], queue: Any) -> None:
-    try:
-        queue.put(("ok", job(*args)))
-    except BaseException:  # reported to the parent, which raises it
-        queue.put(("error", traceback.format_exc()))
-
-
-def in_fresh_process(job: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """``job(*args)`` in a new ``spawn``-ed process: its memory high-water mark is its own."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(job, args, queue))
-    process.start()
-    try:
-        while True:  # a child killed outright (out of memory) puts nothing: do not wait for ever
-            try:
-                status, value = queue.get(timeout=5)
-                break
-            except queue_module.Empty:
-                if not process.is_alive():
-                    try:  # what it put just before ending
-                        status, value = queue.get(timeout=1)
-                    except queue_module.Empty:
-                        status, value = "error", f"the process ended with exit code {process.exitcode}"
-                    break
-    finally:
-        process.join()
-    if status != "ok":
-        raise RuntimeError(f"{getattr(job, '__name__', job)} failed in its process:\n{value}")
-    return value
 
 
 def rlhf(

@@ -22,10 +22,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing as mp
 import os
+import queue as queue_module
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 SEED_MAX = 2**32 - 1
 """Largest seed: NumPy's legacy ``np.random.seed``, which Stable-Baselines3 calls, takes 0..2**32-1."""
@@ -147,6 +151,58 @@ def output_dir_error(path: str | os.PathLike[str], option: str) -> str | None:
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         return f"{option}: cannot write into {str(probe)!r} (permission denied)"
     return None
+
+
+def _child(job: Callable[..., dict[str, Any]], args: tuple[Any, ...], queue: Any) -> None:
+    try:
+        queue.put(("ok", job(*args)))
+    except BaseException:  # reported to the parent, which raises it
+        queue.put(("error", traceback.format_exc()))
+
+
+def in_fresh_process(job: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    """``job(*args)`` in a new ``spawn``-ed process, whose memory high-water mark is then its own
+    (:func:`peak_rss_mib` there); ``job`` and its arguments must pickle. RuntimeError with the
+    child's traceback if it raises, if it ends without a result (killed for memory), or if it
+    gives none within ``timeout`` seconds (then it is terminated)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_child, args=(job, args, queue))
+    process.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:  # a child killed outright (out of memory) puts nothing: do not wait for ever
+            try:
+                status, value = queue.get(timeout=5)
+                break
+            except queue_module.Empty:
+                if not process.is_alive():
+                    try:  # what it put just before ending
+                        status, value = queue.get(timeout=1)
+                    except queue_module.Empty:
+                        status, value = "error", f"the process ended with exit code {process.exitcode}"
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    status, value = "error", f"no result within {timeout:.0f} s"
+                    break
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.terminate()
+            process.join()
+    if status != "ok":
+        raise RuntimeError(f"{getattr(job, '__name__', job)} failed in its process:\n{value}")
+    return value
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark in MiB (Linux reports it in KiB, macOS in
+    bytes): what a run in a fresh process peaked at."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def new_run_dir(

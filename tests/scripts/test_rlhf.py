@@ -106,7 +106,7 @@ def test_a_lora_run_without_kl_is_measured_against_the_base_model(tmp_path):
 
 
 def test_jobs_run_in_a_fresh_process_and_their_errors_come_back():
-    from agents.rlhf import in_fresh_process
+    from agents.runtime import in_fresh_process
 
     # dict: a job the child can import without this module (which imports transformers)
     assert in_fresh_process(dict, [("episodes", 4)]) == {"episodes": 4}

@@ -27,7 +27,7 @@ import torch
 
 from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
 from agents.ppo import PPO, PPOConfig
-from agents.runtime import peak_rss_mib
+from agents.runtime import in_fresh_process, peak_rss_mib
 from textgym.core import resolve_device
 from textgym.vector import TextGenVectorEnv
 
@@ -598,7 +598,6 @@ replaced in :meth:`PPOConfig.pretrained`). Full fine-tuning unless ``lora_rank``
 
 
 def _memory_in_process(
-    results: Any,
     path: str,
     hf_fields: dict[str, Any],
     ppo_fields: dict[str, Any],
@@ -609,57 +608,52 @@ def _memory_in_process(
     warmup: int,
     device: str,
     threads: int,
-) -> None:
+) -> dict[str, Any]:
     """Child process of :func:`memory_benchmark`: one configuration, ``warmup`` + ``iterations``
     PPO iterations, its own memory high-water mark."""
-    try:
-        from agents.hf import HFConfig
-        from agents.runtime import set_threads
+    from agents.hf import HFConfig
+    from agents.runtime import set_threads
 
-        in_effect = set_threads(threads)
-        dev = resolve_device(device)
-        env_kwargs = {
-            "task": "reviews",
-            "tokenizer": path,
-            "reward": "vader",
-            "max_new_tokens": max_new_tokens,
-        }
-        config = PPOConfig.pretrained(lora="lora_rank" in hf_fields, n_steps=n_steps, **ppo_fields)
-        model = PPO(
-            "TextGen-v0",
-            config,
-            num_envs,
-            env_kwargs,
-            device,
-            0,
-            policy_model=path,
-            hf_config=HFConfig(**hf_fields),
-        )
-        loaded = peak_rss_mib()
-        per_iteration = n_steps * num_envs
-        if warmup:
-            model.learn(warmup * per_iteration)  # first-call costs: allocation, lazy initialisation
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        _sync(dev)
-        start = time.perf_counter()
-        model.learn(iterations * per_iteration, reset_num_timesteps=not warmup)
-        _sync(dev)
-        seconds = (time.perf_counter() - start) / iterations
-        trainable = sum(p.numel() for p in model.policy.parameters() if p.requires_grad)
-        results.put(
-            {
-                "threads": in_effect,
-                "peak_rss_mib": peak_rss_mib(),
-                "rss_after_load_mib": loaded,
-                "cuda_peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
-                "seconds_per_iteration": seconds,
-                "trainable_parameters": trainable,
-                "approx_kl": model.last_stats.get("train/approx_kl"),
-            }
-        )
-    except BaseException as exc:  # the parent raises it, with the configuration's name
-        results.put({"error": f"{type(exc).__name__}: {exc}"})
+    in_effect = set_threads(threads)
+    dev = resolve_device(device)
+    env_kwargs = {
+        "task": "reviews",
+        "tokenizer": path,
+        "reward": "vader",
+        "max_new_tokens": max_new_tokens,
+    }
+    config = PPOConfig.pretrained(lora="lora_rank" in hf_fields, n_steps=n_steps, **ppo_fields)
+    model = PPO(
+        "TextGen-v0",
+        config,
+        num_envs,
+        env_kwargs,
+        device,
+        0,
+        policy_model=path,
+        hf_config=HFConfig(**hf_fields),
+    )
+    loaded = peak_rss_mib()
+    per_iteration = n_steps * num_envs
+    if warmup:
+        model.learn(warmup * per_iteration)  # first-call costs: allocation, lazy initialisation
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    start = time.perf_counter()
+    model.learn(iterations * per_iteration, reset_num_timesteps=not warmup)
+    _sync(dev)
+    seconds = (time.perf_counter() - start) / iterations
+    trainable = sum(p.numel() for p in model.policy.parameters() if p.requires_grad)
+    return {
+        "threads": in_effect,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_after_load_mib": loaded,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        "seconds_per_iteration": seconds,
+        "trainable_parameters": trainable,
+        "approx_kl": model.last_stats.get("train/approx_kl"),
+    }
 
 
 def memory_benchmark(
@@ -694,30 +688,16 @@ def memory_benchmark(
         raise ValueError(
             f"configs must be a non-empty subset of {', '.join(MEMORY_CONFIGS)}; got {list(configs)}"
         )
-    ctx = mp.get_context("spawn")
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path, described = _benchmark_model(model, max_new_tokens, Path(tmp))
         for name in configs:
             hf_fields, ppo_fields = MEMORY_CONFIGS[name]
-            results = ctx.Queue()
-            args = (results, str(path), hf_fields, ppo_fields, num_envs, n_steps, max_new_tokens)
-            proc = ctx.Process(target=_memory_in_process, args=(*args, iterations, warmup, device, threads))
-            proc.start()
-            while True:  # a child killed outright (out of memory) puts nothing: do not wait for ever
-                try:
-                    row = results.get(timeout=5)
-                    break
-                except queue.Empty:
-                    if not proc.is_alive():
-                        try:  # what it put just before ending
-                            row = results.get(timeout=1)
-                        except queue.Empty:
-                            row = {"error": f"the process ended with exit code {proc.exitcode}"}
-                        break
-            proc.join()
-            if "error" in row:
-                raise RuntimeError(f"memory benchmark {name!r} failed: {row['error']}")
+            args = (str(path), hf_fields, ppo_fields, num_envs, n_steps, max_new_tokens)
+            try:  # a child killed outright (out of memory) is reported, not waited for
+                row = in_fresh_process(_memory_in_process, *args, iterations, warmup, device, threads)
+            except RuntimeError as error:
+                raise RuntimeError(f"memory benchmark {name!r} failed: {error}") from None
             rows[name] = {"hf_config": hf_fields, "ppo_config": ppo_fields, **row}
     return {
         "benchmark": "memory",

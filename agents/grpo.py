@@ -336,7 +336,7 @@ class GroupAgent(OnPolicyAgent):
         prompts = env._core.prompt_index.cpu().numpy().copy()
         obs, _ = env.reset(options={"prompt_index": prompts})
         self._obs = obs
-        for acc in (self._episode_return, self._episode_length, self._episode_kl):
+        for acc in (self._episode_return, self._episode_length):
             acc.zero_()
         self._rollout_kl = []
         ids, masks = obs["input_ids"].clone(), obs["attention_mask"].clone()  # (N, L) final observations
@@ -391,25 +391,26 @@ class GroupAgent(OnPolicyAgent):
         micro = self.config.micro_batch_size or N
         for start in range(0, N, micro):
             rows = torch.arange(start, min(start + micro, N), device=self.device)
-            part_ids, part_mask, P = self._filled_columns(ids[rows], masks[rows])
             valid = torch.arange(M, device=self.device).unsqueeze(0) < lengths[rows].unsqueeze(1)  # (b, M)
             r, t = valid.nonzero(as_tuple=True)  # (m,) each generated token: its row, its index
-            hidden = self.reference.hidden(part_ids, part_mask)  # (b, T, C)
-            logits, _ = self.reference.heads(hidden[r, P - 1 + t])  # (m, V): the column before the token
-            log_probs = self._reference_log_probs(logits)  # the policy's action mask, as when sampled
-            out[rows[r], t] = log_probs.gather(1, part_ids[r, P + t].unsqueeze(1)).squeeze(1)
+            log_probs, tokens = self._token_log_probs(self.reference, ids[rows], masks[rows], r, t)
+            out[rows[r], t] = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         return out
 
-    def _filled_columns(
-        self, ids: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``ids`` and ``mask`` (b, L) cut to the columns from the first real token of any row to the
-        last, and the completions' first column in them. The others are padding in every row
-        (prompts shorter than the window, completions shorter than max_new_tokens); positions
-        count real tokens and attention is causal and skips padding, so leaving them out changes no
-        output, only the work (a third of the columns on the reviews task with a real tokenizer)."""
+    def _token_log_probs(
+        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-probabilities (m, V) that ``model`` (the policy or the reference, under the
+        action mask) gives completion token ``t`` of row ``rows`` (m,) of ``ids``/``mask`` (b, L),
+        by one causal pass, and those tokens (m,). The pass covers the columns from the first real
+        token of any row to the last (:func:`agents.ppo.filled_span`: a third of them on the
+        reviews task with a real tokenizer are padding in every row)."""
         first, last = filled_span(mask)
-        return ids[:, first : last + 1], mask[:, first : last + 1], self.prompt_window - first
+        ids, mask = ids[:, first : last + 1], mask[:, first : last + 1]
+        P = self.prompt_window - first  # the completions' first column in the cut arrays
+        hidden = model.hidden(ids, mask)  # (b, last - first + 1, C)
+        logits, _ = model.heads(hidden[rows, P - 1 + t])  # (m, V): the column before each token
+        return F.log_softmax(self._masked(logits), dim=-1), ids[rows, P + t]  # float32 log-probs
 
     def _kl_stats(self) -> dict[str, float]:
         """The sampled KL to the reference of the rollout's completions, sum over each one's tokens
@@ -498,12 +499,10 @@ class GroupAgent(OnPolicyAgent):
         k3 parts, and sums over their tokens of the negative entropy, the approx-KL, the clipped
         ratios and the token count (not), as a (7,) tensor."""
         cfg = self.config
-        ids, mask, P = self._filled_columns(rollout.input_ids[part], rollout.attention_mask[part])  # (b, T)
         rows, t = (weights > 0).nonzero(as_tuple=True)  # (m,) each trained token: its row in part, index
-        hidden = self.policy.hidden(ids, mask)  # (b, T, C)
-        logits, _ = self.policy.heads(hidden[rows, P - 1 + t])  # (m, V): the column before the token
-        log_probs = F.log_softmax(self._masked(logits), dim=-1)  # (m, V), float32
-        new_logprobs = log_probs.gather(1, ids[rows, P + t].unsqueeze(1)).squeeze(1)  # (m,)
+        ids, mask = rollout.input_ids[part], rollout.attention_mask[part]  # (b, L)
+        log_probs, tokens = self._token_log_probs(self.policy, ids, mask, rows, t)  # (m, V), (m,)
+        new_logprobs = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (m,)
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # (m,)
         old_logprobs = rollout.logprobs[part][rows, t]
         ref = rollout.ref_logprobs[part][rows, t] if beta > 0 and rollout.ref_logprobs is not None else None

@@ -739,3 +739,137 @@ def format_memory_table(report: dict[str, Any]) -> str:
             f"{r['rss_after_load_mib']:,.0f} MiB |{cuda} {r['seconds_per_iteration']:.1f} |"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the GPU against the CPU
+@torch.no_grad()
+def env_speed(num_envs: int, device: str = "cpu", seconds: float = 2.0, max_new_tokens: int = 16) -> float:
+    """Env steps per second of the batched env alone, its actions drawn on its own device.
+
+    :class:`~textgym.vector.TextGenVectorEnv` with torch arrays and same-step autoreset on the
+    ``default`` task with the ``length`` reward (computed on the device): random actions, drawn
+    in advance on ``device`` (no host transfer per step), for ``seconds`` after 20 untimed steps.
+    """
+    dev = resolve_device(device)
+    env = TextGenVectorEnv(
+        num_envs,
+        device=dev,
+        autoreset_mode="same_step",
+        array_type="torch",
+        max_new_tokens=max_new_tokens,
+        reward={"name": "length"},
+    )
+    try:
+        generator = torch.Generator(device=dev).manual_seed(0)
+        pool = torch.randint(0, env.single_action_space.n, (64, num_envs), device=dev, generator=generator)
+        env.reset(seed=0)
+        for i in range(20):
+            env.step(pool[i % 64])
+        _sync(dev)
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in range(8):
+                env.step(pool[steps % 64])
+                steps += 1
+        _sync(dev)
+        return steps * num_envs / (time.perf_counter() - start)
+    finally:
+        env.close()
+
+
+def gpu_benchmark(
+    devices: Sequence[str] = ("cpu", "cuda"),
+    env_sizes: Sequence[int] = (1024, 4096, 16_384),
+    train_envs: Sequence[int] = (64, 1024),
+    train_updates: int = 2,
+    model: str = "smollm2-135m",
+    lm_batch: int = 32,
+    lm_new_tokens: int = 64,
+    lm_dtypes: Sequence[str] = ("float32", "bfloat16"),
+    repeats: int = 2,
+    seconds: float = 2.0,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The same measurements on each of ``devices`` in one run, and their ratios to the first.
+
+    - ``env``: :func:`env_speed` at each of ``env_sizes``.
+    - ``train``: :func:`training_speed` of PPO (:class:`PPOConfig` defaults, ``default`` task,
+      built-in policy) with each of ``train_envs`` envs, for ``train_updates`` updates after one
+      untimed update (first-call costs: CUDA context, kernel selection, allocator).
+    - ``lm``: tokens per second of a causal LM (``model`` as in :func:`generate_speed`) in PPO's
+      acting loop (sampled, through the project's KV cache) and in ``transformers`` ``generate``
+      (greedy), ``lm_batch`` prompts × ``lm_new_tokens`` tokens, median of ``repeats`` after one
+      warm-up, for each of ``lm_dtypes`` (weights in that precision).
+
+    Each row holds env steps (or tokens) per second per device; ``ratio`` divides each device's
+    figure by the first device's.
+    """
+    devs = list(dict.fromkeys(str(resolve_device(d)) for d in devices))  # each device once, in order
+    if not devs:
+        raise ValueError("devices: give at least one, for example ['cpu', 'cuda']")
+    rows: list[dict[str, Any]] = []
+
+    def add(kind: str, setting: str, speeds: dict[str, float], unit: str) -> None:
+        base = speeds[devs[0]]
+        row = {"kind": kind, "setting": setting, "unit": unit, "per_device": speeds}
+        row["ratio"] = {d: s / base for d, s in speeds.items()}
+        rows.append(row)
+        cells = "  ".join(f"{d} {s:,.0f}" for d, s in speeds.items())
+        progress(f"{kind:>5}  {setting:<28} {cells}  ({unit})")
+
+    for n in env_sizes:
+        add("env", f"N={n:,}", {d: env_speed(n, d, seconds) for d in devs}, "env steps/s")
+    for n in train_envs:
+        speeds = {}
+        for d in devs:
+            per_update = PPOConfig().n_steps * n
+            warm = PPO("TextGen-v0", PPOConfig(), n, {"task": "default"}, d, seed=0)
+            warm.learn(per_update)  # untimed: the first update pays one-off costs
+            timed = training_speed(train_updates * per_update, n, d, "default")
+            speeds[d] = timed["env_steps_per_second"]
+        add("train", f"PPO, {n:,} envs", speeds, "env steps/s")
+    for dtype in lm_dtypes:
+        reports = {d: generate_speed(model, lm_batch, lm_new_tokens, dtype, repeats, 1, d) for d in devs}
+        described = next(iter(reports.values()))["model"]
+        for path, label in (("ppo_acting", "PPO acting"), ("hf_generate", "generate")):
+            speeds = {d: r["tokens_per_second"][path]["median"] for d, r in reports.items()}
+            add("lm", f"{label}, {dtype}, batch {lm_batch}", speeds, "tokens/s")
+    names = {d: torch.cuda.get_device_name(torch.device(d)) if d.startswith("cuda") else "cpu" for d in devs}
+    return {
+        "benchmark": "gpu",
+        "model": described if lm_dtypes else None,
+        "devices": names,
+        "settings": {
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "env_sizes": list(env_sizes),
+            "train_envs": list(train_envs),
+            "train_updates": train_updates,
+            "lm_batch": lm_batch,
+            "lm_new_tokens": lm_new_tokens,
+            "repeats": repeats,
+            "seconds": seconds,
+        },
+        "rows": rows,
+    }
+
+
+def format_gpu_table(report: dict[str, Any]) -> str:
+    """The report of :func:`gpu_benchmark` as a Markdown table."""
+    s, devs = report["settings"], list(report["devices"])
+    first = devs[0]
+    columns = ["measurement", "unit", *(f"{d} ({report['devices'][d]})" for d in devs)]
+    columns += [f"{d} / {first}" for d in devs[1:]]
+    lines = [
+        f"torch {s['torch']}, {s['torch_threads']} CPU thread(s) of {s['cpu_count']} cores"
+        + (f"; causal LM: {report['model']}" if report["model"] else ""),
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|---|---|" + "---:|" * (len(columns) - 2),
+    ]
+    for r in report["rows"]:
+        cells = [f"{r['kind']}: {r['setting']}", r["unit"], *(f"{r['per_device'][d]:,.0f}" for d in devs)]
+        cells += [f"{r['ratio'][d]:.1f}×" for d in devs[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -106,23 +106,35 @@ class RecipeConfig:
         if not task.test_indices:
             raise ValueError(f"task {self.task!r} has no held-out test split")
         counts = ("warmup_max_steps", "warmup_check_interval", "warmup_probe", "warmup_batch_size")
-        for name in (*counts, "control_steps", "total_timesteps", "ppo_num_envs", "group_num_envs"):
-            value = getattr(self, name)
-            least = 0 if name == "control_steps" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"RecipeConfig.{name} must be an integer >= {least}, got {value!r}")
+        check_counts(self, (*counts, "total_timesteps", "ppo_num_envs", "group_num_envs"), ("control_steps",))
         if not 0 <= self.warmup_target <= 1:
             raise ValueError(f"RecipeConfig.warmup_target must be in [0, 1], got {self.warmup_target!r}")
-        for name in ("grpo", "rloo"):
-            group_size = getattr(self, name).group_size
-            if self.group_num_envs % group_size:
-                raise ValueError(
-                    f"RecipeConfig.group_num_envs ({self.group_num_envs}) must be a multiple of "
-                    f"{name}.group_size ({group_size})"
-                )
+        check_groups(self, ("grpo", "rloo"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_counts(config: Any, positive: Sequence[str], non_negative: Sequence[str] = ()) -> None:
+    """Each named field of ``config`` is an integer >= 1 (``positive``) or >= 0 (``non_negative``)."""
+    for least, names in ((1, positive), (0, non_negative)):
+        for name in names:
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(
+                    f"{type(config).__name__}.{name} must be an integer >= {least}, got {value!r}"
+                )
+
+
+def check_groups(config: Any, agents: Sequence[str]) -> None:
+    """``config.group_num_envs`` is a multiple of the group size of each of ``agents``' configs."""
+    for name in agents:
+        group_size = getattr(config, name).group_size
+        if config.group_num_envs % group_size:
+            raise ValueError(
+                f"{type(config).__name__}.group_num_envs ({config.group_num_envs}) must be a multiple of "
+                f"{name}.group_size ({group_size})"
+            )
 
 
 QUICK = {

@@ -12,6 +12,7 @@
     python scripts/benchmark.py generate --batch 8 --new-tokens 64 --threads 2 --dtype bfloat16
     python scripts/benchmark.py trl                    # SmolLM2: GRPO vs TRL's GRPOTrainer, side by side (pip install trl)
     python scripts/benchmark.py memory                 # SmolLM2: peak memory and s/iteration of PPO, per configuration
+    python scripts/benchmark.py gpu                    # env, PPO training and SmolLM2 on the CPU and the GPU
 
 ``env`` drives every face of TextGen-v0 with the same random policy and the same reward (by
 default the cheap built-in ``length`` reward on the default task) and prints env steps per second,
@@ -36,6 +37,11 @@ acting loop through ``policy.make_cache``: tokens/s, median of repeats, ratio to
 ``PPOConfig.pretrained``) in each configuration (float32, bfloat16 autocast, activation
 checkpointing, micro-batches, LoRA and its combinations), each in a fresh process, and reports the
 process's peak RSS (and CUDA peak on a GPU) and seconds per PPO iteration.
+``gpu`` runs the same measurements on each device (by default the CPU, with torch's default threads,
+and the GPU) and prints each figure and its ratio to the first device: env steps/s of the batched
+env alone at N = 1,024, 4,096 and 16,384 (actions drawn on the device), PPO training env steps/s
+with the built-in policy at 64 and 1,024 envs, and tokens/s of the causal LM in PPO's acting loop
+and in ``generate``, in float32 and bfloat16.
 ``trl`` trains the project's GRPO and TRL's ``GRPOTrainer`` on the same causal LM at matched
 settings (prompts x completions per step, completion length, VADER reward, KL to a reference, one
 gradient step per batch, float32), each in fresh processes in alternating order, and reports
@@ -199,6 +205,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds before a measurement is stopped (and busy processes end)",
     )
     busy.add_argument("--out", default="benchmarks/busy.json", help="where to save the JSON report")
+    gpu = command(
+        "gpu",
+        "the batched env, PPO training and a causal LM on each device, side by side",
+        threads="0",
+    )
+    gpu.add_argument(
+        "--devices", nargs="+", default=["cpu", "cuda"], help="devices to measure; ratios are to the first"
+    )
+    gpu.add_argument(
+        "--env-sizes",
+        type=int,
+        nargs="*",
+        default=[1024, 4096, 16_384],
+        help="batch sizes of the env alone; none: skip the env",
+    )
+    gpu.add_argument(
+        "--train-envs",
+        type=int,
+        nargs="*",
+        default=[64, 1024],
+        help="envs of the PPO training runs; none: skip",
+    )
+    gpu.add_argument(
+        "--train-updates", type=int, default=2, help="timed PPO updates per run, after one untimed"
+    )
+    gpu.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="causal LM: a registered model (falls back to a tiny GPT-2 built offline when not on disk), "
+        "a folder, or 'tiny'",
+    )
+    gpu.add_argument("--lm-batch", type=int, default=32, help="prompts generated together by the LM")
+    gpu.add_argument("--lm-new-tokens", type=int, default=64, help="tokens per prompt (no early end)")
+    gpu.add_argument(
+        "--lm-dtypes",
+        nargs="*",
+        choices=["float32", "bfloat16"],
+        default=["float32", "bfloat16"],
+        help="precisions of the LM's weights; none: skip the LM",
+    )
+    gpu.add_argument("--repeats", type=int, default=2, help="timed rounds per LM path; the median is kept")
+    gpu.add_argument("--seconds", type=float, default=2.0, help="timed budget per env measurement")
+    gpu.add_argument("--out", default="benchmarks/gpu.json", help="where to save the JSON report")
     from agents.benchmark import MEMORY_CONFIGS
 
     mem = command("memory", "peak memory and seconds per PPO iteration on a causal LM, per configuration")
@@ -241,13 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         "prompts",
         "steps",
         "rounds",
+        "train_updates",
+        "lm_batch",
+        "lm_new_tokens",
     ):
         if isinstance(getattr(args, name, 1), int) and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.command == "env" and args.env_kwargs is not None and not isinstance(args.env_kwargs, dict):
         parser.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
-    if (problem := device_error(args.device)) is not None:
-        parser.error(problem)
+    for device in args.devices if args.command == "gpu" else [args.device]:
+        if (
+            problem := device_error(device, "--devices" if args.command == "gpu" else "--device")
+        ) is not None:
+            parser.error(problem)
     if (problem := output_dir_error(Path(args.out).parent, "--out")) is not None or Path(args.out).is_dir():
         parser.error(problem or f"--out: {args.out!r} is a directory; give a file name")
     if args.command != "busy":
@@ -306,6 +361,35 @@ def main(argv: list[str] | None = None) -> int:
             )
         print("(PPO training env steps per second; same env, tokens and model size)")
         print(f"saved {write_json(args.out, {'runs': rows})}")
+    elif args.command == "gpu":
+        from agents.benchmark import format_gpu_table, gpu_benchmark
+
+        if any(n < 1 for n in [*args.env_sizes, *args.train_envs]):
+            parser.error(
+                f"--env-sizes and --train-envs must be positive, got {args.env_sizes} {args.train_envs}"
+            )
+        if not args.seconds > 0:
+            parser.error(f"--seconds must be > 0, got {args.seconds}")
+        if not (args.env_sizes or args.train_envs or args.lm_dtypes):
+            parser.error("--env-sizes, --train-envs and --lm-dtypes are all empty: nothing to measure")
+        try:
+            report = gpu_benchmark(
+                args.devices,
+                args.env_sizes,
+                args.train_envs,
+                args.train_updates,
+                args.model,
+                args.lm_batch,
+                args.lm_new_tokens,
+                args.lm_dtypes,
+                args.repeats,
+                args.seconds,
+            )
+        except FileNotFoundError as error:
+            parser.error(str(error))
+        print()
+        print(format_gpu_table(report))
+        print(f"saved {write_json(args.out, report)}")
     elif args.command == "generate":
         from agents.benchmark import format_generate_table, generate_speed
 

@@ -207,6 +207,9 @@ def test_train_names_what_a_policy_model_folder_lacks(make, message, tmp_path, c
         ("benchmark", ["train", "--device", "tpu"], "--device: unknown device"),
         ("benchmark", ["env", "--env-kwargs", "{bad"], "--env-kwargs: not valid JSON"),
         ("benchmark", ["busy", "--updates", "0"], "--updates must be >= 1"),
+        ("benchmark", ["gpu", "--devices", "cpu", "tpu"], "--devices: unknown device"),
+        ("benchmark", ["gpu", "--train-updates", "0"], "--train-updates must be >= 1"),
+        ("benchmark", ["gpu", "--devices", "cpu", "--env-sizes", "0"], "--env-sizes and --train-envs"),
     ],
 )
 def test_scripts_refuse_bad_input_naming_the_option(name, argv, message, tmp_path, capsys, monkeypatch):

@@ -176,6 +176,32 @@ def test_benchmark_generate_falls_back_to_a_tiny_model(tmp_path):
     assert proc.returncode == 2 and "neither a folder written by save_pretrained" in proc.stderr
 
 
+def test_benchmark_gpu_measures_each_device_against_the_first(tmp_path):
+    """benchmark.py gpu: the env alone, PPO training and a causal LM on each device, with ratios
+    to the first. CI has no GPU: on the CPU alone (named twice, measured once) every row holds
+    its figure and a ratio of 1."""
+    pytest.importorskip("transformers")
+    out_file = tmp_path / "gpu.json"
+    args = ["--devices", "cpu", "cpu", "--env-sizes", "32", "--train-envs", "8", "--train-updates", "1"]
+    args += ["--model", "tiny", "--lm-batch", "2", "--lm-new-tokens", "3", "--lm-dtypes", "float32"]
+    proc = run(
+        "scripts/benchmark.py", "gpu", *args, "--repeats", "1", "--seconds", "0.1", "--out", str(out_file)
+    )
+    report = json.loads(out_file.read_text())
+    assert report["devices"] == {"cpu": "cpu"}
+    kinds = [(row["kind"], row["setting"]) for row in report["rows"]]
+    assert kinds == [
+        ("env", "N=32"),
+        ("train", "PPO, 8 envs"),
+        ("lm", "PPO acting, float32, batch 2"),
+        ("lm", "generate, float32, batch 2"),
+    ]
+    for row in report["rows"]:
+        assert set(row["per_device"]) == {"cpu"} and row["per_device"]["cpu"] > 0
+        assert row["ratio"] == {"cpu": 1.0}
+    assert "| env: N=32 | env steps/s |" in proc.stdout
+
+
 def test_benchmark_memory_falls_back_to_a_tiny_model(tmp_path):
     """benchmark.py memory: peak memory and seconds per PPO iteration, each configuration in a
     fresh process. Without SmolLM2 on disk it measures a tiny GPT-2 built offline; LoRA trains

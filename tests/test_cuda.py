@@ -1,0 +1,97 @@
+"""The GPU path: the agents, the KV caches and a Hugging Face policy on a CUDA device, against
+the same computation on the CPU. Skipped where there is no CUDA device (CI has none); run on a
+GPU machine with ``python -m pytest tests/test_cuda.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+from agents.grpo import GRPO, GRPOConfig  # noqa: E402
+from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column  # noqa: E402
+from agents.ppo import PPO, PPOConfig  # noqa: E402
+from textgym.vector import TextGenVectorEnv  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+def _rollout_logits(device: torch.device, steps: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits through the KV cache and by full recompute along one rollout with autoresets."""
+    env = TextGenVectorEnv(6, device=device, autoreset_mode="same_step", array_type="torch", max_new_tokens=5)
+    torch.manual_seed(0)
+    policy = (
+        TransformerPolicy(env.single_action_space.n, env.config.seq_len, PolicyConfig()).to(device).eval()
+    )
+    cache = KVCache(policy, 6, device)
+    obs, _ = env.reset(seed=0)
+    rows = torch.arange(6, device=device)
+    generator = torch.Generator(device=device).manual_seed(1)
+    cached, full = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits, _ = cache.step(obs["input_ids"], obs["attention_mask"], env.prompt_window)
+            whole, _ = policy(obs["input_ids"], obs["attention_mask"])
+            cached.append(logits)
+            full.append(whole[rows, last_real_column(obs["attention_mask"])])
+            action = torch.randint(0, env.single_action_space.n, (6,), device=device, generator=generator)
+            obs, *_ = env.step(action)
+    return torch.stack(cached), torch.stack(full)
+
+
+def test_kv_cache_equals_recompute_on_cuda():
+    cached, full = _rollout_logits(CUDA)
+    assert cached.device.type == "cuda"
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("agent", ["ppo", "grpo"])
+def test_agents_train_on_cuda_and_load_on_the_cpu(agent, tmp_path):
+    if agent == "ppo":
+        model = PPO(num_envs=16, config=PPOConfig(n_steps=8), device="cuda", seed=0)
+    else:
+        model = GRPO(
+            num_envs=16,
+            config=GRPOConfig(group_size=4),
+            env_kwargs={"task": "arithmetic"},
+            device="cuda",
+            seed=0,
+        )
+    model.learn(256)
+    assert model.num_timesteps >= 256
+    assert all(p.device.type == "cuda" for p in model.policy.parameters())
+    assert all(torch.isfinite(p).all() for p in model.policy.parameters())
+    path = model.save(tmp_path / "model.pt")
+    cls = PPO if agent == "ppo" else GRPO
+    loaded = cls.load(path, device="cpu")
+    for (name, a), b in zip(
+        model.policy.state_dict().items(), loaded.policy.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a.cpu(), b, msg=name)
+
+
+def test_a_hugging_face_policy_acts_and_trains_on_cuda_in_bfloat16(tmp_path):
+    pytest.importorskip("transformers")
+    from agents.hf import HFConfig, tiny_causal_lm
+    from textgym.hf import train_bpe_tokenizer
+    from textgym.tasks import get_task
+
+    task = get_task("sentiment")
+    tokenizer = train_bpe_tokenizer([*task.corpus, *task.prompts], 512)
+    tokenizer.save_pretrained(tmp_path)
+    tiny_causal_lm(tokenizer, max_positions=64).save_pretrained(tmp_path)
+    model = PPO(
+        "TextGen-v0",
+        PPOConfig(n_steps=4),
+        8,
+        {"task": "sentiment", "max_new_tokens": 6},
+        "cuda",
+        seed=0,
+        policy_model=tmp_path,
+        hf_config=HFConfig(dtype="bfloat16"),
+    )
+    model.learn(64)
+    weights = [p for p in model.policy.parameters() if p.requires_grad]
+    assert weights and all(p.device.type == "cuda" for p in weights)
+    assert all(torch.isfinite(p.float()).all() for p in weights)

@@ -7,6 +7,8 @@
   between collecting rollouts and updating.
 - :func:`sb3_ratio`, :func:`hf_speed`: the custom PPO against SB3 PPO, and a Hugging Face policy
   against the built-in one.
+- :func:`seq2seq_speed`: PPO training with the decoder-only policy and with the encoder-decoder
+  policy of about the same parameter count.
 - :func:`busy_speed`: the main job's training speed on an idle machine and beside one busy
   process per core, for each torch thread setting: whether threads that spin-wait for cores held
   by other processes slow it down (see :mod:`agents.runtime`).
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -121,6 +124,44 @@ def training_speed(
         "update_share": update_s / seconds,
         "final_ep_rew_mean": model.last_stats.get("rollout/ep_rew_mean"),
     }
+
+
+def seq2seq_speed(
+    total_timesteps: int = 16_384,
+    num_envs: int = 64,
+    device: str = "cpu",
+    task: str = "default",
+    rounds: int = 2,
+) -> dict[str, Any]:
+    """Env steps per second of PPO training (:func:`training_speed`, ``PPOConfig`` defaults) with the
+    decoder-only policy (``PolicyConfig()``) and with the encoder-decoder policy of about its
+    parameter count (:func:`agents.seq2seq.seq2seq_config_like`). The two alternate for ``rounds``
+    rounds and the fastest run of each is kept: other load on the machine only slows a run down."""
+    from agents.policy import count_parameters
+    from agents.seq2seq import seq2seq_config_like
+    from textgym.tasks import make_env_config
+
+    env = make_env_config(task)
+    shape = (env.tokenizer.vocab_size, env.seq_len, env.max_prompt_tokens)
+    decoder = PolicyConfig()
+    policies = {"decoder": decoder, "seq2seq": seq2seq_config_like(decoder, *shape)}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in policies}
+    for _ in range(rounds):
+        for name, policy in policies.items():
+            runs[name].append(
+                training_speed(total_timesteps, num_envs, device, task, PPOConfig(policy=policy))
+            )
+    report: dict[str, Any] = {"task": task, "num_envs": num_envs, "total_timesteps": total_timesteps}
+    for name, policy in policies.items():
+        best = max(runs[name], key=lambda r: r["env_steps_per_second"])
+        report[name] = {
+            "policy": dataclasses.asdict(policy),
+            "parameters": count_parameters(*shape, policy),
+            **best,
+            "all_env_steps_per_second": [r["env_steps_per_second"] for r in runs[name]],
+        }
+    report["ratio"] = report["seq2seq"]["env_steps_per_second"] / report["decoder"]["env_steps_per_second"]
+    return report
 
 
 def sb3_ratio(

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.policy import PolicyConfig
-from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, filled_span
+from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, forward_span
 from textgym.vector import TextGenVectorEnv
 
 STD_EPS = 1e-4
@@ -404,8 +404,9 @@ class GroupAgent(OnPolicyAgent):
         action mask) gives completion token ``t`` of row ``rows`` (m,) of ``ids``/``mask`` (b, L),
         by one causal pass, and those tokens (m,). The pass covers the columns from the first real
         token of any row to the last (:func:`agents.ppo.filled_span`: a third of them on the
-        reviews task with a real tokenizer are padding in every row)."""
-        first, last = filled_span(mask)
+        reviews task with a real tokenizer are padding in every row), from column 0 for the
+        encoder-decoder policy (:func:`agents.ppo.forward_span`)."""
+        first, last = forward_span(model, mask)
         ids, mask = ids[:, first : last + 1], mask[:, first : last + 1]
         P = self.prompt_window - first  # the completions' first column in the cut arrays
         hidden = model.hidden(ids, mask)  # (b, last - first + 1, C)

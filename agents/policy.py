@@ -14,6 +14,10 @@ window but the last column (prefill), and every step feeds each row's newest tok
 last for a new episode, in one batch (decode). The logits equal
 those of a full forward pass over the observation (tested against recompute). Beam search keeps
 the rows of the beams it extends with :meth:`RowCache.reorder` instead of recomputing them.
+
+:func:`build_policy` makes the policy that ``PolicyConfig.architecture`` names: this decoder-only
+one or the encoder-decoder :class:`agents.seq2seq.Seq2SeqPolicy`; :func:`count_parameters` counts
+either's weights.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ __all__ = [
     "RowCache",
     "TransformerDecoder",
     "TransformerPolicy",
+    "build_policy",
+    "count_parameters",
     "last_real_column",
     "real_positions",
     "sinusoidal_encoding",
@@ -82,6 +88,30 @@ class TransformerPolicy(TransformerDecoder):
     def make_cache(self, num_envs: int, device: torch.device | str) -> KVCache:
         """The :class:`KVCache` that acting runs through (every policy class has its own)."""
         return KVCache(self, num_envs, device)
+
+
+def build_policy(
+    vocab_size: int, max_len: int, prompt_window: int, cfg: PolicyConfig | None = None
+) -> nn.Module:
+    """The built-in policy that ``cfg.architecture`` names, with fresh weights: the decoder-only
+    :class:`TransformerPolicy` or the encoder-decoder :class:`agents.seq2seq.Seq2SeqPolicy` (which
+    needs the env's ``prompt_window``: its encoder reads those columns)."""
+    cfg = cfg or PolicyConfig()
+    if cfg.architecture == "seq2seq":
+        from agents.seq2seq import Seq2SeqPolicy
+
+        return Seq2SeqPolicy(vocab_size, max_len, prompt_window, cfg)
+    return TransformerPolicy(vocab_size, max_len, cfg)
+
+
+def count_parameters(vocab_size: int, max_len: int, prompt_window: int, cfg: PolicyConfig) -> int:
+    """Weights of the policy :func:`build_policy` makes for an env of ``vocab_size`` tokens,
+    observations of ``max_len`` columns and a prompt window of ``prompt_window``, counted without
+    allocating them (on torch's meta device). :func:`agents.seq2seq.seq2seq_config_like` sizes an
+    encoder-decoder policy with it."""
+    with torch.device("meta"):
+        policy = build_policy(vocab_size, max_len, prompt_window, cfg)
+    return sum(p.numel() for p in policy.parameters())
 
 
 class RowCache:

@@ -51,7 +51,8 @@ from torch.distributions import Categorical
 
 from agents.buffer import Rollout, Segments, compute_gae, segments
 from agents.kl import KLController
-from agents.policy import PolicyConfig, TransformerPolicy, last_real_column
+from agents.policy import PolicyConfig, TransformerPolicy, build_policy, last_real_column
+from agents.seq2seq import Seq2SeqPolicy
 from textgym.checks import is_positive_int, is_real
 from textgym.core import device_memory, resolve_device
 from textgym.io import check_zip_integrity, save_torch
@@ -292,6 +293,14 @@ def filled_span(mask: torch.Tensor) -> tuple[int, int]:
     return first, last
 
 
+def forward_span(model: Any, mask: torch.Tensor) -> tuple[int, int]:
+    """The columns of a whole-sequence pass of ``model`` over ``mask`` (b, L): :func:`filled_span`,
+    but from column 0 for the encoder-decoder policy, which finds the prompt window by its place
+    (its encoder reads columns ``[0, P)``) and ignores padding itself."""
+    first, last = filled_span(mask)
+    return (0 if isinstance(model, Seq2SeqPolicy) else first), last
+
+
 def adam_implementation(device: torch.device) -> dict[str, bool]:
     """Adam's keyword for its fastest implementation on ``device``: ``fused=True`` (one kernel for
     every tensor; on the CPU since torch 2.4) where torch has it, else torch's default (on the
@@ -425,7 +434,12 @@ class OnPolicyAgent:
         self.tokenizer = env.tokenizer
         self.init_policy = None if init_policy is None else str(init_policy)
         self.policy_model = None if policy_model is None else str(policy_model)
-        self.policy: TransformerPolicy | HFPolicy
+        self.policy: TransformerPolicy | Seq2SeqPolicy | HFPolicy
+        if self.config.policy.architecture != "decoder" and (policy_model or init_policy) is not None:
+            raise ValueError(
+                f"config.policy.architecture={self.config.policy.architecture!r} builds a new built-in policy; "
+                "init_policy and policy_model give decoder-only language models: leave architecture 'decoder'"
+            )
         if policy_model is not None:
             from agents.hf import HFPolicy
 
@@ -439,12 +453,12 @@ class OnPolicyAgent:
             self.policy = load_lm(init_policy, self.tokenizer, self.seq_len, self.device).train()
             self.config = dataclasses.replace(self.config, policy=self.policy.cfg)
         else:
-            self.policy = TransformerPolicy(env.single_action_space.n, self.seq_len, self.config.policy).to(
-                self.device
-            )
+            self.policy = build_policy(
+                env.single_action_space.n, self.seq_len, self.prompt_window, self.config.policy
+            ).to(self.device)
         cfg = self.config
         self.kl = KLController(*self._kl_settings())
-        self.reference: TransformerPolicy | HFPolicy | AdaptersDisabled | None = None
+        self.reference: TransformerPolicy | Seq2SeqPolicy | HFPolicy | AdaptersDisabled | None = None
         if self.kl.value > 0:
             if self._lora:
                 self.reference = self.policy.adapters_disabled()  # the base weights, shared
@@ -1273,7 +1287,7 @@ class PPO(OnPolicyAgent):
         local = torch.empty(num_segments, dtype=torch.long, device=self.device)
         local[part] = torch.arange(len(part), device=self.device)
         sel = in_part[seg.segment].nonzero().squeeze(1)  # (m,) transitions of these sequences
-        first, last = filled_span(seg.attention_mask[part])
+        first, last = forward_span(self.policy, seg.attention_mask[part])
         ids, mask = seg.input_ids[part, first : last + 1], seg.attention_mask[part, first : last + 1]
         hidden = self.policy.hidden(ids, mask)  # (b, last - first + 1, C)
         logits, values = self.policy.heads(

@@ -4,6 +4,7 @@
     python scripts/benchmark.py env --sizes 16 256 1024 --seconds 3 --out benchmarks/env.json
     python scripts/benchmark.py rollout                # KV cache vs full recompute, 64 new tokens
     python scripts/benchmark.py train                  # PPO training env steps/s
+    python scripts/benchmark.py seq2seq                # PPO: decoder-only vs encoder-decoder policy, equal size
     python scripts/benchmark.py sb3                    # custom PPO vs SB3 PPO at matched settings
     python scripts/benchmark.py sb3 --max-new-tokens 8 32 64 --profile benchmarks/sb3_profile.txt
     python scripts/benchmark.py hf                     # Hugging Face GPT-2 policy vs built-in (hf extra)
@@ -20,7 +21,8 @@ the ratio of the batched env to SyncVectorEnv at each N, and the share of time s
 finished episodes and in the reward model. ``rollout`` samples episodes of 64 new tokens with the
 Transformer policy, acting through its KV cache and, as the baseline, recomputing the whole
 sequence every step. ``train`` measures the custom PPO's training throughput and how its time
-splits between rollouts and updates. ``sb3`` trains the custom PPO and SB3 PPO with the same
+splits between rollouts and updates. ``seq2seq`` measures the same with the decoder-only policy and
+with the encoder-decoder one of about its parameter count, alternating, the fastest of each kept. ``sb3`` trains the custom PPO and SB3 PPO with the same
 Transformer, number of envs, rollout length, minibatch size and epochs, at each generation
 length, and reports their env steps per second and the ratio; ``--profile`` writes a cProfile
 report of the SB3 run. ``hf`` trains PPO with the built-in policy and with a randomly initialised
@@ -111,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", default="default", help="built-in task")
     train.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     train.add_argument("--out", default="benchmarks/train.json", help="where to save the JSON report")
+    s2s = command("seq2seq", "PPO env steps/s: decoder-only vs encoder-decoder policy of equal size")
+    s2s.add_argument("--total-timesteps", type=int, default=16_384, help="env steps per run")
+    s2s.add_argument("--num-envs", type=int, default=64, help="episodes in flight")
+    s2s.add_argument(
+        "--rounds", type=int, default=2, help="runs of each policy, alternating; the fastest kept"
+    )
+    s2s.add_argument("--task", default="default", help="built-in task")
+    s2s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    s2s.add_argument("--out", default="benchmarks/seq2seq.json", help="where to save the JSON report")
     sb3 = command("sb3", "custom PPO vs SB3 PPO env steps/s at matched settings")
     sb3.add_argument("--total-timesteps", type=int, default=8192, help="env steps per agent and length")
     sb3.add_argument("--num-envs", type=int, default=64, help="episodes in flight")
@@ -322,6 +333,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rollout, {args.num_envs} envs x {args.max_new_tokens} new tokens on {report['device']}:")
         print(f"  full recompute {report['recompute']:>10,.0f} env steps/s")
         print(f"  KV cache       {report['kv_cache']:>10,.0f} env steps/s   ({report['speedup']:.1f}x)")
+        print(f"saved {write_json(args.out, report)}")
+    elif args.command == "seq2seq":
+        from agents.benchmark import seq2seq_speed
+
+        report = seq2seq_speed(args.total_timesteps, args.num_envs, args.device, args.task, args.rounds)
+        print(
+            f"PPO on task {args.task!r}, {args.num_envs} envs, {report['decoder']['env_steps']:,} env steps per run:"
+        )
+        for name in ("decoder", "seq2seq"):
+            r = report[name]
+            print(
+                f"  {name:<8} {r['parameters']:>9,} parameters {r['env_steps_per_second']:>9,.0f} env steps/s "
+                f"({r['rollout_share']:.0%} rollouts, {r['update_share']:.0%} updates)"
+            )
+        print(f"  seq2seq / decoder: {report['ratio']:.2f}x")
         print(f"saved {write_json(args.out, report)}")
     elif args.command == "sb3":
         from agents.benchmark import sb3_ratio

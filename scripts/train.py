@@ -8,6 +8,7 @@
     python scripts/train.py --agent sb3-ppo --env-kwargs '{"reward": {"name": "length", "target": 4}}'
     python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "bad"]}'
     python scripts/train.py --agent sb3-a2c --hyperparams '{"n_steps": 16}' --extractor mlp
+    python scripts/train.py --policy seq2seq                  # an encoder-decoder policy of about the same size
     python scripts/train.py --task sentiment --policy-model path/to/causal_lm   # a local Hugging Face model
     python scripts/train.py --task sentiment --policy-model path/to/causal_lm --hf-config '{"dtype": "bfloat16", "lora_rank": 16}' --ppo-config '{"micro_batch_size": 8}'
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
@@ -45,6 +46,13 @@ lexicon's sentiment and the policy found its highest-valence word. That is rewar
 the script says so; ``scripts/pipeline.py`` shows the remedy (pretraining, then PPO with a KL
 penalty to the pretrained policy).
 
+``--policy seq2seq`` gives ``ppo``, ``grpo`` and ``rloo`` an encoder-decoder policy
+(``agents.seq2seq``: the encoder reads the prompt, the decoder the completion, with cross-attention)
+of about the decoder-only policy's parameter count: half the layers (at least one) in the
+encoder, the rest in the decoder, the width chosen to match. Exact sizes go in the config instead,
+e.g. ``--ppo-config '{"policy": {"architecture": "seq2seq", "d_model": 60, "n_layers": 1,
+"encoder_layers": 1}}'``.
+
 SB3 agents (``sb3-ppo``, ``sb3-a2c``, ``sb3-maskable-ppo``) use the custom agent's Transformer as
 their features extractor and hyperparameters matched to ``PPOConfig``'s defaults (see
 ``agents.baselines``); ``--extractor mlp`` gives SB3's default MLP, ``--vec-env dummy`` trains on
@@ -74,7 +82,7 @@ Resuming: ``--resume CHECKPOINT`` continues a ``ppo``, ``grpo`` or ``rloo`` run 
 left it, in the same run directory and TensorBoard run. The run's settings come from the checkpoint
 and the ``config.json`` beside it: --agent, --task, --env-kwargs, --ppo-config, --agent-config,
 --hyperparams, --extractor,
---vec-env, --init-policy, --policy-model, --hf-config, --num-envs, --seed and --logdir are refused
+--vec-env, --init-policy, --policy-model, --hf-config, --policy, --num-envs, --seed and --logdir are refused
 unless they repeat the run's own values. ``--total-timesteps N`` sets the run's new total: training
 continues until N env steps in all (N below the steps already done is refused); without it, the run trains
 to the total it was started with. --device, --threads, --eval-episodes, --checkpoint-interval and
@@ -120,8 +128,10 @@ from agents.runtime import (
     seed,
     set_threads,
 )
+from agents.seq2seq import seq2seq_config_like
 from textgym.io import write_json
-from textgym.tasks import TASKS, env_arguments_error
+from textgym.nn import ARCHITECTURES
+from textgym.tasks import TASKS, env_arguments_error, make_env_config
 
 CUSTOM_AGENTS: dict[str, type[OnPolicyAgent]] = {"ppo": PPO, "grpo": GRPO, "rloo": RLOO}
 GROUP_AGENTS = ("grpo", "rloo")
@@ -129,7 +139,7 @@ AGENTS = (*CUSTOM_AGENTS, *SB3_AGENTS)
 # The options that make the run what it is: on --resume they come from its config.json.
 RUN_OPTIONS = (
     "agent", "task", "env_kwargs", "ppo_config", "agent_config", "hyperparams", "extractor", "vec_env",
-    "init_policy", "policy_model", "hf_config", "num_envs", "seed", "logdir",
+    "init_policy", "policy_model", "hf_config", "num_envs", "seed", "logdir", "policy",
 )  # fmt: skip
 NOT_SAVED = ("no_progress", "ppo", "group", "hf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -184,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="ppo, grpo, rloo: local directory of a Hugging Face causal LM to fine-tune as the policy (the hf "
         "extra); "
         "its tokenizer becomes the env's unless --env-kwargs gives one (default: the built-in Transformer)",
+    )
+    parser.add_argument(
+        "--policy",
+        choices=ARCHITECTURES,
+        default=None,
+        help="ppo, grpo, rloo: the built-in policy's architecture (PolicyConfig.architecture): decoder "
+        "(decoder-only Transformer) or seq2seq (an encoder over the prompt, a decoder over the completion); "
+        "seq2seq gets about the parameter count of the decoder-only policy that the config's policy fields "
+        "give (agents.seq2seq.seq2seq_config_like) unless the config's policy already says seq2seq "
+        "(default: the config's, decoder)",
     )
     parser.add_argument(
         "--hf-config",
@@ -313,8 +333,33 @@ def _check_new_run(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                 f"--num-envs {args.num_envs} is not a multiple of group_size {args.group.group_size} "
                 "(--agent-config): every group of that many env rows shares one prompt"
             )
+    if args.policy is not None:
+        _apply_policy_option(parser, args)
     if (problem := output_dir_error(args.logdir, "--logdir")) is not None:
         parser.error(problem)
+
+
+def _apply_policy_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Put ``--policy``'s architecture into the agent's config (``args.ppo`` or ``args.group``)."""
+    if args.agent not in CUSTOM_AGENTS or args.policy_model is not None or args.init_policy is not None:
+        parser.error(
+            "--policy applies to a new --agent ppo, grpo or rloo run with the built-in policy (without "
+            "--policy-model or --init-policy, which give decoder-only language models)"
+        )
+    config = args.ppo if args.agent == "ppo" else args.group
+    policy, option = config.policy, "--ppo-config" if args.agent == "ppo" else "--agent-config"
+    if policy.architecture == args.policy:
+        return
+    if policy.architecture != "decoder":
+        parser.error(
+            f"--policy {args.policy} contradicts {option}, whose policy has architecture {policy.architecture!r}"
+        )
+    env = make_env_config(args.task, **args.env_kwargs)
+    policy = seq2seq_config_like(policy, env.tokenizer.vocab_size, env.seq_len, env.max_prompt_tokens)
+    if args.agent == "ppo":
+        args.ppo = dataclasses.replace(config, policy=policy)
+    else:
+        args.group = dataclasses.replace(config, policy=policy)
 
 
 def _take_settings_of_resumed_run(

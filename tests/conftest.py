@@ -51,3 +51,24 @@ def hand_rollout():
     """``hand_rollout(vocab, P, L)``: observations of a rollout with restarts mid-way, for testing
     KV caches against a full pass (4 special ids first, as every textgym tokenizer)."""
     return _hand_rollout
+
+
+def _random_rollout(env, steps: int, seed: int = 1, reset_seed: int = 3):
+    """Observations of ``steps`` steps of a batched env (``array_type="torch"``) under uniform
+    random actions with extra <eos>, so that episodes end at many lengths and rows restart at
+    different steps while the others keep decoding."""
+    n, vocab, eos = env.num_envs, env.single_action_space.n, env.tokenizer.eos_id
+    gen = torch.Generator().manual_seed(seed)
+    obs, _ = env.reset(seed=reset_seed)
+    for _ in range(steps):
+        yield obs
+        actions = torch.randint(0, vocab, (n,), generator=gen)
+        actions[torch.rand(n, generator=gen) < 0.15] = eos
+        obs = env.step(actions)[0]
+
+
+@pytest.fixture
+def random_rollout():
+    """``random_rollout(env, steps)``: observations of a random rollout across many autoresets, for
+    testing KV caches against a full pass."""
+    return _random_rollout

@@ -21,6 +21,8 @@ from torch import nn
 
 from textgym.checks import is_positive_int
 
+ARCHITECTURES = ("decoder", "seq2seq")
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -32,13 +34,20 @@ class PolicyConfig:
     d_model: int = 64
     """Width of the residual stream."""
     n_layers: int = 2
-    """Number of Transformer blocks."""
+    """Number of Transformer blocks (the decoder's, with ``architecture="seq2seq"``)."""
     n_heads: int = 4
     """Attention heads per block; must divide ``d_model``."""
     mlp_ratio: int = 4
     """Hidden width of each MLP as a multiple of ``d_model``."""
     positional: str = "learned"
     """``"learned"`` position embeddings or fixed ``"sinusoidal"`` encodings."""
+    architecture: str = "decoder"
+    """``"decoder"``: decoder-only (:class:`TransformerDecoder`); ``"seq2seq"``: an encoder over the
+    prompt window and a decoder over the generated tokens with cross-attention to it
+    (``agents.seq2seq.Seq2SeqPolicy``, a policy of the agents only)."""
+    encoder_layers: int | None = None
+    """Encoder blocks of the ``"seq2seq"`` architecture; None: ``n_layers``. Must be None for
+    ``"decoder"``."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
@@ -49,6 +58,20 @@ class PolicyConfig:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         if self.positional not in ("learned", "sinusoidal"):
             raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {self.positional!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {', '.join(map(repr, ARCHITECTURES))}, got {self.architecture!r}"
+            )
+        if self.encoder_layers is not None:
+            if self.architecture != "seq2seq":
+                raise ValueError(
+                    f"encoder_layers={self.encoder_layers!r} applies to architecture='seq2seq' only; the "
+                    f"{self.architecture!r} architecture has no encoder (leave it None)"
+                )
+            if not is_positive_int(self.encoder_layers):
+                raise ValueError(
+                    f"encoder_layers must be None or a positive integer, got {self.encoder_layers!r}"
+                )
 
 
 def sinusoidal_encoding(length: int, dim: int) -> torch.Tensor:
@@ -62,7 +85,8 @@ def sinusoidal_encoding(length: int, dim: int) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm block: causal self-attention, then a GELU MLP, each around a residual."""
+    """Pre-LayerNorm block: self-attention under the caller's mask (causal in the decoders,
+    bidirectional in the encoder of ``agents.seq2seq``), then a GELU MLP, each around a residual."""
 
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
@@ -88,6 +112,16 @@ class Block(nn.Module):
         With ``cache = (k_cache, v_cache, rows, cols)`` the new keys/values of ``x`` are written
         into ``k_cache[rows, :, cols]`` and attention runs over all S cached slots of those rows.
         """
+        x = self.attend(x, attn_mask, cache)
+        return x + self.mlp(self.ln2(x))
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``x`` plus its self-attention (the block's first half; arguments as :meth:`forward`)."""
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
@@ -100,8 +134,7 @@ class Block(nn.Module):
             k, v = k_cache[rows], v_cache[rows]  # (B, nh, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        x = x + self.proj(y)
-        return x + self.mlp(self.ln2(x))
+        return x + self.proj(y)
 
 
 class TransformerDecoder(nn.Module):
@@ -118,6 +151,12 @@ class TransformerDecoder(nn.Module):
 
     def __init__(self, vocab_size: int, max_len: int, cfg: PolicyConfig = PolicyConfig()):
         super().__init__()
+        if cfg.architecture != "decoder":
+            raise ValueError(
+                f"TransformerDecoder is decoder-only: PolicyConfig.architecture must be 'decoder' here, got "
+                f"{cfg.architecture!r} (the encoder-decoder policy, agents.seq2seq.Seq2SeqPolicy, serves the "
+                "PPO, GRPO and RLOO agents only)"
+            )
         self.cfg, self.vocab_size, self.max_len = cfg, vocab_size, max_len
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         if cfg.positional == "learned":
@@ -129,15 +168,7 @@ class TransformerDecoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """Normal(0, 0.02) weights for every Linear and Embedding, zero biases, unit LayerNorms."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         pos = self.pos_emb(positions) if self.cfg.positional == "learned" else self.pos_table[positions]
@@ -161,6 +192,20 @@ class TransformerDecoder(nn.Module):
         hidden = self.hidden(input_ids, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, last_real_column(attention_mask)]
+
+
+def init_weights(model: nn.Module) -> None:
+    """Normal(0, 0.02) weights for every Linear and Embedding of ``model``, zero biases, unit
+    LayerNorms: the one initialisation of every Transformer here."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:

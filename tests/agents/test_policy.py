@@ -173,24 +173,20 @@ def random_actions(gen: torch.Generator, n: int, vocab: int, eos: int) -> torch.
 @pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("autoreset_mode", ["next_step", "same_step"])
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
-def test_kv_cache_equals_full_recompute(task, autoreset_mode, positional):
+def test_kv_cache_equals_full_recompute(task, autoreset_mode, positional, random_rollout):
     env = TextGenVectorEnv(8, task=task, autoreset_mode=autoreset_mode, array_type="torch")
     vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
     torch.manual_seed(0)
     policy = randomise(TransformerPolicy(vocab, L, PolicyConfig(d_model=32, positional=positional)))
     cache = KVCache(policy, 8, "cpu")
-    gen = torch.Generator().manual_seed(1)
-    obs, _ = env.reset(seed=3)
-    starts = ends = 0
-    for _ in range(3 * env.config.max_new_tokens + 2):
+    starts = 0
+    for obs in random_rollout(env, 3 * env.config.max_new_tokens + 2):
         logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
         ref_logits, ref_values = full_pass(policy, obs)
         torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
         starts += int((obs["attention_mask"][:, P:].sum(1) == 0).sum())
-        obs, _, terminated, truncated, _ = env.step(random_actions(gen, 8, vocab, env.tokenizer.eos_id))
-        ends += int((terminated | truncated).sum())
-    assert ends > 8 and starts > 8  # the rollout crossed many episode boundaries
+    assert starts > 16  # the rollout crossed many episode boundaries (8 rows start at the reset)
 
 
 def test_kv_cache_rebuild_equals_full_pass():

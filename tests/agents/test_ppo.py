@@ -139,6 +139,8 @@ def test_config_round_trip_through_json():
         "n_heads": 2,
         "mlp_ratio": 4,
         "positional": "sinusoidal",
+        "architecture": "decoder",
+        "encoder_layers": None,
     }
     back = PPOConfig.from_dict(json.loads(json.dumps(data)))
     assert back == cfg

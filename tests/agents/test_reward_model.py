@@ -358,6 +358,8 @@ def test_checkpoints_keep_their_layout(tmp_path):
         "n_heads": 2,
         "mlp_ratio": 4,
         "positional": "learned",
+        "architecture": "decoder",
+        "encoder_layers": None,
     }
     assert ckpt["schema"] == "textgym-reward/1" and ckpt["meta"] == {"note": 1}
     assert ckpt["vocabulary"] == list(ENV.tokenizer.vocabulary)

@@ -11,6 +11,10 @@ algorithms share a meaning (rollout length, minibatch size in transitions, epoch
 and its linear annealing, discount, GAE, clipping, entropy and value coefficients, gradient
 clipping). ``extractor="mlp"`` gives SB3's default ``MultiInputPolicy`` instead (an MLP on the
 token ids read as numbers).
+
+``sb3-recurrent-ppo`` (sb3-contrib's ``RecurrentPPO``, an ``MlpLstmPolicy``) is the exception: it
+sees one new token per step, ``[prompt ids, last token, step]``, and carries the rest of the
+history in its LSTM (:mod:`agents.recurrent`), so ``extractor`` does not apply to it.
 """
 
 from __future__ import annotations
@@ -26,17 +30,23 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from sb3_contrib import MaskablePPO
+from sb3_contrib import MaskablePPO, RecurrentPPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from agents.extractor import MaskableTransformerActorCriticPolicy, TransformerActorCriticPolicy
+from agents.recurrent import LastTokenVecEnv, TokenEmbeddingExtractor, recurrent_policy
 from textgym.checks import is_positive_int, is_real
 from textgym.sb3 import make_sb3_vec_env
 from textgym.vector import TextGenVectorEnv
 
-SB3_AGENTS: dict[str, type[BaseAlgorithm]] = {"sb3-ppo": PPO, "sb3-a2c": A2C, "sb3-maskable-ppo": MaskablePPO}
+SB3_AGENTS: dict[str, type[BaseAlgorithm]] = {
+    "sb3-ppo": PPO,
+    "sb3-a2c": A2C,
+    "sb3-maskable-ppo": MaskablePPO,
+    "sb3-recurrent-ppo": RecurrentPPO,
+}
 EXTRACTORS = ("transformer", "mlp")
 VEC_ENVS = ("batched", "dummy")
 
@@ -55,6 +65,9 @@ _PPO_MATCHED = {  # PPOConfig's defaults, with 64 envs: 32 x 64 = 2048 transitio
 DEFAULT_HYPERPARAMS: dict[str, dict[str, Any]] = {
     "sb3-ppo": dict(_PPO_MATCHED),
     "sb3-maskable-ppo": dict(_PPO_MATCHED),
+    # The LSTM policy's own sizes are SB3's defaults (lstm_hidden_size 256); policy_kwargs may
+    # change them, and features_extractor_kwargs={"embed_dim": ...} the token embeddings.
+    "sb3-recurrent-ppo": dict(_PPO_MATCHED),
     # A2C: one gradient step per 8 x 64 transitions, with PPO's discount, GAE and coefficients.
     "sb3-a2c": {
         "n_steps": 8,
@@ -227,7 +240,9 @@ def make_sb3_model(
         ``policy_kwargs`` may hold :class:`~agents.policy.PolicyConfig` fields (``d_model``, ...).
         ``learning_rate`` may be ``"lin_<x>"`` (linear decay).
     :param extractor: ``"transformer"`` (the custom agent's architecture) or ``"mlp"`` (SB3's
-        default ``MultiInputPolicy``).
+        default ``MultiInputPolicy``). ``sb3-recurrent-ppo`` takes neither: its policy is always the
+        LSTM over one new token per step of :mod:`agents.recurrent` (``"mlp"`` is refused,
+        ``"transformer"``, the default, ignored).
     :param vec_env: ``"batched"`` (the batched env through the SB3 adapter) or ``"dummy"``.
     :param bootstrap_truncated: see :func:`make_sb3_vec_env_for`.
     """
@@ -235,6 +250,11 @@ def make_sb3_model(
         raise ValueError(f"unknown SB3 agent {agent!r}; accepted: {', '.join(SB3_AGENTS)}")
     if extractor not in EXTRACTORS:
         raise ValueError(f"extractor must be one of {', '.join(EXTRACTORS)}, got {extractor!r}")
+    if agent == "sb3-recurrent-ppo" and extractor != "transformer":  # "transformer": left at the default
+        raise ValueError(
+            f"extractor={extractor!r} does not apply to sb3-recurrent-ppo, whose policy is always an LSTM over "
+            "one new token per step (agents.recurrent); extractors apply to sb3-ppo, sb3-a2c, sb3-maskable-ppo"
+        )
     if (problem := hyperparams_error(agent, dict(hyperparams or {}), num_envs)) is not None:
         raise ValueError(problem)
     # A deep copy: SB3 writes into policy_kwargs (A2C adds its optimizer), and the caller's dict
@@ -243,8 +263,16 @@ def make_sb3_model(
     if "learning_rate" in params:
         params["learning_rate"] = learning_rate(params["learning_rate"])
     venv = make_sb3_vec_env_for(num_envs, env_kwargs, vec_env, bootstrap_truncated)
-    if extractor == "mlp":
-        policy: Any = "MultiInputPolicy"
+    policy: Any
+    if agent == "sb3-recurrent-ppo":
+        venv = LastTokenVecEnv(venv)
+        policy = "MlpLstmPolicy"
+        params["policy_kwargs"] = {
+            "features_extractor_class": TokenEmbeddingExtractor,
+            **params.get("policy_kwargs", {}),
+        }
+    elif extractor == "mlp":
+        policy = "MultiInputPolicy"
     else:
         policy = (
             MaskableTransformerActorCriticPolicy
@@ -266,7 +294,10 @@ Policy = Callable[[dict[str, np.ndarray]], np.ndarray]
 def greedy_policy(model: Any) -> Policy:
     """``model``'s (an SB3 model's or :class:`agents.ppo.PPO`'s) deterministic policy as a function
     of a batch of observations, for :func:`evaluate`. MaskablePPO gets the env's action mask, as it had in training (the custom
-    PPO applies its own mask inside ``predict``)."""
+    PPO applies its own mask inside ``predict``); RecurrentPPO its one-token observation and its LSTM
+    state (:func:`agents.recurrent.recurrent_policy`)."""
+    if isinstance(model, RecurrentPPO):
+        return recurrent_policy(model)
     if isinstance(model, MaskablePPO):
         mask = np.asarray(model.get_env().env_method("action_masks", indices=[0])[0], dtype=bool)
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from textgym.io import atomic_write, write_json, write_text
 
-AGENT_ORDER = ("ppo", "grpo", "rloo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo")
+AGENT_ORDER = ("ppo", "grpo", "rloo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo", "sb3-recurrent-ppo")
 CUSTOM = ("ppo", "grpo", "rloo")  # the package's own agents (agents.ppo, agents.grpo)
 RANDOM = "random"
 SUMMARY_TAGS = ("compare/wall_seconds", "compare/env_steps_per_second", "eval/mean_reward")

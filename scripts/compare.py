@@ -4,6 +4,7 @@
     python scripts/compare.py --agents ppo sb3-ppo sb3-a2c --seeds 0 1 2 3 4 --total-timesteps 50000
     python scripts/compare.py --agents ppo grpo rloo --agent-configs '{"grpo": {"group_size": 4}}'
     python scripts/compare.py --task keyword --device cuda --out runs/compare_keyword
+    python scripts/compare.py --task translate --agents ppo sb3-ppo sb3-recurrent-ppo --seeds 0 1 2
     python scripts/compare.py --summarize runs/compare_<time>          # recompute the tables and plot
     tensorboard --logdir runs/compare_<time>                           # every run, overlaid
 
@@ -21,8 +22,11 @@ Writes into ``--out`` (default ``runs/compare_<time>``):
 - ``hyperparams/<agent>.json``, ``config.json``: every setting;
 - ``tb/<agent>_s<seed>_1``: the TensorBoard runs every figure above is computed from.
 
-All agents share the Transformer architecture (SB3 through ``agents.extractor``) and, where the
-algorithms share a meaning, the hyperparameters (``grpo`` and ``rloo`` take theirs from
+All agents but ``sb3-recurrent-ppo`` share the Transformer architecture (SB3 through
+``agents.extractor``); ``sb3-recurrent-ppo`` (sb3-contrib's ``RecurrentPPO``) sees one new token
+per step, the prompt window, the last token and the step number, and carries the history in its
+LSTM (``agents.recurrent``). Where the algorithms share a meaning, all share the
+hyperparameters (``grpo`` and ``rloo`` take theirs from
 ``--agent-configs``: ``agents.grpo.GRPOConfig`` / ``RLOOConfig``, each run ``--num-envs`` rows, so
 ``--num-envs / group_size`` prompts per rollout); none bootstraps the value of an episode cut at
 ``max_new_tokens`` (its reward is already complete). Runs are sequential and interleaved by seed.
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=AGENTS,
         default=None,
-        help="agents to compare (default: ppo sb3-ppo sb3-a2c)",
+        help="agents to compare (default: ppo sb3-ppo sb3-a2c); sb3-recurrent-ppo sees one new token per "
+        "step (the prompt, the last token, the step) and carries the history in its LSTM",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=seed, default=None, help="seeds, each 0 to 2**32-1 (default: 0 1 2)"

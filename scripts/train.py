@@ -9,6 +9,7 @@
     python scripts/train.py --agent sb3-maskable-ppo --env-kwargs '{"allowed_tokens": ["great", "good", "bad"]}'
     python scripts/train.py --agent sb3-a2c --hyperparams '{"n_steps": 16}' --extractor mlp
     python scripts/train.py --policy seq2seq                  # an encoder-decoder policy of about the same size
+    python scripts/train.py --agent sb3-recurrent-ppo --task translate --total-timesteps 100000
     python scripts/train.py --task sentiment --policy-model path/to/causal_lm   # a local Hugging Face model
     python scripts/train.py --task sentiment --policy-model path/to/causal_lm --hf-config '{"dtype": "bfloat16", "lora_rank": 16}' --ppo-config '{"micro_batch_size": 8}'
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
@@ -56,7 +57,11 @@ e.g. ``--ppo-config '{"policy": {"architecture": "seq2seq", "d_model": 60, "n_la
 SB3 agents (``sb3-ppo``, ``sb3-a2c``, ``sb3-maskable-ppo``) use the custom agent's Transformer as
 their features extractor and hyperparameters matched to ``PPOConfig``'s defaults (see
 ``agents.baselines``); ``--extractor mlp`` gives SB3's default MLP, ``--vec-env dummy`` trains on
-SB3's ``DummyVecEnv`` of single envs instead of the batched env.
+SB3's ``DummyVecEnv`` of single envs instead of the batched env. ``sb3-recurrent-ppo``
+(sb3-contrib's ``RecurrentPPO``, ``MlpLstmPolicy``) sees one new token per step instead of the
+whole history: the prompt window (fixed through the episode), the last token emitted (the prompt's
+last token at step 0) and the step number, embedded (``agents.recurrent``); its LSTM carries the
+rest. ``--extractor`` does not apply to it.
 
 ``--policy-model DIR`` (the ``textgym[hf]`` extra) makes the ``ppo`` policy a Hugging Face causal LM
 saved in ``DIR`` with a value head (``agents.hf.HFPolicy``); the env reads text with the model's
@@ -147,7 +152,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--agent", choices=AGENTS, default="ppo", help="which agent to train")
+    parser.add_argument(
+        "--agent",
+        choices=AGENTS,
+        default="ppo",
+        help="which agent to train (sb3-recurrent-ppo: an LSTM policy that sees the prompt, the last "
+        "token and the step, one new token per step)",
+    )
     parser.add_argument("--task", default="default", help=f"built-in task: default, {', '.join(TASKS)}")
     parser.add_argument(
         "--env-kwargs",
@@ -176,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(over agents.baselines.DEFAULT_HYPERPARAMS)",
     )
     parser.add_argument(
-        "--extractor", choices=EXTRACTORS, default="transformer", help="sb3-* agents: policy network"
+        "--extractor",
+        choices=EXTRACTORS,
+        default="transformer",
+        help="sb3-* agents but sb3-recurrent-ppo (always its LSTM): policy network",
     )
     parser.add_argument(
         "--vec-env", choices=VEC_ENVS, default="batched", help="sb3-* agents: batched env or DummyVecEnv"

@@ -23,6 +23,7 @@ from textgym.rewards import (
     RewardModel,
     RewardModelError,
     SentimentReward,
+    TranslationReward,
     VaderReward,
     as_reward_model,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "TextGenEnv",
     "TextGenVectorEnv",
     "Tokenizer",
+    "TranslationReward",
     "VaderReward",
     "WordTokenizer",
     "as_reward_model",

@@ -23,6 +23,7 @@ import numpy as np
 
 from textgym.checks import describe, is_positive_int
 from textgym.lexicon import sentiment_score
+from textgym.translation import reference as translation_reference
 
 RewardFn = Callable[[str, str], float]
 BatchRewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -290,6 +291,17 @@ def arithmetic_answer(prompt: str) -> str:
     return str(a + b if op == "+" else a - b if op == "-" else a * b)
 
 
+def _look_up(table: Mapping[str, str] | Callable[[str], str], prompt: str, what: str) -> str:
+    """``table[prompt]`` for a mapping, ``table(prompt)`` for a function; a prompt missing from a
+    mapping is a KeyError that names it and ``what`` was looked up."""
+    if isinstance(table, Mapping):
+        try:
+            return table[prompt]
+        except KeyError:
+            raise KeyError(f"no {what} is known for prompt {prompt!r}") from None
+    return table(prompt)
+
+
 class ExactMatchReward(RewardModel):
     """1.0 where the stripped completion equals the prompt's answer, else 0.0.
 
@@ -305,15 +317,71 @@ class ExactMatchReward(RewardModel):
         self.answers = answers
 
     def answer(self, prompt: str) -> str:
-        if isinstance(self.answers, Mapping):
-            try:
-                return self.answers[prompt]
-            except KeyError:
-                raise KeyError(f"no answer is known for prompt {prompt!r}") from None
-        return self.answers(prompt)
+        return _look_up(self.answers, prompt, "answer")
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         return [float(c.strip() == self.answer(p)) for p, c in zip(prompts, completions, strict=True)]
+
+
+TRANSLATION_METRICS = ("chrf", "bleu")
+
+
+class TranslationReward(RewardModel):
+    """How close the completion is to the prompt's reference translation, in [0, 1]: sacrebleu's
+    sentence-level chrF (Popović, 2015: character n-gram F-score, ``CHRF().sentence_score``) or
+    BLEU (``BLEU(effective_order=True).sentence_score``, so that a short sentence without a
+    matching 4-gram is not scored 0 outright), divided by 100.
+
+    chrF is the default: it gives partial credit for a word with the right stem and the wrong
+    ending, which is what an agent learning agreement needs, where sentence BLEU is mostly 0 until
+    whole phrases are right. Spacing does not matter to either (chrF ignores whitespace, BLEU
+    splits punctuation off).
+
+    :param references: a mapping from prompt to reference, or a function ``prompt -> reference``.
+        The default translates the prompts of the built-in ``translate`` task
+        (:func:`textgym.translation.reference`).
+    :param metric: ``"chrf"`` or ``"bleu"``.
+    """
+
+    name = "translation"
+
+    def __init__(
+        self,
+        references: Mapping[str, str] | Callable[[str], str] = translation_reference,
+        metric: str = "chrf",
+    ):
+        if metric not in TRANSLATION_METRICS:
+            raise ValueError(
+                f"metric must be one of {', '.join(map(repr, TRANSLATION_METRICS))}, got {describe(metric)}"
+            )
+        if not (callable(references) or isinstance(references, Mapping)):
+            raise TypeError(f"references must be a mapping or a function, got {type(references).__name__}")
+        self.references, self.metric = references, metric
+        self._scorer = _sentence_scorer(metric)
+
+    def reference(self, prompt: str) -> str:
+        return _look_up(self.references, prompt, "reference translation")
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        score = self._scorer.sentence_score
+        return [
+            min(1.0, score(c.strip(), [self.reference(p)]).score / 100.0)  # BLEU gives 100.00000000000004
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_scorer"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._scorer = _sentence_scorer(self.metric)
+
+
+def _sentence_scorer(metric: str) -> Any:
+    """sacrebleu's scorer of ``metric`` (imported here: it is needed by the translate task only)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    return CHRF() if metric == "chrf" else BLEU(effective_order=True)
 
 
 def _learned(path: str, device: str = "cpu", batch_size: int = 256) -> RewardModel:
@@ -336,6 +404,7 @@ REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {
     "regex": RegexReward,
     "length": LengthReward,
     "exact_match": ExactMatchReward,
+    "translation": TranslationReward,
     "vader": VaderReward,
     "learned": _learned,
     "hf-classifier": _hf_classifier,
@@ -346,7 +415,8 @@ def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> R
     """Turn what a user passes as ``reward=`` into a :class:`RewardModel`.
 
     Accepted: a ``RewardModel`` instance; a plain function ``(prompt, completion) -> float``; the
-    name of a built-in (``"sentiment"``, ``"vader"``, ``"length"``, ``"exact_match"``); a mapping
+    name of a built-in (``"sentiment"``, ``"vader"``, ``"length"``, ``"exact_match"``,
+    ``"translation"``); a mapping
     ``{"name": <built-in>, **arguments}``, e.g. ``{"name": "keyword", "keywords": ["great"]}``; or
     the path of a learned reward model's checkpoint (``"reward.pt"``, the same as
     ``{"name": "learned", "path": "reward.pt"}``; see ``scripts/train_reward.py``); or a local

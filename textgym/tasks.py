@@ -8,6 +8,7 @@ task             what the agent does                                   tokenizer
 ``arithmetic2``  answers ``"a+b="`` for operands below 100             char       exact match
 ``keyword``      continues a story, rewarded for "happy friend home"   word       keyword fraction
 ``reviews``      continues a natural review opening ("The movie was")  byte       VADER sentiment
+``translate``    translates a sentence into a synthetic language       word       chrF (sacrebleu)
 ===============  ====================================================  =========  =================
 
 ``default`` is ``sentiment``: its reward is dense enough that learning shows within a few
@@ -16,10 +17,10 @@ arguments (:func:`make_env_config`).
 
 Every task's prompts are split once, by a seeded draw, into ``"train"`` (80%) and ``"test"``
 (20%) (:func:`held_out`); ``split=`` picks ``"train"``, ``"test"`` or ``"all"``. Left at None
-it is the task's ``default_split``: ``"train"`` for ``reviews`` and ``arithmetic2``, ``"all"``
-for the older tasks, whose prompt sets stay what they were. Both arithmetic tasks hold out
-operand pairs (``3+4=`` and ``4+3=`` fall on the same side), and their corpora, which hold the
-answers, leave the test equations out.
+it is the task's ``default_split``: ``"train"`` for ``reviews``, ``arithmetic2`` and ``translate``,
+``"all"`` for the older tasks, whose prompt sets stay what they were. Both arithmetic tasks hold
+out operand pairs (``3+4=`` and ``4+3=`` fall on the same side), and their corpora, which hold the
+answers, leave the test equations out; so does ``translate``'s corpus its test sentences.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from textgym import corpora
+from textgym import corpora, translation
 from textgym.checks import as_int, describe, is_finite_real, is_positive_int, short_repr
 from textgym.rewards import (
     ExactMatchReward,
@@ -44,6 +45,7 @@ from textgym.rewards import (
     RewardFn,
     RewardModel,
     SentimentReward,
+    TranslationReward,
     VaderReward,
     arithmetic_answer,
     as_reward_model,
@@ -195,12 +197,42 @@ def _reviews() -> Task:
     )
 
 
+def _translate() -> Task:
+    # 5,000 of the language pair's 174,960 sentences: enough that every word form occurs in the
+    # training split, few enough that the held-out sentences are new combinations, not new words.
+    sentences = translation.sentences(5000, seed=0)
+    prompts = tuple(translation.prompt(s.source) for s in sentences)
+    test = held_out(prompts)
+    held = set(test)
+    return Task(
+        name="translate",
+        description=(
+            "translate a sentence into a synthetic language (word substitutions, adjective after the "
+            "noun, verb last, number agreement); reward: chrF against the reference in [0, 1]"
+        ),
+        tokenizer_kind="word",
+        prompts=prompts,
+        # The training pairs only, as for arithmetic2: pretraining does not see the test translations.
+        corpus=tuple(
+            f"{p} {s.target}"
+            for i, (p, s) in enumerate(zip(prompts, sentences, strict=True))
+            if i not in held
+        ),
+        reward=TranslationReward,
+        max_new_tokens=10,  # the longest translation is 8 words with its full stop, then <eos>
+        reward_threshold=0.8,
+        test_indices=test,
+        default_split="train",
+    )
+
+
 TASKS: dict[str, Callable[[], Task]] = {
     "sentiment": _sentiment,
     "arithmetic": _arithmetic,
     "arithmetic2": _arithmetic2,
     "keyword": _keyword,
     "reviews": _reviews,
+    "translate": _translate,
 }
 DEFAULT_TASK = "sentiment"
 

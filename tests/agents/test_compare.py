@@ -599,3 +599,33 @@ def test_comparison_on_a_train_split_evaluates_the_held_out_prompts(tmp_path):
     run_comparison(tmp_path / "b", ["ppo"], [0], ppo_config=tiny_ppo_config(), **TINY_RUN)
     columns, _ = read_csv(tmp_path / "b" / "results.csv")
     assert columns == RESULT_COLUMNS
+
+
+def test_comparison_of_the_recurrent_agent_on_translate(tmp_path):
+    """sb3-recurrent-ppo beside sb3-ppo on translate (train split by default): both train, are
+    evaluated greedily on the train and the held-out sentences (chrF in [0, 1]), in agent order."""
+    sb3 = {
+        **TINY_SB3,
+        "sb3-recurrent-ppo": {
+            "n_steps": 8,
+            "batch_size": 16,
+            "n_epochs": 1,
+            "policy_kwargs": {"lstm_hidden_size": 16},
+        },
+    }
+    # three rollouts of 8 steps: translate's episodes take up to 10, so that some end
+    run_comparison(
+        tmp_path,
+        ["sb3-recurrent-ppo", "sb3-ppo"],
+        [0],
+        task="translate",
+        sb3_hyperparams=sb3,
+        **{**TINY_RUN, "total_timesteps": 96},
+    )
+    columns, results = read_csv(tmp_path / "results.csv")
+    assert [row["agent"] for row in results] == ["sb3-ppo", "sb3-recurrent-ppo", "random"]
+    assert "test_eval_reward_mean" in columns
+    for row in results:
+        assert 0.0 <= float(row["eval_reward_mean"]) <= 1.0
+        assert 0.0 <= float(row["test_eval_reward_mean"]) <= 1.0
+    assert (tmp_path / "hyperparams" / "sb3-recurrent-ppo.json").is_file()

@@ -38,7 +38,7 @@ def test_help(script):
     assert "usage:" in out and "--" in out
 
 
-@pytest.mark.parametrize("agent", ["sb3-ppo", "sb3-a2c"])
+@pytest.mark.parametrize("agent", ["sb3-ppo", "sb3-a2c", "sb3-recurrent-ppo"])
 def test_train_writes_a_run(tmp_path, agent):
     out = run(
         "scripts/train.py",

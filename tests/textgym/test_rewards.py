@@ -452,6 +452,7 @@ def test_built_in_registry():
         "regex",
         "length",
         "exact_match",
+        "translation",
         "vader",
         "learned",
         "hf-classifier",

@@ -15,6 +15,7 @@ from textgym.rewards import (
     LengthReward,
     RewardModel,
     SentimentReward,
+    TranslationReward,
     VaderReward,
     arithmetic_answer,
 )
@@ -37,12 +38,14 @@ from textgym.tokenizers import BOS_ID, UNK_ID, ByteTokenizer, CharTokenizer, Wor
 #   arithmetic2 "10+10="                                   6 chars + <bos> = 7 (no operand has 3 digits)
 #   keyword    "once upon a time the fox walked to the"   9 words + <bos> = 10
 #   reviews    "I have used it every day for a month, and the battery life is"  61 bytes + <bos> = 62
+#   translate  "the big dogs see the small cats . ="        9 words + <bos> = 10
 DEFAULTS = {
     "sentiment": (WordTokenizer, SentimentReward, 8, 9),
     "arithmetic": (CharTokenizer, ExactMatchReward, 4, 7),
     "arithmetic2": (CharTokenizer, ExactMatchReward, 4, 7),
     "keyword": (WordTokenizer, KeywordReward, 10, 10),
     "reviews": (ByteTokenizer, VaderReward, 24, 62),
+    "translate": (WordTokenizer, TranslationReward, 10, 10),
 }
 KINDS = {
     "sentiment": "word",
@@ -50,12 +53,13 @@ KINDS = {
     "arithmetic2": "char",
     "keyword": "word",
     "reviews": "byte",
+    "translate": "word",
 }
 
 
 # ------------------------------------------------------------------------------------ get_task
 def test_task_registry():
-    assert set(TASKS) == {"sentiment", "arithmetic", "arithmetic2", "keyword", "reviews"}
+    assert set(TASKS) == {"sentiment", "arithmetic", "arithmetic2", "keyword", "reviews", "translate"}
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -82,7 +86,7 @@ def test_default_task_is_sentiment():
 def test_get_task_unknown_lists_names(name):
     with pytest.raises(
         ValueError,
-        match=rf"unknown task {name!r}; built-in tasks: default, sentiment, arithmetic, arithmetic2, keyword, reviews",
+        match=rf"unknown task {name!r}; built-in tasks: default, sentiment, arithmetic, arithmetic2, keyword, reviews, translate",
     ):
         get_task(name)
 
@@ -108,7 +112,11 @@ def test_make_env_config_defaults(name):
     assert cfg.seq_len == longest + max_new
     assert cfg.length_penalty == 0.0
     task = get_task(name)
-    assert cfg.split == task.default_split == ("train" if name in ("reviews", "arithmetic2") else "all")
+    assert (
+        cfg.split
+        == task.default_split
+        == ("train" if name in ("reviews", "arithmetic2", "translate") else "all")
+    )
     assert cfg.prompts == task.split_prompts(task.default_split)
     assert len(cfg.prompt_ids) == len(cfg.prompts)
     assert all(ids[0] == BOS_ID for ids in cfg.prompt_ids)
@@ -415,6 +423,7 @@ def test_split_sizes_by_hand():
     # reviews 378 -> 75.6 -> 76. Arithmetic: 20 * 21 / 2 = 210 unordered pairs -> 42 held out,
     # 82 prompts (two orders each, but one for a pair a == b: 2 such pairs here). Arithmetic2:
     # 100 * 101 / 2 = 5050 pairs -> 1010 held out; 2000 prompts, so 20 of them pairs a == b.
+    # Translate: 5000 distinct sentences -> 1000 held out.
     sizes = {
         name: (len(get_task(name).split_prompts("train")), len(get_task(name).test_indices)) for name in TASKS
     }
@@ -424,6 +433,7 @@ def test_split_sizes_by_hand():
         "reviews": (302, 76),
         "arithmetic": (318, 82),
         "arithmetic2": (8000, 2000),
+        "translate": (4000, 1000),
     }
 
 

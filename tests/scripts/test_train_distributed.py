@@ -1,0 +1,96 @@
+"""scripts/train.py launched by torchrun (2 CPU processes, gloo): one run directory written by rank 0,
+a resume with the same number of processes, and the refusals of what cannot work."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+}
+GRPO_RUN = (
+    "--agent", "grpo", "--agent-config", '{"group_size": 2}', "--num-envs", "8",
+    "--env-kwargs", '{"max_new_tokens": 3}', "--no-progress", "--device", "cpu", "--eval-episodes", "8",
+)  # fmt: skip
+
+
+def launch(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    # The time-out only stops a hung launch; nothing here depends on wall-clock time.
+    return subprocess.run(
+        [*command, "scripts/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=1800, env=ENV
+    )
+
+
+def test_torchrun_grpo_run_is_written_once_and_resumes_with_every_rank(tmp_path):
+    done = launch(*GRPO_RUN, "--total-timesteps", "40", "--logdir", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    (run_dir,) = tmp_path.iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 2 and config["num_envs"] == 8
+    assert done.stdout.count("trained grpo:") == 1  # rank 0 alone evaluates and prints
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2 and ckpt["num_envs"] == 8
+    first = ckpt["num_timesteps"]
+    assert first >= 40
+
+    refused = subprocess.run(
+        [sys.executable, "scripts/train.py", "--resume", str(run_dir / "checkpoint.pt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=ENV,
+    )
+    assert refused.returncode == 2
+    assert "trained by 2 process(es) and this launch has 1" in refused.stderr
+
+    resumed = launch(
+        "--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", str(first + 1), "--no-progress"
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert resumed.stdout.count(f"resuming at {first} env steps") == 1
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["num_timesteps"] > first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.name]  # the same run directory
+
+
+@pytest.fixture(scope="module")
+def parse_args():
+    """scripts/train.py's ``parse_args`` (its ``__main__`` block does not run)."""
+    return runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="_textgym_script_train_ddp")[
+        "parse_args"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--agent", "grpo", "--agent-config", '{"group_size": 2}', "--num-envs", "6"],
+            r"--num-envs 6 counts the envs of all 2 processes \(WORLD_SIZE\) together and must be a multiple "
+            r"of 2 x group_size 2 = 4",
+        ),
+        (["--num-envs", "7"], r"--num-envs 7 counts the envs of all 2 processes .* multiple of 2 = 2"),
+        (["--agent", "sb3-ppo"], r"--agent sb3-ppo trains in one process; torchrun runs ppo, grpo and rloo"),
+    ],
+)
+def test_torchrun_settings_that_cannot_be_shared_are_refused_by_name(
+    parse_args, monkeypatch, capsys, tmp_path, args, message
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        parse_args([*args, "--logdir", str(tmp_path)])
+    assert re.search(message, capsys.readouterr().err)

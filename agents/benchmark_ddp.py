@@ -8,7 +8,10 @@ time of the slowest. Rows: one process with ``num_envs`` envs; one process with 
 ``num_envs`` (the same total as the distributed run: what one process does with the whole
 batch); ``processes`` processes with ``num_envs`` each (``--num-envs`` of all of them together:
 ``processes`` x ``num_envs``). The ideal of the last against the first is ``processes`` x. The
-three run in turn, several rounds, and each row reports its median round.
+three run in turn, several rounds, and each row reports its median round. Env steps per
+CPU-second (all ranks' CPU time) tell the cost of the distribution itself apart from how many
+cores a shared machine gave the run: with c free cores the run can reach about
+``min(processes, c)`` x that figure.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _free_port() -> int:
 def _train_rank(
     rank: int, world: int, port: int, total_envs: int, updates: int, task: str, results: Any
 ) -> None:
-    """One rank of a timed run; rank 0 puts ``(env steps, seconds)`` on ``results``."""
+    """One rank of a timed run; puts ``(env steps, wall seconds, CPU seconds)`` on ``results``."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -52,12 +55,11 @@ def _train_rank(
         assert rollout is not None
         model.learn(rollout)  # warm-up: first-call costs, the env's first episodes
         dist.barrier()
-        start, steps = time.perf_counter(), model.num_timesteps
+        start, cpu, steps = time.perf_counter(), time.process_time(), model.num_timesteps
         model.learn(rollout * updates, reset_num_timesteps=False)
+        cpu = time.process_time() - cpu  # before the barrier: this rank's own work
         dist.barrier()
-        seconds = time.perf_counter() - start
-        if rank == 0:
-            results.put((model.num_timesteps - steps, seconds))
+        results.put((model.num_timesteps - steps, time.perf_counter() - start, cpu))
     finally:
         dist.close()
 
@@ -71,14 +73,17 @@ def _timed_run(processes: int, total_envs: int, updates: int, task: str) -> dict
         nprocs=processes,
         join=True,
     )
-    steps, seconds = results.get()
+    ranks = [results.get() for _ in range(processes)]
+    steps, seconds, cpu = ranks[0][0], max(r[1] for r in ranks), sum(r[2] for r in ranks)
     return {
         "processes": processes,
         "num_envs": total_envs,
         "envs_per_process": total_envs // processes,
-        "env_steps": steps,
+        "env_steps": steps,  # of all ranks
         "seconds": seconds,
         "env_steps_per_second": steps / seconds,
+        "cpu_seconds": cpu,  # of all ranks together
+        "env_steps_per_cpu_second": steps / cpu,
     }
 
 
@@ -105,12 +110,13 @@ def ddp_speed(
 
 def format_ddp_table(report: dict[str, Any]) -> str:
     lines = [
-        f"{'processes':>9} {'envs (all)':>10} {'envs each':>9} {'env steps/s':>12} {'x 1 process':>11}",
+        f"{'processes':>9} {'envs (all)':>10} {'envs each':>9} {'env steps/s':>12} {'x 1 process':>11} "
+        f"{'per CPU-second':>14}",
     ]
     for r in report["runs"]:
         lines.append(
             f"{r['processes']:>9} {r['num_envs']:>10} {r['envs_per_process']:>9} "
-            f"{r['env_steps_per_second']:>12,.0f} {r['speedup']:>10.2f}x"
+            f"{r['env_steps_per_second']:>12,.0f} {r['speedup']:>10.2f}x {r['env_steps_per_cpu_second']:>14,.0f}"
         )
     lines.append(
         f"(PPO training, one torch thread per process, {report['cores']} cores, gloo; median of "

@@ -54,14 +54,17 @@ def launched_world_size() -> int:
 def init(device: str | torch.device = "auto") -> torch.device:
     """Join the process group of a ``torchrun`` launch and return this rank's device.
 
-    ``nccl`` on CUDA, each rank on the GPU of its ``LOCAL_RANK``; ``gloo`` on the CPU. Outside a
-    launch this only resolves ``device`` ("auto": CUDA when available)."""
+    ``nccl`` on CUDA, each rank on the GPU of its ``LOCAL_RANK`` (unless ``device`` names one:
+    ``cuda:N``); ``gloo`` on the CPU. Outside a launch this only resolves ``device`` ("auto": CUDA
+    when available). A process group already started is joined as it is."""
     resolved = resolve_device(device)
-    if not launched() or is_initialized():
+    if not launched():
+        return resolved
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if is_initialized():
         return resolved
     if resolved.type == "cuda":
-        if resolved.index is None:
-            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(resolved)
         dist.init_process_group("nccl", device_id=resolved)
     else:  # resolve_device accepts cpu and cuda only
@@ -154,25 +157,33 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
-def reduce_gradients(params: Sequence[torch.Tensor]) -> None:
-    """Sum the gradients of ``params`` over all ranks (a missing gradient counts as zeros), one
-    collective per dtype. Each rank's loss must be its share of the global loss (normalised by
-    counts over all ranks); the sum is then the gradient of the whole minibatch."""
-    if world_size() == 1:
+def reduce_gradients(params: Sequence[torch.Tensor], *sums: torch.Tensor) -> None:
+    """Sum the gradients of ``params`` over all ranks, and the tensors ``sums`` in place with them
+    (the minibatch's logged sums: one collective per dtype, not one more per minibatch). Each
+    rank's loss must be its share of the global loss (normalised by counts over all ranks); the
+    sum is then the gradient of the whole minibatch. A gradient missing on some ranks counts as
+    zeros there; one missing on every rank (a parameter the loss does not use, as GRPO's value
+    head) stays missing, so that Adam leaves it alone as it does in one process."""
+    if world_size() == 1 or not params:
         return
+    had = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)  # (P,)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for t in (*sums, had):
+        by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])  # (total,) one message, not one per tensor
+        flat = torch.cat([t.reshape(-1) for t in group])  # (total,) one message, not one per tensor
         dist.all_reduce(flat)
         offset = 0
-        for p in group:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    for p, ranks_with_grad in zip(params, had.tolist(), strict=True):
+        if ranks_with_grad == 0:
+            p.grad = None
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -468,8 +468,8 @@ class GroupAgent(OnPolicyAgent):
                     terms = self._loss_sums(rollout, part, weights[start : start + micro], advantages, beta)
                     terms[0].backward()  # each micro-batch adds its share of the minibatch's loss
                     sums += terms.detach()
-                dist.reduce_gradients(self._trainable)
-                sums = dist.all_sum(sums)  # the whole minibatch's, every rank's share
+                # Under torchrun: the gradient and the sums of the whole minibatch, every rank's share.
+                dist.reduce_gradients(self._trainable, sums)
                 part_loss, pg_loss, kl_loss, neg_entropy, approx_kl, clipped, tokens = sums.tolist()
                 if not np.isfinite(part_loss):
                     self._diverged(

@@ -1269,8 +1269,8 @@ class PPO(OnPolicyAgent):
                     part_loss = (terms[0] + cfg.ent_coef * terms[2] + cfg.vf_coef * terms[1]) / n
                     part_loss.backward()
                     sums += terms.detach()
-                dist.reduce_gradients(self._trainable)
-                sums = dist.all_sum(sums)  # the whole minibatch's, every rank's share
+                # Under torchrun: the gradient and the sums of the whole minibatch, every rank's share.
+                dist.reduce_gradients(self._trainable, sums)
                 pg_loss, value_loss, entropy_loss, approx_kl, clip_fraction = (sums / n).tolist()
                 loss = pg_loss + cfg.ent_coef * entropy_loss + cfg.vf_coef * value_loss
                 pg_losses.append(pg_loss)

@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         default=None,
-        help="checkpoint.pt of a ppo, grpo or rloo run to continue, with its own settings (see above; "
-        "default: a new run)",
+        help="checkpoint.pt of a ppo, grpo or rloo run to continue, with its own settings and as many "
+        "processes as it had (see above; default: a new run)",
     )
     parser.add_argument(
         "--checkpoint-interval",

@@ -1,5 +1,5 @@
 """The rank side of tests/agents/test_distributed.py, launched by
-``torchrun --standalone --nproc_per_node=2 tests/agents/distributed_worker.py OUT``.
+``torchrun --standalone --nproc_per_node=2 tests/agents/distributed_worker.py OUT [fail]``.
 
 Every rank runs the same scenarios in order and writes what the test compares to
 ``OUT/results/rank<r>.pt``; the agents' own files (TensorBoard, checkpoints) go under ``OUT/run``.
@@ -45,6 +45,10 @@ def identical_weights() -> dict:
             "n_updates": model.n_updates,
             "stats": {k: v for k, v in model.last_stats.items() if k != "time/fps"},
             "prompt_index": model.env._core.prompt_index.clone(),
+            # GRPO's loss leaves the value head out: Adam must keep no state for it, as in one process
+            "value_head_stepped": any(
+                p in model.optimizer.state for p in model.policy.value_head.parameters()
+            ),
         }
         for name, model in (("ppo", ppo), ("grpo", grpo))
     }
@@ -112,8 +116,37 @@ def interrupt_and_resume(run: Path) -> dict:
     }
 
 
+class FailsOnRank1:
+    """A reward function that raises on rank 1 once it has scored ``after`` episodes."""
+
+    def __init__(self, after: int):
+        self.calls, self.after = 0, after
+
+    def __call__(self, prompt: str, completion: str) -> float:
+        self.calls += 1
+        if dist.rank() == 1 and self.calls > self.after:
+            raise RuntimeError("the reward model failed on rank 1")
+        return len(completion.split()) / 3
+
+
+def fail_on_rank_1(run: Path) -> None:
+    """PPO saving after every update until rank 1's reward function raises mid-rollout."""
+    model = PPO(
+        "TextGen-v0",
+        RESUME_CFG,
+        num_envs=8,
+        env_kwargs={**ENV, "reward": FailsOnRank1(20)},
+        device="cpu",
+        seed=5,
+    )
+    model.learn(100 * RESUME_CFG.n_steps * 8, checkpoint_path=run / "checkpoint.pt", checkpoint_interval=1)
+
+
 def main(out: Path) -> None:
     device = dist.init("cpu")
+    if len(sys.argv) > 2 and sys.argv[2] == "fail":
+        fail_on_rank_1(out)
+        return
     assert device.type == "cpu" and dist.world_size() == 2
     results = {
         "world_size": dist.world_size(),

@@ -87,6 +87,7 @@ def test_every_rank_holds_the_same_weights_after_updates(launch, agent):
     assert a["stats"] == b["stats"]  # logged metrics are global
     # each rank ran its own shard: different prompts
     assert not torch.equal(a["prompt_index"], b["prompt_index"])
+    assert a["value_head_stepped"] == (agent == "ppo")  # GRPO has no critic
 
 
 def test_ppo_counts_env_steps_of_every_rank(launch):
@@ -145,6 +146,15 @@ def test_a_torchrun_checkpoint_loads_in_one_process_as_rank_zeros_shard(launch):
     model = PPO.load(launch["out"] / "run" / "checkpoint.pt", device="cpu")
     assert model.num_envs == 4 and model.total_envs == 4
     assert model.num_timesteps == 3 * 4 * 8  # saved at the interrupt
+
+
+def test_a_failing_rank_ends_every_rank_and_leaves_a_whole_checkpoint(tmp_path):
+    done = torchrun(str(WORKER), str(tmp_path), "fail")
+    assert done.returncode != 0
+    assert "the reward model failed on rank 1" in done.stdout + done.stderr
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # the last update's, whole
+    assert ckpt["world_size"] == 2 and ckpt["n_updates"] >= 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
 
 
 # ------------------------------------------------------------------------------ one process

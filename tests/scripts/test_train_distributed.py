@@ -7,8 +7,10 @@ import json
 import os
 import re
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,34 @@ def test_torchrun_grpo_run_is_written_once_and_resumes_with_every_rank(tmp_path)
     assert resumed.stdout.count(f"resuming at {first} env steps") == 1
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["num_timesteps"] > first
     assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.name]  # the same run directory
+
+
+def test_ctrl_c_to_torchrun_stops_every_rank_after_the_same_update_and_saves_it(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [
+        "--num-envs", "8", "--ppo-config", '{"n_steps": 4}', "--env-kwargs", '{"max_new_tokens": 3}',
+        "--total-timesteps", "100000000", "--checkpoint-interval", "1", "--no-progress", "--device", "cpu",
+        "--eval-episodes", "8", "--logdir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [*command, "scripts/train.py", *args], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    # Ctrl-C once the first checkpoint is there: both ranks are training. The deadline only stops
+    # a hung launch.
+    deadline = time.monotonic() + 1800
+    while not list(tmp_path.glob("*/checkpoint.pt")):
+        assert proc.poll() is None, proc.communicate()[0][-6000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # torchrun passes it on to every worker
+    out = proc.communicate(timeout=1800)[0]
+    assert out.count("interrupt: finishing this update, then saving") == 2, out[-6000:]  # each rank held it
+    assert out.count("is the run's last checkpoint") == 1  # rank 0 reports
+    assert "--resume" in out and "torchrun with 2 processes" in out
+    ckpt = torch.load(next(tmp_path.glob("*/checkpoint.pt")), weights_only=True)
+    assert ckpt["num_timesteps"] == ckpt["n_updates"] * 4 * 8  # the end of an update, on both ranks
+    assert [state["n_updates"] for state in ckpt["ranks"]] == [ckpt["n_updates"]] * 2
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,20 @@ def test_a_failing_rank_ends_every_rank_and_leaves_a_whole_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
 
 
+@pytest.mark.slow
+def test_ddp_benchmark_counts_the_env_steps_of_every_process():
+    from agents.benchmark_ddp import ddp_speed, format_ddp_table
+
+    report = ddp_speed(processes=2, num_envs=4, updates=1, rounds=1)
+    runs = {(r["processes"], r["num_envs"]): r for r in report["runs"]}
+    assert sorted(runs) == [(1, 4), (1, 8), (2, 8)]
+    assert runs[(1, 4)]["env_steps"] == 32 * 4  # one update of n_steps 32
+    assert runs[(2, 8)]["env_steps"] == runs[(1, 8)]["env_steps"] == 32 * 8  # both ranks counted
+    assert runs[(2, 8)]["envs_per_process"] == 4
+    assert all(r["env_steps_per_second"] > 0 and r["env_steps_per_cpu_second"] > 0 for r in runs.values())
+    assert format_ddp_table(report).count("\n") == 4
+
+
 # ------------------------------------------------------------------------------ one process
 def test_without_torchrun_every_helper_is_the_identity(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)

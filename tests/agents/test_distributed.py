@@ -3,7 +3,8 @@
 One ``torchrun --standalone --nproc_per_node=2`` launch of tests/agents/distributed_worker.py runs
 every scenario (a launch costs seconds of imports); the tests below check its results: identical
 weights on both ranks, the two ranks' gradient on two halves of a batch against one process's on
-the whole batch, an interrupt on one rank resumed on both, and which files were written.
+the whole batch, an interrupt on one rank resumed on both, and which files were written. A second
+launch has one rank fail; the helpers are checked in one process as well.
 """
 
 from __future__ import annotations

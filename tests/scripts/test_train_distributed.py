@@ -96,6 +96,31 @@ def test_ctrl_c_to_torchrun_stops_every_rank_after_the_same_update_and_saves_it(
     assert [state["n_updates"] for state in ckpt["ranks"]] == [ckpt["n_updates"]] * 2
 
 
+@pytest.mark.slow
+def test_torchrun_trains_a_hugging_face_policy_through_lora_and_resumes(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from agents.benchmark import _benchmark_model
+
+    model_dir, _ = _benchmark_model("tiny", 8, tmp_path / "model")  # a random GPT-2 built offline
+    logdir = tmp_path / "runs"
+    done = launch(
+        "--agent", "grpo", "--task", "reviews", "--policy-model", str(model_dir), "--hf-config",
+        '{"lora_rank": 4}', "--agent-config", '{"group_size": 2, "beta": 0.05}', "--num-envs", "8",
+        "--env-kwargs", '{"max_new_tokens": 8, "reward": {"name": "length"}}', "--total-timesteps", "100",
+        "--threads", "1", "--no-progress", "--eval-episodes", "8", "--logdir", str(logdir),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    (checkpoint,) = logdir.glob("*/checkpoint.pt")
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert len(ckpt["ranks"]) == 2 and all("lora_" in k or "value_head" in k for k in ckpt["model"])
+    resumed = launch(
+        "--resume", str(checkpoint), "--total-timesteps", str(ckpt["num_timesteps"] + 1), "--no-progress"
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert torch.load(checkpoint, weights_only=True)["num_timesteps"] > ckpt["num_timesteps"]
+
+
 @pytest.fixture(scope="module")
 def parse_args():
     """scripts/train.py's ``parse_args`` (its ``__main__`` block does not run)."""

@@ -75,6 +75,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agents import distributed as dist
 from agents.policy import PolicyConfig
 from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, forward_span
 from textgym.vector import TextGenVectorEnv
@@ -239,21 +240,28 @@ def group_loss(
     return pg_part + beta * kl_part, pg_part, kl_part
 
 
-def token_weights(lengths: torch.Tensor, max_new_tokens: int, aggregation: str) -> torch.Tensor:
+def token_weights(
+    lengths: torch.Tensor,
+    max_new_tokens: int,
+    aggregation: str,
+    totals: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """(n, max_new_tokens) weight of each token of n completions of ``lengths`` (n,) in their
-    minibatch's loss (0 past a completion's end), so that the loss is ``sum(weights * terms)``:
+    minibatch's loss (0 past a completion's end), so that the loss is ``sum(weights * terms)``.
+    ``totals``: the completions and tokens of the whole minibatch when these n are only a share of
+    it (one rank's, under ``torchrun``); None: they are the whole minibatch.
 
     - ``"sequence"``: ``1 / (n * length_i)``, the mean over each completion, then over completions;
     - ``"token"``: ``1 / sum(lengths)``, the mean over all tokens;
     - ``"constant"``: ``1 / (n * max_new_tokens)``, the sum over tokens divided by a constant;
     - ``"sum"``: ``1 / n``, each completion's sum over its tokens, averaged over completions (RLOO).
     """
-    n = lengths.shape[0]
+    n, tokens = totals if totals is not None else (lengths.shape[0], lengths.sum().double())
     valid = torch.arange(max_new_tokens, device=lengths.device) < lengths.unsqueeze(1)  # (n, M)
     if aggregation == "sequence":
         w = 1.0 / (n * lengths.unsqueeze(1).double())
     elif aggregation == "token":
-        w = 1.0 / lengths.sum().double()
+        w = 1.0 / tokens
     elif aggregation == "constant":
         w = torch.tensor(1.0 / (n * max_new_tokens), dtype=torch.float64, device=lengths.device)
     elif aggregation == "sum":
@@ -417,7 +425,8 @@ class GroupAgent(OnPolicyAgent):
         """The sampled KL to the reference of the rollout's completions, sum over each one's tokens
         of log π_old - log π_ref, averaged (nats per completion): the reference scores the sampled
         tokens in one pass, so the exact per-step KL (``train/kl_ref`` of PPO) is not computed."""
-        sampled = float(np.mean(self._rollout_kl)) if self._rollout_kl else float("nan")
+        means = dist.global_mean(self._rollout_kl)  # over every rank's completions
+        sampled = float("nan") if means is None else float(means[0])
         return {"train/kl_ref_sampled": sampled, "train/kl_coef": self.kl.value}
 
     # ----------------------------------------------------------------------------------- update
@@ -426,6 +435,11 @@ class GroupAgent(OnPolicyAgent):
 
         Returns the update's metrics: means over its minibatches, except ``train/loss`` (the last
         minibatch's, as SB3 logs it), and the rollout's group statistics.
+
+        Under ``torchrun`` a minibatch is the union of every rank's (each rank has ``num_envs``
+        rows, so all take the same steps): token weights count the completions and tokens of all
+        ranks, gradients and logged sums are summed over them (:mod:`agents.distributed`). The
+        advantages are the groups' own, and a group's rows live in one rank: nothing to share.
         """
         cfg = self.config
         N, M = rollout.logprobs.shape
@@ -440,8 +454,14 @@ class GroupAgent(OnPolicyAgent):
             epochs += 1
             order = torch.randperm(N, device=self.device)
             for batch in order.chunk(cfg.num_minibatches):
-                # Weights over the whole minibatch, however it is cut into micro-batches.
-                weights = token_weights(rollout.lengths[batch], M, self.aggregation)  # (b, M)
+                # Weights over the whole minibatch (every rank's share), however it is cut into
+                # micro-batches.
+                lengths = rollout.lengths[batch]
+                totals = None
+                if dist.world_size() > 1:
+                    count = dist.all_sum(torch.stack([lengths.new_tensor(len(batch)), lengths.sum()]))
+                    totals = (int(count[0]), int(count[1]))
+                weights = token_weights(lengths, M, self.aggregation, totals)  # (b, M)
                 self.optimizer.zero_grad(set_to_none=True)
                 sums = torch.zeros(7, device=self.device)
                 for start in range(0, len(batch), micro):
@@ -449,6 +469,8 @@ class GroupAgent(OnPolicyAgent):
                     terms = self._loss_sums(rollout, part, weights[start : start + micro], advantages, beta)
                     terms[0].backward()  # each micro-batch adds its share of the minibatch's loss
                     sums += terms.detach()
+                # Under torchrun: the gradient and the sums of the whole minibatch, every rank's share.
+                dist.reduce_gradients(self._trainable, sums)
                 part_loss, pg_loss, kl_loss, neg_entropy, approx_kl, clipped, tokens = sums.tolist()
                 if not np.isfinite(part_loss):
                     self._diverged(
@@ -468,6 +490,13 @@ class GroupAgent(OnPolicyAgent):
         self.optimizer.zero_grad(set_to_none=True)  # the rollout needs that memory more
         by_group = rollout.rewards.view(-1, cfg.group_size)  # (groups, G)
         spread = by_group.std(1, correction=0)
+        # Every rank has as many groups: the global mean over groups is the mean of the ranks'.
+        zero_std = (by_group == by_group[:, :1]).all(1).float()
+        group_means = dist.all_sum(torch.stack([spread.mean(), zero_std.mean()])) / dist.world_size()
+        trained, env_steps = (
+            dist.sum_int(int(rollout.lengths.sum())),
+            dist.sum_int(rollout.env_steps),
+        )
         stats = {
             "train/policy_gradient_loss": float(np.mean(pg_losses)),
             "train/entropy_loss": float(np.mean(entropy_losses)),
@@ -478,10 +507,10 @@ class GroupAgent(OnPolicyAgent):
             "train/clip_range": cfg.clip_range,
             "train/n_updates": self.n_updates + 1,
             "train/epochs": epochs,
-            "train/sequences": N,
-            "train/group_reward_std": float(spread.mean()),
-            "train/zero_std_fraction": float((by_group == by_group[:, :1]).all(1).float().mean()),
-            "rollout/trained_fraction": float(rollout.lengths.sum()) / rollout.env_steps,
+            "train/sequences": N * dist.world_size(),
+            "train/group_reward_std": float(group_means[0]),
+            "train/zero_std_fraction": float(group_means[1]),
+            "rollout/trained_fraction": trained / env_steps,
         }
         if beta > 0:
             stats["train/kl_k3"] = float(np.mean(kl_losses))

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical
 
+from agents import distributed as dist
 from agents.buffer import Rollout, Segments, compute_gae, segments
 from agents.kl import KLController
 from agents.policy import PolicyConfig, TransformerPolicy, build_policy, last_real_column
@@ -63,8 +64,9 @@ if TYPE_CHECKING:
 
 # 3: policy_model (a Hugging Face policy's directory); 4: env_spec; 5: hf_config, and under LoRA
 # "model" holds the trained weights only, with the frozen base model's base_digest
-CHECKPOINT_SCHEMA = 6  # 6: the env's episodes as TextGenVectorEnv.get_state() gives them
-READABLE_SCHEMAS = (3, 4, 5, 6)  # 3 lacks env_spec; 3 and 4 lack hf_config (None: a float32 model)
+# 6: the env's episodes as TextGenVectorEnv.get_state() gives them
+CHECKPOINT_SCHEMA = 7  # 7: world_size, and from a torchrun run every rank's training state ("ranks")
+READABLE_SCHEMAS = (3, 4, 5, 6, 7)  # 3 lacks env_spec; 3 and 4 lack hf_config (None: a float32 model)
 ENV_IDS = ("TextGen-v0", "textgym:TextGen-v0")
 BOOL_FIELDS = ("anneal_lr", "normalize_advantage", "bootstrap_truncated", "mask_actions")
 
@@ -326,10 +328,12 @@ class OnPolicyAgent:
     :param env: ``"TextGen-v0"``, or a :class:`~textgym.vector.TextGenVectorEnv` made with
         ``autoreset_mode="same_step", array_type="torch"`` on the agent's device.
     :param config: hyperparameters (an instance of the subclass's ``config_class``).
-    :param num_envs: episodes in flight (when ``env`` is an id).
+    :param num_envs: episodes in flight (when ``env`` is an id); under ``torchrun``, of all processes
+        together: each runs ``num_envs / world_size`` of them (:mod:`agents.distributed`).
     :param env_kwargs: keyword arguments of the environment (task, reward, ...).
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-    :param seed: seeds torch, the policy's initial weights and the environment.
+    :param seed: seeds torch, the policy's initial weights and the environment (under ``torchrun``,
+        each rank's env shard and torch stream from the seed and the rank).
     :param tensorboard_log: directory of TensorBoard runs; None disables logging.
     :param verbose: 0 silent, 1 prints the config at the start of ``learn``.
     :param init_policy: a language-model checkpoint (``scripts/pretrain.py``, :func:`agents.lm.save_lm`)
@@ -411,7 +415,7 @@ class OnPolicyAgent:
             if env not in ENV_IDS:
                 raise ValueError(f"env must be one of {ENV_IDS} or a TextGenVectorEnv, got {env!r}")
             env = TextGenVectorEnv(
-                num_envs,
+                dist.local_envs(num_envs, self._env_options().get("group_size", 1)),
                 device=self.device,
                 autoreset_mode="same_step",
                 array_type="torch",
@@ -428,7 +432,8 @@ class OnPolicyAgent:
             )
         self._check_env(env)
         self.env = env
-        self.num_envs = env.num_envs
+        self.num_envs = env.num_envs  # this process's envs
+        self.total_envs = env.num_envs * dist.world_size()  # all processes' envs
         self.prompt_window = env.prompt_window
         self.seq_len = env.config.seq_len
         self.tokenizer = env.tokenizer
@@ -456,6 +461,9 @@ class OnPolicyAgent:
             self.policy = build_policy(
                 env.single_action_space.n, self.seq_len, self.prompt_window, self.config.policy
             ).to(self.device)
+        # Under torchrun every rank starts from rank 0's weights, then samples with its own stream.
+        dist.broadcast_parameters(p for p in self.policy.parameters() if p.requires_grad)
+        dist.seed_rank(seed)
         cfg = self.config
         self.kl = KLController(*self._kl_settings())
         self.reference: TransformerPolicy | Seq2SeqPolicy | HFPolicy | AdaptersDisabled | None = None
@@ -559,7 +567,10 @@ class OnPolicyAgent:
           weights have not changed since) and that state is saved;
         - during an update, in the main thread, the update is finished first and then saved
           (a second Ctrl-C stops at once and saves nothing, keeping the last checkpoint);
-        - a save that fails leaves the previous checkpoint in place.
+        - a save that fails leaves the previous checkpoint in place;
+        - under ``torchrun`` (:mod:`agents.distributed`) a Ctrl-C is held until the end of the
+          update on every rank (the ranks cannot roll back apart), then all ranks agree to stop
+          after that same update and rank 0 saves it; a second Ctrl-C stops at once, saving nothing.
 
         :raises TrainingDivergedError: when the policy's logits, the loss or the gradient norm
             becomes NaN or infinite; the weights are left as they were before the failing
@@ -572,7 +583,7 @@ class OnPolicyAgent:
             if reset_num_timesteps:
                 self.num_timesteps, self.n_updates = 0, 0
                 self.ep_info_buffer.clear()
-            obs, _ = self.env.reset(seed=self.seed)
+            obs, _ = self.env.reset(seed=dist.env_seed(self.seed, self.env.num_groups))
             self._obs = obs
             self._episode_return.zero_()
             self._episode_length.zero_()
@@ -585,23 +596,28 @@ class OnPolicyAgent:
                 max(self._target_timesteps - self.num_timesteps, 0) / rollout_size
             )
         self._open_writer(tb_log_name or self.algorithm, new_run=reset_num_timesteps)
-        if self.verbose:
+        if self.verbose and dist.is_main():
             print(f"{type(cfg).__name__}: {json.dumps(cfg.to_dict())}")
             if self.hf_config is not None:
                 print(f"HFConfig: {json.dumps(self.hf_config.to_dict())}")
             if rollout_size is not None and planned != self._target_timesteps:
                 print(
                     f"training to {planned:,} env steps: {self._target_timesteps:,} rounded up to whole "
-                    f"rollouts of {rollout_size:,} (n_steps {rollout_size // self.num_envs} x num_envs "
-                    f"{self.num_envs})"
+                    f"rollouts of {rollout_size:,} (n_steps {rollout_size // self.total_envs} x num_envs "
+                    f"{self.total_envs})"
                 )
         start_steps, start_time = self.num_timesteps, time.perf_counter()
         bar = None
-        if progress_bar:
+        if progress_bar and dist.is_main():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=planned, initial=self.num_timesteps, unit="step", dynamic_ncols=True)
         phase, consistent = "between", None
+        # Under torchrun a Ctrl-C is held over whole iterations (a rank cannot roll back alone);
+        # the ranks agree after each update whether any was interrupted, then stop together.
+        distributed, agreed = dist.world_size() > 1, False
+        held_signals = contextlib.ExitStack()
+        held: list[bool] = held_signals.enter_context(_interrupt_after_block()) if distributed else []
         try:
             while self.num_timesteps < self._target_timesteps:
                 # The weights and the optimizer change only inside the update below, so this
@@ -613,6 +629,7 @@ class OnPolicyAgent:
                         group["lr"] = frac * cfg.learning_rate
                 rollout_start = self.num_timesteps
                 batch = self._collect()
+                self.num_timesteps = rollout_start + dist.sum_int(self.num_timesteps - rollout_start)
                 with _interrupt_after_block() as interrupted:
                     phase = "update"
                     stats = self._train(batch)
@@ -621,13 +638,14 @@ class OnPolicyAgent:
                         self.kl.update(stats[self.kl_control_tag], self.num_timesteps - rollout_start)
                     self.n_updates += 1
                     phase, consistent = "between", None
+                agreed = dist.any_rank(bool(interrupted) or bool(held))
                 fps = (self.num_timesteps - start_steps) / (time.perf_counter() - start_time)
                 self._log(stats, fps)
                 if bar is not None:
                     bar.update(self.num_timesteps - bar.n)
                     if "rollout/ep_rew_mean" in self.last_stats:
                         bar.set_postfix(ep_rew_mean=f"{self.last_stats['rollout/ep_rew_mean']:.3f}")
-                if interrupted:
+                if agreed:
                     raise KeyboardInterrupt
                 if (
                     checkpoint_path is not None
@@ -638,6 +656,9 @@ class OnPolicyAgent:
                 if callback is not None and callback(self) is False:
                     break
         except KeyboardInterrupt:
+            if distributed and not agreed:
+                print(f"\nrank {dist.rank()}: interrupted again, stopped at once; nothing was saved")
+                raise
             if phase == "rollout" and consistent is not None:
                 self._set_training_state(consistent)  # back to the end of the last update
             if phase == "update":
@@ -650,6 +671,7 @@ class OnPolicyAgent:
                 self.save(checkpoint_path)
             raise
         finally:
+            held_signals.close()
             if bar is not None:
                 bar.close()
             if self._writer is not None:
@@ -689,14 +711,16 @@ class OnPolicyAgent:
         return F.log_softmax(self._masked(ref_logits), dim=-1)
 
     def _kl_stats(self) -> dict[str, float]:
-        """KL to the reference over the episodes that ended in the last rollout (nats per episode)."""
-        if not self._rollout_kl:
+        """KL to the reference over the episodes that ended in the last rollout (nats per episode;
+        on every rank together, so the adaptive coefficient moves alike on all)."""
+        means = dist.global_mean(self._rollout_kl, width=2)
+        if means is None:
             return {
                 "train/kl_ref": float("nan"),
                 "train/kl_ref_sampled": float("nan"),
                 "train/kl_coef": self.kl.value,
             }
-        exact, sampled = np.mean(self._rollout_kl, axis=0)
+        exact, sampled = means
         return {
             "train/kl_ref": float(exact),
             "train/kl_ref_sampled": float(sampled),
@@ -735,7 +759,7 @@ class OnPolicyAgent:
 
     # ---------------------------------------------------------------------------------- logging
     def _open_writer(self, tb_log_name: str, new_run: bool) -> None:
-        if self.tensorboard_log is None:
+        if self.tensorboard_log is None or not dist.is_main():  # rank 0 alone writes
             return
         from torch.utils.tensorboard import SummaryWriter
 
@@ -763,9 +787,11 @@ class OnPolicyAgent:
 
     def _log(self, stats: dict[str, float], fps: float) -> None:
         self.last_stats = {**stats, "time/fps": fps}
-        if self.ep_info_buffer:
-            self.last_stats["rollout/ep_rew_mean"] = float(np.mean([e["r"] for e in self.ep_info_buffer]))
-            self.last_stats["rollout/ep_len_mean"] = float(np.mean([e["l"] for e in self.ep_info_buffer]))
+        # over the last 100 episodes of each rank, all ranks together
+        means = dist.global_mean([[e["r"], e["l"]] for e in self.ep_info_buffer], width=2)
+        if means is not None:
+            self.last_stats["rollout/ep_rew_mean"] = float(means[0])
+            self.last_stats["rollout/ep_len_mean"] = float(means[1])
         if self._writer is None:
             return
         for tag, value in self.last_stats.items():
@@ -820,8 +846,21 @@ class OnPolicyAgent:
     # ---------------------------------------------------------------------------- checkpoints
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a checkpoint atomically (a unique temporary file, flushed to disk, then a rename):
-        a save that fails or is interrupted leaves the previous file at ``path`` as it was."""
-        return save_torch(path, self._checkpoint(self._training_state(copy_tensors=False)))
+        a save that fails or is interrupted leaves the previous file at ``path`` as it was.
+
+        Under ``torchrun`` every rank must call it: rank 0 gathers each rank's training state (its
+        env episodes, counters and RNG states) into ``"ranks"`` and writes the file; every rank
+        returns once it is written."""
+        state = self._training_state(copy_tensors=False)
+        ranks = dist.gather_to_main(state)
+        written = Path(path)
+        if dist.is_main():
+            checkpoint = self._checkpoint(state)
+            if ranks is not None:
+                checkpoint["ranks"] = ranks
+            written = save_torch(path, checkpoint)
+        dist.barrier()
+        return written
 
     def _checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint of the current weights and optimizer with ``state`` (:meth:`_training_state`)."""
@@ -831,7 +870,8 @@ class OnPolicyAgent:
             "config": self.config.to_dict(),
             "env_kwargs": _jsonable_or_none(self.env_kwargs),
             "env_spec": self._env_spec(),
-            "num_envs": self.num_envs,
+            "num_envs": self.total_envs,  # of all ranks together
+            "world_size": dist.world_size(),
             "seed": self.seed,
             "model": self._policy_state(),
             "optimizer": self.optimizer.state_dict(),
@@ -939,7 +979,10 @@ class OnPolicyAgent:
         The file is checked for damage first (every zip entry's CRC-32, see
         :func:`textgym.io.check_zip_integrity`). Loading restores the global torch, NumPy and
         Python RNG states saved in the checkpoint, so that a resumed run continues exactly as
-        the uninterrupted one would have.
+        the uninterrupted one would have. Under ``torchrun`` every rank loads the file (on a
+        filesystem they share) and takes its own training state from it; the run must have as many
+        processes as the one that saved it. In one process, a checkpoint of a ``torchrun`` run
+        gives an agent on rank 0's env shard (for ``predict``, ``generate`` or evaluation).
         """
         path = Path(path)
         if not path.is_file():
@@ -963,6 +1006,13 @@ class OnPolicyAgent:
                 f"{str(path)!r} is a checkpoint of the {saved_agent!r} agent, not of {cls.algorithm!r}: load it "
                 f"with {saved_agent.upper()}.load (from agents)"
             )
+        saved_world, world = ckpt.get("world_size", 1), dist.world_size()
+        if world > 1 and saved_world != world:
+            raise ValueError(
+                f"{str(path)!r} was saved by a run of {saved_world} process(es), and this one has {world}: "
+                f"resume it with as many (torchrun --nproc_per_node=... so that nnodes x nproc_per_node = "
+                f"{saved_world}); each process continues its own env shard"
+            )
         if env_kwargs is None:
             if ckpt["env_kwargs"] is None:
                 raise ValueError(
@@ -972,7 +1022,8 @@ class OnPolicyAgent:
             env_kwargs = ckpt["env_kwargs"]
         model = cls(
             config=cls.config_class.from_dict(ckpt["config"]),
-            num_envs=ckpt["num_envs"],
+            # In one process, a torchrun checkpoint gives rank 0's shard: its envs, episodes and RNGs.
+            num_envs=ckpt["num_envs"] // saved_world * world,
             env_kwargs=env_kwargs,
             device=device,
             seed=ckpt["seed"],
@@ -995,7 +1046,7 @@ class OnPolicyAgent:
         if isinstance(model.reference, torch.nn.Module):
             model.reference.load_state_dict(ckpt["reference"])
         model.optimizer.load_state_dict(ckpt["optimizer"])
-        model._set_training_state(ckpt)
+        model._set_training_state(ckpt["ranks"][dist.rank()] if world > 1 else ckpt)
         if ckpt["tb_dir"] is not None and tensorboard_log is not None:
             model._tb_dir = Path(ckpt["tb_dir"])
         return model
@@ -1096,7 +1147,7 @@ class PPO(OnPolicyAgent):
         return self.config.kl_coef, self.config.kl_target, self.config.kl_horizon
 
     def _rollout_size(self) -> int | None:
-        return self.config.n_steps * self.num_envs
+        return self.config.n_steps * self.total_envs
 
     def _collect(self) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         return self.collect_rollout()
@@ -1176,6 +1227,11 @@ class PPO(OnPolicyAgent):
 
         Returns the update's metrics under Stable-Baselines3's tags: means over its minibatches,
         except ``train/loss`` (the last minibatch's, as SB3 logs it).
+
+        Under ``torchrun`` a minibatch is the union of every rank's: advantages are normalised by
+        its mean and std over all ranks, each rank's loss is divided by its transition count over
+        all ranks and the gradients are summed (:mod:`agents.distributed`), and the logged sums
+        are reduced: every rank takes the same steps and stops early after the same minibatch.
         """
         cfg = self.config
         advantages, returns = compute_gae(
@@ -1204,18 +1260,24 @@ class PPO(OnPolicyAgent):
         for _ in range(cfg.n_epochs):
             epochs += 1
             order = torch.randperm(num_segments, device=self.device)
-            for batch in order.chunk(cfg.num_minibatches):
+            batches = list(order.chunk(cfg.num_minibatches))
+            # Ranks hold different numbers of sequences; all must take num_minibatches steps.
+            batches += [order[:0]] * (cfg.num_minibatches - len(batches))
+            for batch in batches:
                 in_batch = torch.zeros(num_segments, dtype=torch.bool, device=self.device)
                 in_batch[batch] = True
                 adv = advantages[in_batch[seg.segment]]  # (n,) the minibatch's transitions
-                n = len(adv)
-                # Normalised over the whole minibatch, however it is cut into micro-batches.
+                # n, and the normalisation, over the whole minibatch (every rank's share), however
+                # it is cut into micro-batches
+                n, adv_mean, adv_var = dist.mean_var(adv)
+                if n == 0:
+                    continue  # fewer sequences than minibatches on every rank
                 adv_mean, adv_scale = (
-                    (adv.mean(), adv.std() + 1e-8) if cfg.normalize_advantage and n > 1 else (0.0, 1.0)
+                    (adv_mean, adv_var.sqrt() + 1e-8) if cfg.normalize_advantage and n > 1 else (0.0, 1.0)
                 )
                 self.optimizer.zero_grad(set_to_none=True)
                 sums = torch.zeros(5, device=self.device)
-                for part in batch.split(micro):
+                for part in batch.split(micro) if len(batch) else ():
                     terms = self._loss_sums(
                         part, seg, actions, old_logprobs, old_values, advantages, returns, adv_mean, adv_scale
                     )
@@ -1223,6 +1285,8 @@ class PPO(OnPolicyAgent):
                     part_loss = (terms[0] + cfg.ent_coef * terms[2] + cfg.vf_coef * terms[1]) / n
                     part_loss.backward()
                     sums += terms.detach()
+                # Under torchrun: the gradient and the sums of the whole minibatch, every rank's share.
+                dist.reduce_gradients(self._trainable, sums)
                 pg_loss, value_loss, entropy_loss, approx_kl, clip_fraction = (sums / n).tolist()
                 loss = pg_loss + cfg.ent_coef * entropy_loss + cfg.vf_coef * value_loss
                 pg_losses.append(pg_loss)
@@ -1246,10 +1310,9 @@ class PPO(OnPolicyAgent):
             if not continue_training:
                 break
         self.optimizer.zero_grad(set_to_none=True)  # the rollout needs that memory more
-        var_returns = returns.var()
-        explained = (
-            float("nan") if var_returns == 0 else float(1 - (returns - old_values).var() / var_returns)
-        )
+        _, _, var_returns = dist.mean_var(returns)
+        _, _, var_errors = dist.mean_var(returns - old_values)
+        explained = float("nan") if var_returns == 0 else float(1 - var_errors / var_returns)
         return {
             "train/policy_gradient_loss": float(np.mean(pg_losses)),
             "train/value_loss": float(np.mean(value_losses)),
@@ -1262,7 +1325,7 @@ class PPO(OnPolicyAgent):
             "train/clip_range": cfg.clip_range,
             "train/n_updates": self.n_updates + 1,
             "train/epochs": epochs,
-            "train/sequences": num_segments,
+            "train/sequences": dist.sum_int(num_segments),
         }
 
     def _loss_sums(

@@ -14,6 +14,7 @@
     python scripts/benchmark.py trl                    # SmolLM2: GRPO vs TRL's GRPOTrainer, side by side (pip install trl)
     python scripts/benchmark.py memory                 # SmolLM2: peak memory and s/iteration of PPO, per configuration
     python scripts/benchmark.py gpu                    # env, PPO training and SmolLM2 on the CPU and the GPU
+    python scripts/benchmark.py ddp                    # PPO env steps/s: 1 process vs 2 (torch.distributed, gloo)
 
 ``env`` drives every face of TextGen-v0 with the same random policy and the same reward (by
 default the cheap built-in ``length`` reward on the default task) and prints env steps per second,
@@ -48,6 +49,9 @@ and in ``generate``, in float32 and bfloat16.
 settings (prompts x completions per step, completion length, VADER reward, KL to a reference, one
 gradient step per batch, float32), each in fresh processes in alternating order, and reports
 seconds per optimizer step, generated tokens per second and peak memory (``agents/benchmark_trl.py``).
+``ddp`` trains PPO in one process and data-parallel in ``--processes`` processes (gloo, one thread
+each, fresh processes as torchrun starts them) and reports env steps per second and the speed-up
+(``agents/benchmark_ddp.py``).
 Each report is saved as JSON; ``--threads`` sets the torch threads of the others (default 1; 0,
 torch's default, for ``hf``).
 """
@@ -182,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     trl.add_argument("--rounds", type=int, default=2, help="runs of each trainer, in alternating order")
     trl.add_argument("--device", default="cpu", help="torch device: cpu, cuda")
     trl.add_argument("--out", default="benchmarks/trl.json", help="where to save the JSON report")
+    ddp = command("ddp", "PPO env steps/s: one process against data-parallel processes (gloo, CPU)")
+    ddp.add_argument("--processes", type=int, default=2, help="processes of the data-parallel run")
+    ddp.add_argument(
+        "--num-envs",
+        type=int,
+        default=64,
+        help="envs per process (one process alone runs this many, and all)",
+    )
+    ddp.add_argument("--updates", type=int, default=8, help="timed PPO updates, after one warm-up")
+    ddp.add_argument("--rounds", type=int, default=3, help="rounds of the three runs; each row's median")
+    ddp.add_argument("--task", default="default", help="built-in task")
+    ddp.add_argument("--device", default="cpu", choices=["cpu"], help="the CPU only (gloo)")
+    ddp.add_argument("--out", default="benchmarks/ddp.json", help="where to save the JSON report")
     busy = sub.add_parser(
         "busy",
         help="the main job's speed idle and beside one busy process per core, per thread setting",
@@ -304,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_updates",
         "lm_batch",
         "lm_new_tokens",
+        "processes",
     ):
         if isinstance(getattr(args, name, 1), int) and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -452,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ImportError, FileNotFoundError) as error:
             parser.error(str(error))
         print(format_trl_table(report))
+        print(f"saved {write_json(args.out, report)}")
+    elif args.command == "ddp":
+        from agents.benchmark_ddp import ddp_speed, format_ddp_table
+
+        report = ddp_speed(args.processes, args.num_envs, args.updates, args.task, args.rounds)
+        print(format_ddp_table(report))
         print(f"saved {write_json(args.out, report)}")
     elif args.command == "busy":
         from agents.benchmark import busy_speed

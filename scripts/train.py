@@ -14,6 +14,7 @@
     python scripts/train.py --task sentiment --policy-model path/to/causal_lm --hf-config '{"dtype": "bfloat16", "lora_rank": 16}' --ppo-config '{"micro_batch_size": 8}'
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt
     python scripts/train.py --resume runs/ppo_default_s0_<time>/checkpoint.pt --total-timesteps 100000
+    torchrun --standalone --nproc_per_node=2 scripts/train.py --agent ppo --num-envs 128   # 64 envs per process
     tensorboard --logdir runs
 
 Each run writes into ``<logdir>/<agent>_<task>_s<seed>_<time>/``: ``config.json`` (every setting of
@@ -80,6 +81,16 @@ processes hold: beside one busy process per core the main job ran 3.9-5.6x slowe
 default, and 1.4x slower with one thread (``python scripts/benchmark.py busy``). One thread never
 falls off that cliff; ``--threads 0`` takes torch's default on a machine of your own.
 
+Distributed: launched by ``torchrun`` (``--standalone --nproc_per_node=K``, or ``--nnodes`` with a
+rendezvous endpoint), ``ppo``, ``grpo`` and ``rloo`` train data-parallel (``agents.distributed``): each
+process runs ``--num-envs / K`` of the envs (``--num-envs`` counts all processes together, so a
+rollout holds as many env steps as in one process; it must be a multiple of K, for ``grpo`` and
+``rloo`` of K x ``group_size``), on the CPU with gloo or on its own GPU with nccl, and the
+gradients are summed across processes so that every process holds the same weights. Rank 0 alone
+evaluates, prints, and writes config.json, TensorBoard and the checkpoint (with every process's env
+and RNG state); ``--resume`` needs the same number of processes. Without torchrun nothing of this
+runs.
+
 Ctrl-C stops training, saves a checkpoint (``ppo``, ``grpo``, ``rloo``) or the model (SB3) and
 flushes the logs.
 
@@ -106,6 +117,7 @@ from pathlib import Path
 from typing import Any
 
 import textgym  # noqa: F401  (registers TextGen-v0)
+from agents import distributed
 from agents.baselines import (
     EXTRACTORS,
     SB3_AGENTS,
@@ -233,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="env steps (tokens) to train for, rounded up to whole rollouts; with --resume, the run's "
         "new total (default: 50000; with --resume, the run's own total)",
     )
-    parser.add_argument("--num-envs", type=int, default=64, help="episodes in flight in the batched env")
+    parser.add_argument(
+        "--num-envs",
+        type=int,
+        default=64,
+        help="episodes in flight in the batched env; under torchrun, of all processes together (each runs "
+        "num-envs / WORLD_SIZE of them)",
+    )
     parser.add_argument(
         "--seed", type=seed, default=0, help="seed of the agent and the environment, 0 to 2**32-1"
     )
@@ -243,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         default=None,
-        help="checkpoint.pt of a ppo, grpo or rloo run to continue, with its own settings (see above; "
-        "default: a new run)",
+        help="checkpoint.pt of a ppo, grpo or rloo run to continue, with its own settings and as many "
+        "processes as it had (see above; default: a new run)",
     )
     parser.add_argument(
         "--checkpoint-interval",
@@ -349,6 +367,18 @@ def _check_new_run(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             )
     if args.policy is not None:
         _apply_policy_option(parser, args)
+    world = distributed.launched_world_size()
+    if world > 1:
+        if not custom:
+            parser.error(f"--agent {args.agent} trains in one process; torchrun runs ppo, grpo and rloo")
+        multiple = world * (args.group.group_size if args.group is not None else 1)
+        if args.num_envs % multiple:
+            shares = f"{world} x group_size {args.group.group_size}" if args.group is not None else str(world)
+            parser.error(
+                f"--num-envs {args.num_envs} counts the envs of all {world} processes (WORLD_SIZE) together and "
+                f"must be a multiple of {shares} = {multiple}, so that each gets the same whole number of "
+                f"{'groups' if args.group is not None else 'envs'}"
+            )
     if (problem := output_dir_error(args.logdir, "--logdir")) is not None:
         parser.error(problem)
 
@@ -393,6 +423,17 @@ def _take_settings_of_resumed_run(
         parser.error(
             f"--resume continues {', '.join(CUSTOM_AGENTS)} runs only; {str(config_file)!r} is a "
             f"{saved.get('agent')!r} run"
+        )
+    saved_world, world = saved.get("world_size", 1), distributed.launched_world_size()
+    if saved_world != world:
+        parser.error(
+            f"--resume: the run was trained by {saved_world} process(es) and this launch has {world}; each "
+            f"process continues its own env shard, so resume it with {saved_world} "
+            + (
+                "(python scripts/train.py, without torchrun)"
+                if saved_world == 1
+                else "(torchrun: nnodes x nproc_per_node)"
+            )
         )
     conflicts = []
     for name in sorted(given & set(RUN_OPTIONS)):
@@ -488,37 +529,57 @@ def tensorboard_dir(model: Any, run_dir: Path) -> Path:
     return Path(model.logger.get_dir())
 
 
+def interrupted_message(model: Any, run_dir: Path) -> str:
+    """What Ctrl-C left behind, and how to continue."""
+    checkpoint = run_dir / "checkpoint.pt"
+    if not isinstance(model, OnPolicyAgent):
+        return f"\ninterrupted: saved {run_dir / 'model.zip'}; logs flushed"
+    if not checkpoint.is_file():
+        return "\ninterrupted before any checkpoint was saved; logs flushed"
+    command = f"scripts/train.py --resume {checkpoint}"
+    world = distributed.world_size()
+    how = f"torchrun with {world} processes in all, as now: {command}" if world > 1 else f"python {command}"
+    return f"\ninterrupted: {checkpoint} is the run's last checkpoint; logs flushed. Continue with {how}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(parse_args(argv))
     except KeyboardInterrupt:  # outside training (evaluation, set-up): nothing to save
         print("\ninterrupted")
         return 130
+    finally:
+        distributed.close()
 
 
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    if distributed.launched():  # this process's device, in the process group of a torchrun launch
+        args.device = str(distributed.init(args.device))
+    main_rank = distributed.is_main()  # rank 0 alone evaluates, prints and writes files
     env_kwargs = {"task": args.task, **args.env_kwargs}
     if args.resume:
         run_dir = Path(args.resume).resolve().parent
         model, target = load_for_resume(args, run_dir)
-        if args.total_timesteps is not None:  # the run's new total
+        if args.total_timesteps is not None and main_rank:  # the run's new total
             saved = json.loads((run_dir / "config.json").read_text())
             write_json(run_dir / "config.json", saved | {"total_timesteps": target})
         args.total_timesteps = target
         remaining, start = max(target - model.num_timesteps, 0), model.num_timesteps
-        if remaining:
+        if main_rank and remaining:
             print(f"resuming at {model.num_timesteps} env steps; {remaining} to go")
-        else:
+        elif main_rank:
             print(
                 f"the run has done {model.num_timesteps:,} env steps, its total {target:,} included: nothing "
                 "to train (a larger --total-timesteps continues it); evaluating"
             )
     else:
-        run_dir = run_dir_for(args)
+        run_dir = Path(distributed.broadcast_object(str(run_dir_for(args))))  # rank 0's clock names it
         model = build_model(args, env_kwargs, run_dir)
-        make_dir(run_dir, "--logdir")
-        settings = {k: v for k, v in vars(args).items() if k not in NOT_SAVED} | {"run_dir": str(run_dir)}
+        settings = {k: v for k, v in vars(args).items() if k not in NOT_SAVED} | {
+            "run_dir": str(run_dir),
+            "world_size": distributed.world_size(),
+        }
         if isinstance(model, OnPolicyAgent):
             # every config field, defaults included (an --init-policy's architecture replaces
             # --ppo-config's), so the file alone describes the run
@@ -526,12 +587,14 @@ def run(args: argparse.Namespace) -> int:
             settings[key] = model.config.to_dict()
             if model.hf_config is not None:
                 settings["hf_config_resolved"] = model.hf_config.to_dict()
-        write_json(run_dir / "config.json", settings)
+        if main_rank:
+            make_dir(run_dir, "--logdir")
+            write_json(run_dir / "config.json", settings)
         remaining, start = args.total_timesteps, 0
-    print("run:", json.dumps({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, default=repr))
-
-    random_level = evaluate(None, env_kwargs, args.eval_episodes, args.num_envs)
-    print(f"random policy: mean episode reward {random_level['mean']:.3f} ± {random_level['std']:.3f}")
+    if main_rank:
+        print("run:", json.dumps({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, default=repr))
+        random_level = evaluate(None, env_kwargs, args.eval_episodes, args.num_envs)
+        print(f"random policy: mean episode reward {random_level['mean']:.3f} ± {random_level['std']:.3f}")
     began = time.perf_counter()
     try:
         if isinstance(model, OnPolicyAgent):
@@ -551,18 +614,12 @@ def run(args: argparse.Namespace) -> int:
                 model.save(tmp)
                 os.replace(tmp, run_dir / "model.zip")
     except KeyboardInterrupt:
-        checkpoint = run_dir / "checkpoint.pt"
-        if not isinstance(model, OnPolicyAgent):
-            print(f"\ninterrupted: saved {run_dir / 'model.zip'}; logs flushed")
-        elif checkpoint.is_file():
-            print(
-                f"\ninterrupted: {checkpoint} is the run's last checkpoint; logs flushed. Continue with: "
-                f"python scripts/train.py --resume {checkpoint}"
-            )
-        else:
-            print("\ninterrupted before any checkpoint was saved; logs flushed")
+        if main_rank:
+            print(interrupted_message(model, run_dir))
         return 130
     seconds = time.perf_counter() - began
+    if not main_rank:
+        return 0
 
     trained = evaluate(greedy_policy(model), env_kwargs, args.eval_episodes, args.num_envs)
     steps, trained_now = model.num_timesteps, model.num_timesteps - start

@@ -261,7 +261,7 @@ def test_schema_3_checkpoints_still_load_and_name_the_mismatch(tmp_path):
     model = PPO("TextGen-v0", CFG, num_envs=2, env_kwargs={"max_new_tokens": 3}, device="cpu", seed=0)
     model.learn(8)
     ckpt = torch.load(model.save(path), weights_only=True)
-    del ckpt["env_spec"], ckpt["samples"], ckpt["hf_config"], ckpt["base_digest"]
+    del ckpt["env_spec"], ckpt["samples"], ckpt["hf_config"], ckpt["base_digest"], ckpt["world_size"]
     ckpt["schema_version"] = 3
     torch.save(as_schema_5_env_state(ckpt), path)
     assert PPO.load(path, device="cpu").num_timesteps == 8
@@ -269,7 +269,7 @@ def test_schema_3_checkpoints_still_load_and_name_the_mismatch(tmp_path):
         ValueError, match=r"does not fit this environment \(vocab_size=16.*weight shapes differ"
     ):
         PPO.load(path, env_kwargs={"task": "arithmetic", "max_new_tokens": 3}, device="cpu")
-    assert CHECKPOINT_SCHEMA == 6
+    assert CHECKPOINT_SCHEMA == 7
 
 
 # ------------------------------------------------------------------------------------ divergence

@@ -296,17 +296,52 @@ def greedy_policy(model: Any) -> Policy:
     of a batch of observations, for :func:`evaluate`. MaskablePPO gets the env's action mask, as it had in training (the custom
     PPO applies its own mask inside ``predict``); RecurrentPPO its one-token observation and its LSTM
     state (:func:`agents.recurrent.recurrent_policy`)."""
+    return model_policy(model, deterministic=True)
+
+
+def sampled_policy(model: Any) -> Policy:
+    """``model``'s stochastic policy (actions sampled at temperature 1, ``predict(deterministic=False)``),
+    with the same handling of masks and LSTM state as :func:`greedy_policy`. The samples come from
+    torch's global generator: :func:`evaluate_sampled` seeds it for a reproducible evaluation.
+
+    Greedy decoding of a nearly uniform policy repeats its one most likely token, which a reward of
+    diversity or overlap (chrF) can score far below the random policy; the sampled evaluation is
+    what the policy actually does, and for an untrained policy it sits at the random level."""
+    return model_policy(model, deterministic=False)
+
+
+def model_policy(model: Any, deterministic: bool) -> Policy:
+    """``model``'s greedy (``deterministic``) or sampled policy: see :func:`greedy_policy`."""
     if isinstance(model, RecurrentPPO):
-        return recurrent_policy(model)
+        return recurrent_policy(model, deterministic=deterministic)
     if isinstance(model, MaskablePPO):
         mask = np.asarray(model.get_env().env_method("action_masks", indices=[0])[0], dtype=bool)
 
         def masked(obs: dict[str, np.ndarray]) -> np.ndarray:
             masks = np.tile(mask, (len(obs["input_ids"]), 1))
-            return model.predict(obs, deterministic=True, action_masks=masks)[0]
+            return model.predict(obs, deterministic=deterministic, action_masks=masks)[0]
 
         return masked
-    return lambda obs: model.predict(obs, deterministic=True)[0]
+    return lambda obs: model.predict(obs, deterministic=deterministic)[0]
+
+
+def evaluate_sampled(
+    model: Any,
+    env_kwargs: Mapping[str, Any] | None = None,
+    episodes: int = 256,
+    num_envs: int = 64,
+    seed: int = 10_000,
+) -> dict[str, Any]:
+    """:func:`evaluate` of ``model``'s :func:`sampled_policy`, with torch's generator seeded by
+    ``seed`` for the evaluation and restored after it (training's random stream is left as it
+    was). None is the random policy, whose greedy and sampled evaluations are one and the same."""
+    import torch
+
+    if model is None:
+        return evaluate(None, env_kwargs, episodes, num_envs, seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return evaluate(sampled_policy(model), env_kwargs, episodes, num_envs, seed)
 
 
 def random_policy(vocab_size: int, seed: int = 0) -> Policy:

@@ -5,13 +5,18 @@
 those event files alone, so the tables can always be checked against the curves:
 
 - per run (``runs.csv``): the final ``rollout/ep_rew_mean`` (mean return of the last 100 training
-  episodes, as SB3 computes it), the greedy evaluation ``eval/mean_reward`` after training, the
-  first env step at which ``rollout/ep_rew_mean`` reached the threshold, wall time and env steps
-  per second (``compare/wall_seconds``, ``compare/env_steps_per_second``); and, when the agents
-  train on a task's ``"train"`` split (``split="train"``, the default of ``reviews`` and
-  ``arithmetic2``), the same greedy evaluation on its held-out ``"test"`` prompts,
-  ``eval/test_mean_reward`` (a verifiable reward must be judged on prompts the agent never
-  trained on). Trained on ``"all"``, every prompt is a training prompt and there is none;
+  episodes, as SB3 computes it), the greedy evaluation ``eval/mean_reward`` after training and
+  the sampled one beside it, ``eval/mean_reward_sampled`` (temperature 1, the evaluation seed:
+  greedy decoding of a nearly uniform policy repeats one token and can score far below the
+  random policy, which the sampled figure does not), the first env step at which
+  ``rollout/ep_rew_mean`` reached the threshold, wall time and env steps per second
+  (``compare/wall_seconds``, ``compare/env_steps_per_second``); when the agents train on a
+  task's ``"train"`` split (``split="train"``, the default of ``reviews``, ``arithmetic2`` and
+  ``translate``), the same two evaluations on its held-out ``"test"`` prompts,
+  ``eval/test_mean_reward`` and ``eval/test_mean_reward_sampled`` (a verifiable reward must be
+  judged on prompts the agent never trained on; trained on ``"all"``, every prompt is a training
+  prompt and there is none); and with ``num_beams``, for the custom agents, beam search against
+  greedy decoding on the same prompts (:func:`beam_evaluation`);
 - per agent (``results.csv``, ``results.md``): mean and std over seeds of those, each agent's env
   steps per second as a ratio to the custom PPO's, and with five or more seeds the interquartile
   mean (IQM) with a 95% stratified-bootstrap confidence interval (Agarwal et al. 2021);
@@ -34,12 +39,34 @@ import numpy as np
 
 from textgym.io import atomic_write, write_json, write_text
 
-AGENT_ORDER = ("ppo", "grpo", "rloo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo", "sb3-recurrent-ppo")
-CUSTOM = ("ppo", "grpo", "rloo")  # the package's own agents (agents.ppo, agents.grpo)
+AGENT_ORDER = (
+    "ppo",
+    "ppo-seq2seq",
+    "grpo",
+    "rloo",
+    "sb3-ppo",
+    "sb3-a2c",
+    "sb3-maskable-ppo",
+    "sb3-recurrent-ppo",
+)
+CUSTOM = ("ppo", "ppo-seq2seq", "grpo", "rloo")  # the package's own agents (agents.ppo, agents.grpo)
+"""The package's own agents; ``ppo-seq2seq`` is PPO with the encoder-decoder policy
+(:func:`seq2seq_ppo_config`)."""
 RANDOM = "random"
 SUMMARY_TAGS = ("compare/wall_seconds", "compare/env_steps_per_second", "eval/mean_reward")
 TEST_TAG = "eval/test_mean_reward"
 """The greedy evaluation on the held-out prompts; only where the agents trained on the train split."""
+SAMPLED_TAG = "eval/mean_reward_sampled"
+"""The sampled evaluation (temperature 1, fixed seed) on the episodes of ``eval/mean_reward``."""
+TEST_SAMPLED_TAG = "eval/test_mean_reward_sampled"
+"""The sampled evaluation on the held-out prompts, beside ``eval/test_mean_reward``."""
+BEAM_TAG = "eval/beam_mean_reward"
+"""The reward model's mean score of the top beam of beam search (``compare/num_beams`` beams) on
+every held-out prompt, or every training prompt where none is held out; custom agents only."""
+BEAM_GREEDY_TAG = "eval/beam_greedy_mean_reward"
+"""Greedy decoding through the same generation code on the same prompts as ``eval/beam_mean_reward``:
+beam against greedy with nothing else changed."""
+BEAM_WIDTH_TAG = "compare/num_beams"
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -122,16 +149,36 @@ class RunSummary:
     curve: tuple[np.ndarray, np.ndarray] = field(repr=False)
     test_eval_reward: float | None = None
     """The greedy evaluation on the held-out test prompts; None when the run trained on them too."""
+    sampled_eval_reward: float | None = None
+    """The sampled evaluation (temperature 1, fixed seed); None in a comparison made without it."""
+    test_sampled_eval_reward: float | None = None
+    """The sampled evaluation on the held-out prompts; None where there is none."""
+    beam_reward: float | None = None
+    """The top beam's mean score (:data:`BEAM_TAG`); None without ``num_beams`` or for SB3 agents."""
+    beam_greedy_reward: float | None = None
+    """Greedy decoding on the beam's prompts (:data:`BEAM_GREEDY_TAG`)."""
+    num_beams: int | None = None
 
     def row(self) -> dict[str, Any]:
-        held_out = {} if self.test_eval_reward is None else {"test_eval_reward": self.test_eval_reward}
+        optional = {
+            key: getattr(self, key)
+            for key in (
+                "sampled_eval_reward",
+                "test_eval_reward",
+                "test_sampled_eval_reward",
+                "num_beams",
+                "beam_reward",
+                "beam_greedy_reward",
+            )
+            if getattr(self, key) is not None
+        }
         return {
             "agent": self.agent,
             "seed": self.seed,
             "env_steps": self.env_steps,
             "final_reward": self.final_reward,
             "eval_reward": self.eval_reward,
-            **held_out,
+            **optional,
             "steps_to_threshold": "" if self.steps_to_threshold is None else self.steps_to_threshold,
             "wall_seconds": self.wall_seconds,
             "env_steps_per_second": self.env_steps_per_second,
@@ -146,6 +193,11 @@ def summarize_run(run_dir: Path, agent: str, seed: int, threshold: float) -> Run
         raise ValueError(f"TensorBoard run {run_dir} lacks the scalar(s) {missing}")
     steps, rewards = scalars["rollout/ep_rew_mean"]
     reached = np.flatnonzero(rewards >= threshold)
+
+    def last(tag: str) -> float | None:
+        return float(scalars[tag][1][-1]) if tag in scalars else None
+
+    beams = last(BEAM_WIDTH_TAG)
     return RunSummary(
         agent=agent,
         seed=seed,
@@ -156,8 +208,24 @@ def summarize_run(run_dir: Path, agent: str, seed: int, threshold: float) -> Run
         wall_seconds=float(scalars["compare/wall_seconds"][1][-1]),
         env_steps_per_second=float(scalars["compare/env_steps_per_second"][1][-1]),
         curve=(steps, rewards),
-        test_eval_reward=float(scalars[TEST_TAG][1][-1]) if TEST_TAG in scalars else None,
+        test_eval_reward=last(TEST_TAG),
+        sampled_eval_reward=last(SAMPLED_TAG),
+        test_sampled_eval_reward=last(TEST_SAMPLED_TAG),
+        beam_reward=last(BEAM_TAG),
+        beam_greedy_reward=last(BEAM_GREEDY_TAG),
+        num_beams=None if beams is None else int(beams),
     )
+
+
+OPTIONAL_FIGURES = (
+    "sampled_eval_reward",
+    "test_eval_reward",
+    "test_sampled_eval_reward",
+    "beam_reward",
+    "beam_greedy_reward",
+)
+"""Per-run figures that only some comparisons or agents have: each agent's mean and std of one is
+reported when every run of the agent has it."""
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -195,10 +263,13 @@ def aggregate(runs: Sequence[RunSummary], iqm_min_seeds: int = 5) -> list[dict[s
             "eval_reward_mean": eval_mean,
             "eval_reward_std": eval_std,
         }
-        if all(r.test_eval_reward is not None for r in group):
-            row["test_eval_reward_mean"], row["test_eval_reward_std"] = _mean_std(
-                [float(r.test_eval_reward) for r in group]  # type: ignore[arg-type]
-            )
+        for key in OPTIONAL_FIGURES:
+            values = [getattr(r, key) for r in group]
+            if all(v is not None for v in values):
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(values)
+        widths = {r.num_beams for r in group if r.num_beams is not None}
+        if widths:
+            row["num_beams"] = max(widths)
         row |= {
             "steps_to_threshold_mean": float(np.mean(reached)) if reached and trained else math.nan,
             "seeds_reaching_threshold": len(reached) if trained else 0,
@@ -226,34 +297,40 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def results_markdown(rows: Sequence[Mapping[str, Any]], threshold: float) -> str:
-    """The per-agent table as Markdown."""
+    """The per-agent table as Markdown. Columns of figures that no agent has are left out; an
+    agent without one that others have gets a dash (an SB3 agent in the beam columns)."""
     with_iqm = any("final_reward_iqm" in r for r in rows)
     with_test = any("test_eval_reward_mean" in r for r in rows)
+    widths = sorted({r["num_beams"] for r in rows if "num_beams" in r})
+    prompts = "held-out" if with_test else "training"
+    optional = [
+        ("sampled_eval_reward", "sampled eval reward (mean ± std)"),
+        ("test_eval_reward", "held-out greedy eval (mean ± std)"),
+        ("test_sampled_eval_reward", "held-out sampled eval (mean ± std)"),
+        ("beam_reward", f"beam {'/'.join(map(str, widths))}, {prompts} prompts (mean ± std)"),
+        ("beam_greedy_reward", f"greedy, same {prompts} prompts (mean ± std)"),
+    ]
+    optional = [(key, title) for key, title in optional if any(f"{key}_mean" in r for r in rows)]
     head = [
         "agent",
         "seeds",
         "final ep_rew_mean (mean ± std)",
         "greedy eval reward (mean ± std)",
+        *(title for _, title in optional),
     ]
-    if with_test:
-        head.append("held-out greedy eval (mean ± std)")
     if with_iqm:
         head.append("final ep_rew_mean IQM [95% CI]")
     head += [f"env steps to {threshold:g}", "wall time (s)", "env steps/s", "speed vs ppo"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def mean_std(r: Mapping[str, Any], key: str) -> str:
+        if f"{key}_mean" not in r:
+            return "–"
+        return f"{_fmt(r[f'{key}_mean'])} ± {_fmt(r[f'{key}_std'])}"
+
     for r in rows:
-        cells = [
-            r["agent"],
-            str(r["seeds"]),
-            f"{_fmt(r['final_reward_mean'])} ± {_fmt(r['final_reward_std'])}",
-            f"{_fmt(r['eval_reward_mean'])} ± {_fmt(r['eval_reward_std'])}",
-        ]
-        if with_test:
-            cells.append(
-                f"{_fmt(r['test_eval_reward_mean'])} ± {_fmt(r['test_eval_reward_std'])}"
-                if "test_eval_reward_mean" in r
-                else "–"
-            )
+        cells = [r["agent"], str(r["seeds"]), mean_std(r, "final_reward"), mean_std(r, "eval_reward")]
+        cells += [mean_std(r, key) for key, _ in optional]
         if with_iqm:
             cells.append(
                 f"{_fmt(r['final_reward_iqm'])} [{_fmt(r['final_reward_iqm_ci_low'])}, "
@@ -276,7 +353,20 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], threshold: float) -> str
                 "–" if math.isnan(r["speed_vs_ppo"]) else f"{r['speed_vs_ppo']:.3f}×",
             ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = []
+    if any(key.endswith("sampled_eval_reward") for key, _ in optional) and any(
+        r["agent"] == RANDOM for r in rows
+    ):
+        notes.append(
+            "random: uniform sampling is its only policy, so its greedy and sampled columns are one "
+            "evaluation. Sampled: temperature 1, the same seed for every agent."
+        )
+    if widths:
+        notes.append(
+            "Beam: the reward model's score of the top beam; custom agents only (SB3 agents and the "
+            "random policy have no cached decoder to search with)."
+        )
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -373,17 +463,61 @@ def _log_summary(run_dir: Path, step: int, values: Mapping[str, float]) -> None:
     writer.close()
 
 
-def custom_agent(agent: str, ppo_config: Any = None, agent_configs: Mapping[str, Any] | None = None) -> Any:
+def custom_agent(
+    agent: str,
+    ppo_config: Any = None,
+    agent_configs: Mapping[str, Any] | None = None,
+    env_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
     """``(class, config)`` of one of the package's own agents (:data:`CUSTOM`): ``ppo_config``
-    for ``ppo``, ``agent_configs[agent]`` (a config or a mapping of its fields) for the others."""
+    for ``ppo``, ``ppo_config`` with its policy made encoder-decoder by :func:`seq2seq_ppo_config`
+    for ``ppo-seq2seq`` (sized for the env of ``env_kwargs``), ``agent_configs[agent]`` (a config or
+    a mapping of its fields) for the others."""
     from agents.grpo import GRPO, RLOO
     from agents.ppo import PPO
 
-    cls = {"ppo": PPO, "grpo": GRPO, "rloo": RLOO}[agent]
+    cls = {"ppo": PPO, "ppo-seq2seq": PPO, "grpo": GRPO, "rloo": RLOO}[agent]
+    if agent == "ppo-seq2seq":
+        return cls, seq2seq_ppo_config(ppo_config, env_kwargs)[0]
     config = ppo_config if agent == "ppo" else (agent_configs or {}).get(agent)
     if isinstance(config, Mapping):
         config = cls.config_class.from_dict(config)
     return cls, config if config is not None else cls.config_class()
+
+
+def seq2seq_ppo_config(
+    ppo_config: Any = None, env_kwargs: Mapping[str, Any] | None = None
+) -> tuple[Any, dict[str, int]]:
+    """The ``ppo-seq2seq`` agent's config and the two policies' sizes.
+
+    ``ppo_config`` (default ``PPOConfig()``) with its decoder-only ``policy`` replaced by the
+    encoder-decoder policy of about the same number of weights
+    (:func:`agents.seq2seq.seq2seq_config_like`) for the env of ``env_kwargs``: its vocabulary
+    (the action space), observation length and prompt window. Returns ``(config, {"ppo-seq2seq":
+    weights, "ppo": weights of the decoder-only policy})``."""
+    import dataclasses
+
+    from agents.policy import count_parameters
+    from agents.ppo import PPOConfig
+    from agents.seq2seq import seq2seq_config_like
+    from textgym.tasks import make_env_config
+
+    config = PPOConfig() if ppo_config is None else ppo_config
+    if isinstance(config, Mapping):
+        config = PPOConfig.from_dict(config)
+    if config.policy.architecture != "decoder":
+        raise ValueError(
+            f"ppo-seq2seq is sized like the decoder-only policy of --ppo-config, whose policy.architecture "
+            f"must be 'decoder', got {config.policy.architecture!r}"
+        )
+    env = make_env_config(**dict(env_kwargs or {}))
+    sizes = (len(env.action_mask), env.seq_len, env.max_prompt_tokens)
+    policy = seq2seq_config_like(config.policy, *sizes)
+    counts = {
+        "ppo-seq2seq": count_parameters(*sizes, policy),
+        "ppo": count_parameters(*sizes, config.policy),
+    }
+    return dataclasses.replace(config, policy=policy), counts
 
 
 def hyperparameters(
@@ -391,10 +525,19 @@ def hyperparameters(
     ppo_config: Any = None,
     sb3_hyperparams: Mapping[str, Any] | None = None,
     agent_configs: Mapping[str, Any] | None = None,
+    env_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every setting of ``agent`` in the comparison, as JSON-ready data."""
+    """Every setting of ``agent`` in the comparison, as JSON-ready data; ``ppo-seq2seq``'s also
+    the weights of its policy and of the decoder-only policy it is sized like."""
     from agents.baselines import sb3_hyperparameters
 
+    if agent == "ppo-seq2seq":
+        config, counts = seq2seq_ppo_config(ppo_config, env_kwargs)
+        return {
+            **config.to_dict(),
+            "policy_parameters": counts["ppo-seq2seq"],
+            "decoder_only_policy_parameters": counts["ppo"],
+        }
     if agent in CUSTOM:
         return custom_agent(agent, ppo_config, agent_configs)[1].to_dict()
     if agent == RANDOM:
@@ -421,7 +564,7 @@ def agents_error(
     for agent in agents:
         try:
             if agent in CUSTOM:
-                cls, config = custom_agent(agent, ppo_config, agent_configs)
+                cls, config = custom_agent(agent, ppo_config, agent_configs, env_kwargs)
                 cls("TextGen-v0", config, num_envs, env_kwargs, device, seed=0)
             elif agent in SB3_AGENTS:
                 model = make_sb3_model(
@@ -431,9 +574,12 @@ def agents_error(
             else:
                 return f"unknown agent {agent!r}; accepted: {', '.join((*CUSTOM, *SB3_AGENTS))}"
         except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-            option = {"ppo": "--ppo-config", "grpo": "--agent-configs", "rloo": "--agent-configs"}.get(
-                agent, "--sb3-hyperparams"
-            )
+            option = {
+                "ppo": "--ppo-config",
+                "ppo-seq2seq": "--ppo-config",
+                "grpo": "--agent-configs",
+                "rloo": "--agent-configs",
+            }.get(agent, "--sb3-hyperparams")
             return f"{option}: {agent} cannot be built: {exc}"
     return None
 
@@ -453,21 +599,28 @@ def run_comparison(
     sb3_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
     agent_configs: Mapping[str, Any] | None = None,
+    num_beams: int | None = None,
 ) -> dict[str, Any]:
     """Train every agent x seed for ``total_timesteps`` env steps, then :func:`summarize`.
 
     Runs are interleaved (seed by seed, every agent within a seed) so that a slow spell of a
-    shared machine does not fall on one agent. Each run ends with a greedy evaluation on the same
-    ``eval_episodes`` episodes (fixed evaluation seed). The random policy gets one run per seed.
+    shared machine does not fall on one agent. Each run ends with a greedy and a sampled
+    (temperature 1) evaluation on the same ``eval_episodes`` episodes (fixed evaluation seed, which
+    also seeds the sampling), and the same two on the held-out prompts where there are some; with
+    ``num_beams``, each custom agent also with :func:`beam_evaluation`. The random policy gets one
+    run per seed.
     The tables and the plot are written once, at the end (atomically, by :func:`summarize`);
     Ctrl-C stops after writing those of the runs that finished, then re-raises. Any other error
     writes none: no half-made results beside the TensorBoard runs.
     """
     from tqdm.auto import tqdm
 
-    from agents.baselines import SB3_AGENTS, evaluate, greedy_policy, make_sb3_model
+    from agents.baselines import SB3_AGENTS, evaluate, evaluate_sampled, greedy_policy, make_sb3_model
+    from textgym.checks import is_positive_int
     from textgym.tasks import get_task
 
+    if num_beams is not None and not is_positive_int(num_beams):
+        raise ValueError(f"num_beams must be None (no beam search) or a positive integer, got {num_beams!r}")
     unknown = [a for a in agents if a not in CUSTOM and a not in SB3_AGENTS]
     if unknown:
         raise ValueError(f"unknown agent(s) {unknown}; accepted: {', '.join((*CUSTOM, *SB3_AGENTS))}")
@@ -483,7 +636,7 @@ def run_comparison(
     for agent in (*agents, RANDOM):
         write_json(
             out / "hyperparams" / f"{agent}.json",
-            hyperparameters(agent, ppo_config, sb3_hyperparams, agent_configs),
+            hyperparameters(agent, ppo_config, sb3_hyperparams, agent_configs, env),
         )
 
     bar = tqdm(
@@ -499,9 +652,8 @@ def run_comparison(
             random_dir, level = tb_root / f"{run_name(RANDOM, seed)}_1", random_level["mean"]
             random_test = {}
             if test_env is not None:
-                random_test = {
-                    TEST_TAG: evaluate(None, test_env, eval_episodes, num_envs, seed=10_000 + seed)["mean"]
-                }
+                test_level = evaluate(None, test_env, eval_episodes, num_envs, seed=10_000 + seed)["mean"]
+                random_test = {TEST_TAG: test_level, TEST_SAMPLED_TAG: test_level}
             # a flat line in TensorBoard, beside the agents' curves, and the summary at the end
             _log_summary(random_dir, 0, {"rollout/ep_rew_mean": level})
             _log_summary(
@@ -512,6 +664,7 @@ def run_comparison(
                     "compare/wall_seconds": 0.0,
                     "compare/env_steps_per_second": 0.0,
                     "eval/mean_reward": level,
+                    SAMPLED_TAG: level,  # the random policy's greedy and sampled policies are one
                     **random_test,
                 },
             )
@@ -520,7 +673,7 @@ def run_comparison(
                 name = run_name(agent, seed)
                 start = time.perf_counter()
                 if agent in CUSTOM:
-                    cls, config = custom_agent(agent, ppo_config, agent_configs)
+                    cls, config = custom_agent(agent, ppo_config, agent_configs, env)
                     model = cls("TextGen-v0", config, num_envs, env, device, seed, tb_root)
 
                     def on_update(m: Any, base: int = done_steps) -> None:
@@ -544,14 +697,16 @@ def run_comparison(
                     seconds = time.perf_counter() - start
                     run_dir = find_run_dir(tb_root, agent, seed)
 
-                steps = model.num_timesteps
-                result = evaluate(greedy_policy(model), env, eval_episodes, num_envs, seed=10_000 + seed)
-                held_out = {}
+                steps, eval_seed = model.num_timesteps, 10_000 + seed
+                result = evaluate(greedy_policy(model), env, eval_episodes, num_envs, eval_seed)
+                sampled = evaluate_sampled(model, env, eval_episodes, num_envs, eval_seed)
+                extra = {SAMPLED_TAG: sampled["mean"]}
                 if test_env is not None:
-                    test = evaluate(
-                        greedy_policy(model), test_env, eval_episodes, num_envs, seed=10_000 + seed
-                    )
-                    held_out = {TEST_TAG: test["mean"]}
+                    test = evaluate(greedy_policy(model), test_env, eval_episodes, num_envs, eval_seed)
+                    test_sampled = evaluate_sampled(model, test_env, eval_episodes, num_envs, eval_seed)
+                    extra |= {TEST_TAG: test["mean"], TEST_SAMPLED_TAG: test_sampled["mean"]}
+                if num_beams is not None and agent in CUSTOM:
+                    extra |= beam_evaluation(model, test_env or env, num_beams)
                 _log_summary(
                     run_dir,
                     steps,
@@ -559,7 +714,7 @@ def run_comparison(
                         "compare/wall_seconds": seconds,
                         "compare/env_steps_per_second": steps / seconds,
                         "eval/mean_reward": result["mean"],
-                        **held_out,
+                        **extra,
                     },
                 )
                 done_steps += total_timesteps
@@ -576,6 +731,40 @@ def run_comparison(
             except FileNotFoundError:  # interrupted before any run finished
                 summary = None
     return {**(summary or {}), "threshold": threshold}
+
+
+def beam_evaluation(
+    model: Any, env_kwargs: Mapping[str, Any], num_beams: int, batch_size: int = 256
+) -> dict[str, float]:
+    """Beam search against greedy decoding of a custom agent, on every prompt of the env of
+    ``env_kwargs`` (the held-out split in a comparison that has one).
+
+    Each prompt is completed by ``model.generate`` (:func:`agents.generation.generate`) with
+    ``strategy="beam"`` and ``num_beams`` beams (the top beam, by total log-probability) and with
+    ``strategy="greedy"``; each completion is scored by the env's reward model (its score only: a
+    task's per-token terms, such as a length penalty, are not added). Returns the means under
+    :data:`BEAM_TAG` and :data:`BEAM_GREEDY_TAG`, and ``num_beams`` under :data:`BEAM_WIDTH_TAG`.
+    """
+    from textgym.tasks import make_env_config
+
+    if env_kwargs.get("chat_template"):
+        raise ValueError(
+            "beam_evaluation lays prompts out as the env does without a chat template; "
+            "chat_template=True is not supported (leave num_beams None)"
+        )
+    config = make_env_config(**dict(env_kwargs))
+    prompts = list(config.prompts)
+    scores: dict[str, list[float]] = {"beam": [], "greedy": []}
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        for strategy in scores:
+            completions = model.generate(batch, strategy=strategy, num_beams=num_beams)
+            scores[strategy] += [float(x) for x in config.reward(batch, completions)]
+    return {
+        BEAM_TAG: float(np.mean(scores["beam"])),
+        BEAM_GREEDY_TAG: float(np.mean(scores["greedy"])),
+        BEAM_WIDTH_TAG: float(num_beams),
+    }
 
 
 def held_out_env(env_kwargs: Mapping[str, Any]) -> dict[str, Any] | None:

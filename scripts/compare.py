@@ -5,24 +5,35 @@
     python scripts/compare.py --agents ppo grpo rloo --agent-configs '{"grpo": {"group_size": 4}}'
     python scripts/compare.py --task keyword --device cuda --out runs/compare_keyword
     python scripts/compare.py --task translate --agents ppo sb3-ppo sb3-recurrent-ppo --seeds 0 1 2
+    python scripts/compare.py --task translate --agents ppo ppo-seq2seq --beam 4   # + beam search
     python scripts/compare.py --summarize runs/compare_<time>          # recompute the tables and plot
     tensorboard --logdir runs/compare_<time>                           # every run, overlaid
 
 Writes into ``--out`` (default ``runs/compare_<time>``):
 
 - ``results.csv`` / ``results.md``: per agent, the final ``rollout/ep_rew_mean`` (mean ± std over
-  seeds), the greedy evaluation reward after training, the env steps to reach the task's reward
-  threshold, wall time, env steps per second and that speed as a ratio to the custom PPO's; with
-  five or more seeds also the interquartile mean with a 95% stratified-bootstrap interval; when
-  the agents train on a task's ``"train"`` split (``--env-kwargs '{"split": "train"}'``, the
-  default of ``reviews`` and ``arithmetic2``), a column more: the same greedy evaluation on the
-  held-out ``"test"`` prompts (``eval/test_mean_reward``);
+  seeds), the greedy and the sampled (temperature 1, seeded) evaluation reward after training
+  (``eval/mean_reward``, ``eval/mean_reward_sampled``: greedy decoding of a nearly uniform policy
+  repeats one token and can score far below random, sampling shows what the policy does), the
+  env steps to reach the task's reward threshold, wall time, env steps per second and that speed
+  as a ratio to the custom PPO's; with five or more seeds also the interquartile mean with a 95%
+  stratified-bootstrap interval; when the agents train on a task's ``"train"`` split
+  (``--env-kwargs '{"split": "train"}'``, the default of ``reviews``, ``arithmetic2`` and
+  ``translate``), two columns more: the same greedy and sampled evaluations on the held-out
+  ``"test"`` prompts (``eval/test_mean_reward``, ``eval/test_mean_reward_sampled``); with
+  ``--beam K``, for the custom agents (``ppo``, ``ppo-seq2seq``, ``grpo``, ``rloo``), the reward
+  model's score of the top beam of beam search with K beams on every held-out prompt (every
+  training prompt where none is held out), beside greedy decoding of the same prompts
+  (``eval/beam_mean_reward``, ``eval/beam_greedy_mean_reward``);
 - ``runs.csv``: the same figures per run;
 - ``curves.png``: ``rollout/ep_rew_mean`` against env steps (mean and ±1 std band over seeds);
 - ``hyperparams/<agent>.json``, ``config.json``: every setting;
 - ``tb/<agent>_s<seed>_1``: the TensorBoard runs every figure above is computed from.
 
-All agents but ``sb3-recurrent-ppo`` share the Transformer architecture (SB3 through
+``ppo-seq2seq`` is the custom PPO with the encoder-decoder policy (``agents.seq2seq``), sized by
+``agents.seq2seq.seq2seq_config_like`` to about the weights of ``ppo``'s decoder-only policy (the
+``--ppo-config``'s ``policy``) for the env compared; its ``hyperparams/ppo-seq2seq.json`` records
+its policy and both weight counts. All agents but ``sb3-recurrent-ppo`` share the Transformer architecture (SB3 through
 ``agents.extractor``); ``sb3-recurrent-ppo`` (sb3-contrib's ``RecurrentPPO``) sees one new token
 per step, the prompt window, the last token and the step number, and carries the history in its
 LSTM (``agents.recurrent``). Where the algorithms share a meaning, all share the
@@ -74,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=AGENTS,
         default=None,
-        help="agents to compare (default: ppo sb3-ppo sb3-a2c); sb3-recurrent-ppo sees one new token per "
-        "step (the prompt, the last token, the step) and carries the history in its LSTM",
+        help="agents to compare (default: ppo sb3-ppo sb3-a2c); ppo-seq2seq is PPO with the encoder-decoder "
+        "policy of about ppo's weights; sb3-recurrent-ppo sees one new token per step (the prompt, the last "
+        "token, the step) and carries the history in its LSTM",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=seed, default=None, help="seeds, each 0 to 2**32-1 (default: 0 1 2)"
@@ -104,7 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="reward threshold (default: the task's reward_threshold)",
     )
-    parser.add_argument("--eval-episodes", type=int, default=256, help="episodes of each greedy evaluation")
+    parser.add_argument(
+        "--eval-episodes",
+        type=int,
+        default=256,
+        help="episodes of each greedy and each sampled evaluation",
+    )
+    parser.add_argument(
+        "--beam",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also score each custom agent's top beam of K beams (and greedy decoding) on every held-out "
+        "prompt, or every training prompt where none is held out (default: off)",
+    )
     parser.add_argument("--ppo-config", type=json_value, default={}, help="JSON object of PPOConfig fields")
     parser.add_argument(
         "--agent-configs",
@@ -147,6 +172,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("env_kwargs", "ppo_config", "agent_configs", "sb3_hyperparams"):
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
+    if args.beam is not None and args.beam < 1:
+        parser.error(f"--beam must be >= 1 (beams per prompt), got {args.beam}")
+    if args.beam is not None and args.env_kwargs.get("chat_template"):
+        parser.error(
+            "--beam does not support --env-kwargs chat_template=true (generation lays prompts out without it)"
+        )
     if (problem := env_arguments_error(args.task, args.env_kwargs)) is not None:
         parser.error(problem)
     for name in ("total_timesteps", "num_envs", "eval_episodes"):
@@ -227,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         for a in ("grpo", "rloo")
         if a in args.agents
     }
+    if "ppo-seq2seq" in args.agents:
+        resolved["ppo-seq2seq_config_resolved"] = custom_agent(
+            "ppo-seq2seq", args.ppo, env_kwargs={"task": args.task, **args.env_kwargs}
+        )[1].to_dict()
     save_config(args.out, config | {"threshold": threshold} | resolved)
     runs = len(args.agents) * len(args.seeds)
     print(
@@ -249,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sb3_hyperparams,
             progress=not args.no_progress,
             agent_configs=args.group,
+            num_beams=args.beam,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted: the runs that finished are summarised in {args.out}")

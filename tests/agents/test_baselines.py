@@ -26,6 +26,8 @@ from agents.baselines import (
     SB3_AGENTS,
     VEC_ENVS,
     evaluate,
+    evaluate_sampled,
+    greedy_policy,
     hyperparams_error,
     learning_rate,
     make_sb3_model,
@@ -549,3 +551,69 @@ def test_evaluate_a_trained_sb3_policy(agent):
     assert result["episodes"] == 8
     assert -1 < result["mean"] < 1
     assert len(result["samples"]) == 8
+
+
+# ----------------------------------------------------------------------------- sampled evaluation
+def distinct_words(prompt: str, completion: str) -> float:
+    """A diversity reward: the share of distinct words (0 for an empty completion)."""
+    words = completion.split()
+    return len(set(words)) / len(words) if words else 0.0
+
+
+def test_sampled_evaluation_shows_what_greedy_hides():
+    """A nearly uniform policy (an untrained PPO whose logits favour one token by 0.1) scores far
+    below the random policy greedily, on a diversity reward: greedy decoding repeats that token.
+    Sampled at temperature 1 it scores at the random level, which is what the policy does."""
+    from agents.ppo import PPO
+
+    env = {"task": "default", "reward": distinct_words}
+    model = PPO(
+        "TextGen-v0", PPOConfig(policy={"d_model": 16, "n_layers": 1, "n_heads": 2}), 8, env, "cpu", seed=0
+    )
+    obs, _ = TextGenVectorEnv(8, **env).reset(seed=0)
+    with torch.no_grad():
+        model.policy.policy_head.bias[10] += 0.1
+        ids, mask = (torch.as_tensor(obs[key]) for key in ("input_ids", "attention_mask"))
+        probs = model.policy(ids, mask)[0].softmax(-1)  # (B, L, V)
+    vocab = probs.shape[-1]
+    assert float(probs.max()) < 1.2 / vocab  # nearly uniform
+
+    random_level = evaluate(None, env, 64, 8)["mean"]
+    greedy = evaluate(greedy_policy(model), env, 64, 8)
+    sampled = evaluate_sampled(model, env, 64, 8)
+    assert greedy["mean"] < random_level - 0.5
+    assert all(len(set(c.split())) == 1 for _, c, _ in greedy["samples"])  # one word, repeated
+    assert sampled["mean"] > random_level - 0.05
+    assert sampled["mean"] > greedy["mean"] + 0.5
+
+
+@pytest.mark.parametrize("agent", ["ppo", "sb3-ppo", "sb3-maskable-ppo", "sb3-recurrent-ppo"])
+def test_sampled_evaluation_is_seeded_and_leaves_the_global_generator_alone(agent):
+    """The same seed gives the same sampled evaluation, another seed another one; torch's global
+    random stream is where it was before (training's randomness is untouched); the sampled policy
+    is not the greedy one."""
+    from agents.ppo import PPO
+
+    env = {"task": "default", "max_new_tokens": 6}
+    if agent == "ppo":
+        model = PPO(
+            "TextGen-v0", PPOConfig(policy={"d_model": 16, "n_layers": 1, "n_heads": 2}), 4, env, "cpu"
+        )
+    else:
+        params = {"n_steps": 8, "batch_size": 16}
+        params |= {"policy_kwargs": {"lstm_hidden_size": 16}} if agent == "sb3-recurrent-ppo" else {}
+        model = make_sb3_model(agent, env, num_envs=4, device="cpu", hyperparams=params)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = evaluate_sampled(model, env, 16, 4, seed=7)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert evaluate_sampled(model, env, 16, 4, seed=7) == first
+    completions = [c for _, c, _ in first["samples"]]
+    assert completions != [c for _, c, _ in evaluate_sampled(model, env, 16, 4, seed=8)["samples"]]
+    assert completions != [c for _, c, _ in evaluate(greedy_policy(model), env, 16, 4, seed=7)["samples"]]
+
+
+def test_evaluate_sampled_of_no_model_is_the_random_policy():
+    env = {"task": "default", "max_new_tokens": 6}
+    assert evaluate_sampled(None, env, 16, 4, seed=3) == evaluate(None, env, 16, 4, seed=3)

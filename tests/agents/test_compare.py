@@ -4,6 +4,8 @@ table, and the summaries computed from hand-written TensorBoard runs."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -11,15 +13,24 @@ import numpy as np
 import pytest
 
 from agents.compare import (
+    BEAM_GREEDY_TAG,
+    BEAM_TAG,
+    SAMPLED_TAG,
+    TEST_SAMPLED_TAG,
     TEST_TAG,
     RunSummary,
     agents_error,
     aggregate,
+    beam_evaluation,
+    custom_agent,
     find_run_dir,
     held_out_env,
+    hyperparameters,
     iqm,
+    read_scalars,
     results_markdown,
     run_comparison,
+    seq2seq_ppo_config,
     stratified_bootstrap_ci,
     summarize,
     summarize_run,
@@ -598,7 +609,12 @@ def test_comparison_on_a_train_split_evaluates_the_held_out_prompts(tmp_path):
         assert 0.0 <= float(row["test_eval_reward_mean"]) <= 1.0
     run_comparison(tmp_path / "b", ["ppo"], [0], ppo_config=tiny_ppo_config(), **TINY_RUN)
     columns, _ = read_csv(tmp_path / "b" / "results.csv")
-    assert columns == RESULT_COLUMNS
+    assert columns == [
+        *RESULT_COLUMNS[:7],
+        "sampled_eval_reward_mean",
+        "sampled_eval_reward_std",
+        *RESULT_COLUMNS[7:],
+    ]
 
 
 def test_comparison_of_the_recurrent_agent_on_translate(tmp_path):
@@ -629,3 +645,184 @@ def test_comparison_of_the_recurrent_agent_on_translate(tmp_path):
         assert 0.0 <= float(row["eval_reward_mean"]) <= 1.0
         assert 0.0 <= float(row["test_eval_reward_mean"]) <= 1.0
     assert (tmp_path / "hyperparams" / "sb3-recurrent-ppo.json").is_file()
+
+
+# ------------------------------------------------------------- ppo-seq2seq, sampled and beam columns
+@pytest.mark.parametrize("task", ["translate", "default"])
+def test_ppo_seq2seq_is_sized_like_the_decoder_only_ppo(task):
+    """ppo-seq2seq's encoder-decoder policy holds within 10% of the weights of ppo's decoder-only
+    policy (PolicyConfig() by default) on the env compared; the agent built has that policy, and
+    its hyperparameters record it and both counts."""
+    from agents.ppo import PPOConfig
+
+    env = {"task": task}
+    config, counts = seq2seq_ppo_config(None, env)
+    assert config.policy.architecture == "seq2seq"
+    assert abs(counts["ppo-seq2seq"] - counts["ppo"]) <= 0.1 * counts["ppo"]
+    assert config == dataclasses.replace(PPOConfig(), policy=config.policy)  # only the policy changes
+    cls, built_config = custom_agent("ppo-seq2seq", env_kwargs=env)
+    assert built_config == config
+    agent = cls("TextGen-v0", built_config, 4, env, "cpu", seed=0)
+    assert sum(p.numel() for p in agent.policy.parameters()) == counts["ppo-seq2seq"]
+    decoder = custom_agent("ppo")[0]("TextGen-v0", PPOConfig(), 4, env, "cpu", seed=0)
+    assert sum(p.numel() for p in decoder.policy.parameters()) == counts["ppo"]
+    params = hyperparameters("ppo-seq2seq", env_kwargs=env)
+    assert params["policy"]["d_model"] == config.policy.d_model
+    assert params["policy"]["architecture"] == "seq2seq"
+    assert (params["policy_parameters"], params["decoder_only_policy_parameters"]) == (
+        counts["ppo-seq2seq"],
+        counts["ppo"],
+    )
+
+
+def test_ppo_seq2seq_follows_the_ppo_config():
+    """Sized like the --ppo-config's policy (by seq2seq_config_like, for the env's vocabulary,
+    observation length and prompt window), with its other settings; a seq2seq --ppo-config is
+    refused, naming the field."""
+    from agents.policy import count_parameters
+    from agents.ppo import PPOConfig
+    from agents.seq2seq import seq2seq_config_like
+    from textgym.tasks import make_env_config
+
+    small = PPOConfig(n_steps=8, learning_rate=3e-4, policy={"d_model": 32, "n_layers": 2, "n_heads": 4})
+    config, counts = seq2seq_ppo_config(small, {"task": "translate"})
+    assert (config.n_steps, config.learning_rate, config.policy.n_heads) == (8, 3e-4, 4)
+    env = make_env_config("translate")
+    sizes = (len(env.action_mask), env.seq_len, env.max_prompt_tokens)
+    assert config.policy == seq2seq_config_like(small.policy, *sizes)
+    assert counts == {
+        "ppo-seq2seq": count_parameters(*sizes, config.policy),
+        "ppo": count_parameters(*sizes, small.policy),
+    }
+    assert counts["ppo"] < seq2seq_ppo_config(None, {"task": "translate"})[1]["ppo"]
+    seq2seq = PPOConfig(policy={"architecture": "seq2seq"})
+    with pytest.raises(ValueError, match="architecture must be 'decoder', got 'seq2seq'"):
+        seq2seq_ppo_config(seq2seq, {"task": "translate"})
+    problem = agents_error(["ppo-seq2seq"], {"task": "translate"}, 4, "cpu", seq2seq)
+    assert problem.startswith("--ppo-config: ppo-seq2seq cannot be built")
+
+
+def test_results_markdown_greedy_and_sampled_columns():
+    """Sampled beside greedy, on the training and the held-out prompts; the random row shows the
+    same figure in both, and a note says why; a beam column with dashes for the agents without it."""
+    runs = [
+        dataclasses.replace(
+            summary("ppo", 0, eval_reward=0.1),
+            sampled_eval_reward=0.3,
+            test_eval_reward=0.2,
+            test_sampled_eval_reward=0.4,
+            beam_reward=0.25,
+            beam_greedy_reward=0.2,
+            num_beams=4,
+        ),
+        dataclasses.replace(
+            summary("sb3-ppo", 0, eval_reward=0.05),
+            sampled_eval_reward=0.3,
+            test_eval_reward=0.06,
+            test_sampled_eval_reward=0.31,
+        ),
+        dataclasses.replace(
+            summary("random", 0, eval_reward=0.17),
+            sampled_eval_reward=0.17,
+            test_eval_reward=0.18,
+            test_sampled_eval_reward=0.18,
+        ),
+    ]
+    rows = aggregate(runs)
+    md = results_markdown(rows, threshold=0.8)
+    lines = md.split("\n")
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[3:9] == [
+        "greedy eval reward (mean ± std)",
+        "sampled eval reward (mean ± std)",
+        "held-out greedy eval (mean ± std)",
+        "held-out sampled eval (mean ± std)",
+        "beam 4, held-out prompts (mean ± std)",
+        "greedy, same held-out prompts (mean ± std)",
+    ]
+    ppo, sb3, rnd = ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:5])
+    assert ppo[3:9] == [
+        "0.100 ± 0.000",
+        "0.300 ± 0.000",
+        "0.200 ± 0.000",
+        "0.400 ± 0.000",
+        "0.250 ± 0.000",
+        "0.200 ± 0.000",
+    ]
+    assert sb3[7:9] == ["–", "–"]
+    assert (
+        rnd[3] == rnd[4] == "0.170 ± 0.000" and rnd[5] == rnd[6] == "0.180 ± 0.000" and rnd[7:9] == ["–", "–"]
+    )
+    assert "its greedy and sampled columns are one evaluation" in md
+    assert rows[0]["num_beams"] == 4 and "num_beams" not in rows[1]
+
+
+def test_a_tiny_comparison_with_ppo_seq2seq_and_beam_search(tmp_path):
+    """ppo, ppo-seq2seq and sb3-ppo on translate with num_beams=2: every agent has a greedy and a
+    sampled evaluation on the training and the held-out prompts, the random policy the same figure
+    in both; only the custom agents have the beam columns, as read back from TensorBoard."""
+    run_comparison(
+        tmp_path,
+        ["ppo", "ppo-seq2seq", "sb3-ppo"],
+        [0],
+        task="translate",
+        ppo_config=tiny_ppo_config(),
+        sb3_hyperparams=TINY_SB3,
+        num_beams=2,
+        **{**TINY_RUN, "total_timesteps": 96},
+    )
+    _, results = read_csv(tmp_path / "results.csv")
+    assert [r["agent"] for r in results] == ["ppo", "ppo-seq2seq", "sb3-ppo", "random"]
+    for key in ("eval_reward", "sampled_eval_reward", "test_eval_reward", "test_sampled_eval_reward"):
+        assert all(0.0 <= float(r[f"{key}_mean"]) <= 1.0 for r in results), key
+    for row in results:
+        custom = row["agent"] in ("ppo", "ppo-seq2seq")
+        assert (row["beam_reward_mean"] != "") == custom and (row["beam_greedy_reward_mean"] != "") == custom
+        assert row["num_beams"] == ("2" if custom else "")
+    rnd = results[-1]
+    assert rnd["eval_reward_mean"] == rnd["sampled_eval_reward_mean"]
+    assert rnd["test_eval_reward_mean"] == rnd["test_sampled_eval_reward_mean"]
+    _, runs = read_csv(tmp_path / "runs.csv")
+    ppo = next(r for r in runs if r["agent"] == "ppo")
+    scalars = read_scalars(tmp_path / "tb" / "ppo_s0_1")
+    for column, tag in (
+        ("sampled_eval_reward", SAMPLED_TAG),
+        ("test_sampled_eval_reward", TEST_SAMPLED_TAG),
+        ("beam_reward", BEAM_TAG),
+        ("beam_greedy_reward", BEAM_GREEDY_TAG),
+    ):
+        assert float(ppo[column]) == approx(scalars[tag][1][-1])
+    params = json.loads((tmp_path / "hyperparams" / "ppo-seq2seq.json").read_text())
+    assert params["policy"]["architecture"] == "seq2seq" and params["policy_parameters"] > 0
+    assert "beam 2, held-out prompts (mean ± std)" in (tmp_path / "results.md").read_text()
+
+
+def test_beam_evaluation_scores_the_top_beam_of_generate():
+    """The beam figure is the reward model's mean score of generate(strategy="beam") on every
+    prompt of the env (in batches that need not divide them), and the greedy figure that of
+    generate(strategy="greedy") on the same prompts."""
+    from agents.generation import generate
+    from agents.ppo import PPO
+    from textgym.tasks import make_env_config
+
+    env = {"task": "translate", "split": "test"}
+    model = PPO("TextGen-v0", tiny_ppo_config(), 4, {"task": "translate"}, "cpu", seed=0)
+    found = beam_evaluation(model, env, num_beams=3, batch_size=300)
+    config = make_env_config(**env)
+    prompts = list(config.prompts)
+    assert len(prompts) == 1000
+    expected = {}
+    for strategy in ("beam", "greedy"):
+        completions = generate(
+            model.policy, config.tokenizer, prompts, config.max_prompt_tokens, config.max_new_tokens,
+            strategy=strategy, num_beams=3,
+        )  # fmt: skip
+        expected[strategy] = float(np.mean(config.reward(prompts, completions)))
+    assert found == {
+        BEAM_TAG: pytest.approx(expected["beam"], abs=1e-12),
+        BEAM_GREEDY_TAG: pytest.approx(expected["greedy"], abs=1e-12),
+        "compare/num_beams": 3.0,
+    }
+    assert found[BEAM_TAG] != found[BEAM_GREEDY_TAG]  # the two decodings differ
+    with pytest.raises(ValueError, match="num_beams must be None"):
+        run_comparison("unused", ["ppo"], [0], 32, num_beams=0)

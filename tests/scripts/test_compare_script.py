@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-AGENTS = ["ppo", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo"]
+AGENTS = ["ppo", "ppo-seq2seq", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo"]
+CUSTOM = ("ppo", "ppo-seq2seq")
 RESULT_COLUMNS = [
     "agent",
     "seeds",
@@ -32,6 +33,14 @@ RESULT_COLUMNS = [
     "wall_seconds_mean",
     "env_steps_per_second_mean",
     "speed_vs_ppo",
+]
+SAMPLED_COLUMNS = ["sampled_eval_reward_mean", "sampled_eval_reward_std"]
+BEAM_COLUMNS = [
+    "beam_reward_mean",
+    "beam_reward_std",
+    "beam_greedy_reward_mean",
+    "beam_greedy_reward_std",
+    "num_beams",
 ]
 IQM_COLUMNS = [
     f"{key}_iqm{suffix}" for key in ("final_reward", "eval_reward") for suffix in ("", "_ci_low", "_ci_high")
@@ -115,6 +124,17 @@ def check_tables_against_tensorboard(out: Path, threshold: float) -> None:
         assert int(row["env_steps"]) == max(scalars["compare/wall_seconds"])
         reached = first_step_reaching(rollout, threshold)
         assert row["steps_to_threshold"] == ("" if reached is None else str(reached))
+        # sampled beside greedy for every agent (random: the same evaluation); beam for custom ones
+        assert float(row["sampled_eval_reward"]) == last(scalars["eval/mean_reward_sampled"])
+        if row["agent"] == "random":
+            assert row["sampled_eval_reward"] == row["eval_reward"]
+        if "eval/beam_mean_reward" in scalars:
+            assert row["agent"] in CUSTOM
+            assert float(row["beam_reward"]) == last(scalars["eval/beam_mean_reward"])
+            assert float(row["beam_greedy_reward"]) == last(scalars["eval/beam_greedy_mean_reward"])
+            assert int(row["num_beams"]) == last(scalars["compare/num_beams"])
+        else:
+            assert row.get("beam_reward", "") == "" and row.get("num_beams", "") == ""
 
     _, results = read_csv(out / "results.csv")
     assert {r["agent"] for r in results} == {r["agent"] for r in runs}
@@ -122,7 +142,7 @@ def check_tables_against_tensorboard(out: Path, threshold: float) -> None:
         group = [r for r in runs if r["agent"] == agg["agent"]]
         assert int(agg["seeds"]) == len(group)
         assert int(agg["env_steps"]) == max(int(r["env_steps"]) for r in group)
-        for key in ("final_reward", "eval_reward"):
+        for key in ("final_reward", "eval_reward", "sampled_eval_reward"):
             values = np.array([float(r[key]) for r in group])
             assert float(agg[f"{key}_mean"]) == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
             std = values.std(ddof=1) if len(values) > 1 else 0.0
@@ -149,12 +169,13 @@ def check_tables_against_tensorboard(out: Path, threshold: float) -> None:
 
 @pytest.fixture(scope="module")
 def four_agents(tmp_path_factory) -> tuple[Path, str]:
-    """One comparison of every agent, seed 0, 256 env steps (the comparison's output, stdout)."""
+    """One comparison of the agents of AGENTS, seed 0, 256 env steps, beam search with 2 beams (the
+    comparison's output, stdout)."""
     out = tmp_path_factory.mktemp("compare") / "out"
     proc = compare(
         "--agents", *AGENTS, "--seeds", "0", "--total-timesteps", "256", "--num-envs", "8",
         "--eval-episodes", "8", "--out", str(out), "--no-progress", "--device", "cpu",
-        "--sb3-hyperparams", json.dumps(SB3_HYPERPARAMS), "--ppo-config", '{"n_steps": 16}',
+        "--sb3-hyperparams", json.dumps(SB3_HYPERPARAMS), "--ppo-config", '{"n_steps": 16}', "--beam", "2",
     )  # fmt: skip
     return out, proc.stdout
 
@@ -173,8 +194,12 @@ def test_compare_writes_every_output(four_agents):
     assert sorted(p.name for p in (out / "tb").iterdir()) == sorted(f"{a}_s0_1" for a in [*AGENTS, "random"])
 
     columns, results = read_csv(out / "results.csv")
-    assert columns == RESULT_COLUMNS  # one seed: no IQM columns
+    # one seed: no IQM columns; the default task holds nothing out: no held-out columns
+    assert columns == [*RESULT_COLUMNS[:7], *SAMPLED_COLUMNS, *BEAM_COLUMNS, *RESULT_COLUMNS[7:]]
     assert [r["agent"] for r in results] == [*AGENTS, "random"]
+    for r in results:  # the beam columns: the custom agents only
+        assert (r["beam_reward_mean"] != "") == (r["agent"] in CUSTOM)
+        assert r["num_beams"] == ("2" if r["agent"] in CUSTOM else "")
     for r in results:
         assert r["seeds"] == "1" and r["env_steps"] == "256"
         assert -1.0 <= float(r["final_reward_mean"]) <= 1.0
@@ -190,14 +215,16 @@ def test_compare_writes_every_output(four_agents):
 
     md = (out / "results.md").read_text()
     assert md.startswith("| agent | seeds |")
-    assert len(md.strip().splitlines()) == 2 + 5
+    assert len([line for line in md.splitlines() if line.startswith("|")]) == 2 + len(AGENTS) + 1
+    assert "beam 2, training prompts (mean ± std)" in md and "sampled eval reward (mean ± std)" in md
     assert md in stdout  # the table is also printed
 
     config = json.loads((out / "config.json").read_text())
     assert config["agents"] == AGENTS and config["seeds"] == [0] and config["total_timesteps"] == 256
     assert config["num_envs"] == 8 and config["threshold"] == 0.8  # the default task's threshold
     assert config["sb3_hyperparams"] == SB3_HYPERPARAMS
-    assert config["ppo_config_resolved"]["n_steps"] == 16
+    assert config["ppo_config_resolved"]["n_steps"] == 16 and config["beam"] == 2
+    assert config["ppo-seq2seq_config_resolved"]["policy"]["architecture"] == "seq2seq"
 
 
 def test_hyperparams_files_record_what_ran(four_agents):
@@ -207,6 +234,10 @@ def test_hyperparams_files_record_what_ran(four_agents):
     params = {a: json.loads((out / "hyperparams" / f"{a}.json").read_text()) for a in [*AGENTS, "random"]}
     config = json.loads((out / "config.json").read_text())
     assert params["ppo"] == config["ppo_config_resolved"]
+    seq2seq = params.pop("ppo-seq2seq")
+    counts = seq2seq.pop("policy_parameters"), seq2seq.pop("decoder_only_policy_parameters")
+    assert seq2seq == config["ppo-seq2seq_config_resolved"] and seq2seq["n_steps"] == 16
+    assert abs(counts[0] - counts[1]) <= 0.1 * counts[1]
     for agent in ("sb3-ppo", "sb3-maskable-ppo"):
         assert params[agent]["n_steps"] == 16 and params[agent]["batch_size"] == 32
         assert params[agent]["n_epochs"] == 4 and params[agent]["learning_rate"] == "lin_1e-3"
@@ -216,6 +247,7 @@ def test_hyperparams_files_record_what_ran(four_agents):
     steps = {a: sorted(tb_scalars(out / "tb" / f"{a}_s0_1")["rollout/ep_rew_mean"]) for a in AGENTS}
     assert steps == {
         "ppo": [128, 256],
+        "ppo-seq2seq": [128, 256],
         "sb3-ppo": [128, 256],
         "sb3-maskable-ppo": [128, 256],
         "sb3-a2c": [64, 128, 192, 256],
@@ -242,7 +274,7 @@ def test_five_seeds_report_iqm(tmp_path):
         "--no-progress", "--device", "cpu",
     )  # fmt: skip
     columns, results = read_csv(out / "results.csv")
-    assert columns == RESULT_COLUMNS + IQM_COLUMNS
+    assert columns == [*RESULT_COLUMNS[:7], *SAMPLED_COLUMNS, *RESULT_COLUMNS[7:], *IQM_COLUMNS]
     assert [r["agent"] for r in results] == ["ppo", "random"]
     for row in results:
         assert row["seeds"] == "5"
@@ -321,6 +353,12 @@ BAD_ARGUMENTS = [
     (["--device", "tpu"], "--device: unknown device 'tpu'"),
     (["--threshold", "nan"], "--threshold must be a finite number"),
     (["--threads", "-2"], "--threads: must be >= 0"),
+    (["--beam", "0"], "--beam must be >= 1 (beams per prompt), got 0"),
+    (["--beam", "2", "--env-kwargs", '{"chat_template": true}'], "--beam does not support"),
+    (
+        ["--agents", "ppo-seq2seq", "--ppo-config", '{"policy": {"architecture": "seq2seq"}}'],
+        "--ppo-config: ppo-seq2seq cannot be built",
+    ),
 ]
 
 

@@ -46,10 +46,13 @@ def test_kv_cache_equals_recompute_on_cuda():
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("agent", ["ppo", "grpo"])
+@pytest.mark.parametrize("agent", ["ppo", "ppo-seq2seq", "grpo"])
 def test_agents_train_on_cuda_and_load_on_the_cpu(agent, tmp_path):
     if agent == "ppo":
         model = PPO(num_envs=16, config=PPOConfig(n_steps=8), device="cuda", seed=0)
+    elif agent == "ppo-seq2seq":
+        config = PPOConfig(n_steps=8, policy=PolicyConfig(architecture="seq2seq"))
+        model = PPO(num_envs=16, config=config, device="cuda", seed=0)
     else:
         model = GRPO(
             num_envs=16,
@@ -63,7 +66,7 @@ def test_agents_train_on_cuda_and_load_on_the_cpu(agent, tmp_path):
     assert all(p.device.type == "cuda" for p in model.policy.parameters())
     assert all(torch.isfinite(p).all() for p in model.policy.parameters())
     path = model.save(tmp_path / "model.pt")
-    cls = PPO if agent == "ppo" else GRPO
+    cls = GRPO if agent == "grpo" else PPO
     loaded = cls.load(path, device="cpu")
     for (name, a), b in zip(
         model.policy.state_dict().items(), loaded.policy.state_dict().values(), strict=True

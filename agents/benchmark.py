@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column
+from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column, sample_tokens
 from agents.ppo import PPO, PPOConfig
 from agents.runtime import in_fresh_process, peak_rss_mib
 from textgym.core import resolve_device
@@ -74,7 +74,7 @@ def rollout_speed(
                 full, _ = policy(obs["input_ids"], obs["attention_mask"])  # (N, L, V)
                 logits = full[rows, last_real_column(obs["attention_mask"])]
             logits[:, eos] = float("-inf")  # every episode runs its full max_new_tokens
-            action = torch.distributions.Categorical(logits=logits).sample()
+            action = sample_tokens(logits.softmax(-1))
             obs, *_ = env.step(action)
         _sync(dev)
         results[mode] = steps * num_envs / (time.perf_counter() - start)
@@ -421,7 +421,7 @@ def busy_speed(
 
 
 # ------------------------------------------------------------------ generation against transformers
-GENERATE_PATHS = ("hf_generate", "textgym_generate", "ppo_acting")
+GENERATE_PATHS = ("hf_generate", "textgym_generate", "hf_sample", "ppo_acting")
 
 
 def _benchmark_model(model: str, new_tokens: int, folder: Path) -> tuple[Path, str]:
@@ -471,7 +471,7 @@ def generate_speed(
     """Tokens per second of greedy generation by ``transformers`` and through the project's cache,
     on the same model, prompts and batch, in one run.
 
-    Three paths, each producing ``new_tokens`` tokens for each of ``batch`` prompts (the first
+    Four paths, each producing ``new_tokens`` tokens for each of ``batch`` prompts (the first
     prompts of the ``reviews`` task, repeated if ``batch`` is larger), end of text forbidden so every
     row runs to full length:
 
@@ -480,11 +480,14 @@ def generate_speed(
       ``DynamicCache``.
     - ``textgym_generate``: :func:`agents.generation.generate` (greedy) with the
       :class:`~agents.hf.HFPolicy` of the same weights, through :class:`~agents.hf.HFKVCache`.
+    - ``hf_sample``: ``model.generate`` sampling at temperature 1 from the whole distribution
+      (``do_sample=True``, ``top_k=0``, ``top_p=1``): what PPO's acting does, by ``transformers``.
     - ``ppo_acting``: what :meth:`agents.ppo.PPO.collect_rollout` does per token, without the env:
       ``policy.make_cache(batch)``, ``rebuild`` on the prompts, then per token the finiteness
-      check, a ``Categorical`` sample, the log-probability of the sampled token, and ``step``.
+      check, the log-softmax, a sample (:func:`agents.policy.sample_tokens`), the log-probability
+      of the sampled token, and ``step``.
 
-    After ``warmup`` untimed rounds, each repeat runs the three in turn, in that order and then
+    After ``warmup`` untimed rounds, each repeat runs the four in turn, in that order and then
     in reverse, so that a load changing over the run hits them alike; the report gives every repeat, the median, and the
     ratio of medians to ``hf_generate``. ``same_tokens`` is the share of prompts whose two greedy
     completions are identical (float rounding can flip a near tie; the policy also never emits the
@@ -494,7 +497,6 @@ def generate_speed(
     import tempfile
 
     import torch.nn.functional as F
-    from torch.distributions import Categorical
 
     from agents.generation import encode_prompts, generate
     from agents.hf import HFConfig, HFPolicy
@@ -537,6 +539,23 @@ def generate_speed(
         return generate(policy, tokenizer, prompts, P, M, "greedy", min_new_tokens=M)
 
     @torch.no_grad()
+    def hf_sample() -> None:
+        out = causal_lm.generate(
+            input_ids=hf_ids,
+            attention_mask=hf_mask,
+            max_new_tokens=M,
+            min_new_tokens=M,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            use_cache=True,
+            eos_token_id=hf_eos,
+            pad_token_id=hf_eos,
+        )
+        assert out.shape == (batch, P + M), out.shape
+
+    @torch.no_grad()
     def ppo_acting() -> None:
         ids, mask = prompt_ids.clone(), prompt_mask.clone()
         cache = policy.make_cache(batch, dev)
@@ -545,8 +564,9 @@ def generate_speed(
             logits[:, eos] = torch.finfo(logits.dtype).min  # every row runs its full length, as the others
             if not bool(torch.isfinite(logits).all()):
                 raise RuntimeError("the policy's logits contain NaN or infinity")
-            action = Categorical(logits=logits).sample()
-            F.log_softmax(logits, dim=-1).gather(1, action.unsqueeze(1))
+            log_probs = F.log_softmax(logits, dim=-1)
+            action = sample_tokens(log_probs.exp())
+            log_probs.gather(1, action.unsqueeze(1))
             ids[:, P + t], mask[:, P + t] = action, 1
             if t + 1 < M:
                 logits, _ = cache.step(ids, mask, P)
@@ -554,6 +574,7 @@ def generate_speed(
     paths: dict[str, Callable[[], Any]] = {
         "hf_generate": hf_generate,
         "textgym_generate": textgym_generate,
+        "hf_sample": hf_sample,
         "ppo_acting": ppo_acting,
     }
     texts: dict[str, list[str]] = {}
@@ -609,6 +630,7 @@ def format_generate_table(report: dict[str, Any]) -> str:
     names = {
         "hf_generate": "transformers `generate`",
         "textgym_generate": "`agents.generation.generate`",
+        "hf_sample": "transformers `generate`, sampled",
         "ppo_acting": "PPO acting (`make_cache`, sampled)",
     }
     for name, label in names.items():
@@ -839,7 +861,7 @@ def gpu_benchmark(
       untimed update (first-call costs: CUDA context, kernel selection, allocator).
     - ``lm``: tokens per second of a causal LM (``model`` as in :func:`generate_speed`) in PPO's
       acting loop (sampled, through the project's KV cache) and in ``transformers`` ``generate``
-      (greedy), ``lm_batch`` prompts × ``lm_new_tokens`` tokens, median of ``repeats`` after one
+      (sampled and greedy), ``lm_batch`` prompts × ``lm_new_tokens`` tokens, median of ``repeats`` after one
       warm-up, for each of ``lm_dtypes`` (weights in that precision).
 
     Each row holds env steps (or tokens) per second per device; ``ratio`` divides each device's
@@ -872,7 +894,12 @@ def gpu_benchmark(
     for dtype in lm_dtypes:
         reports = {d: generate_speed(model, lm_batch, lm_new_tokens, dtype, repeats, 1, d) for d in devs}
         described = next(iter(reports.values()))["model"]
-        for path, label in (("ppo_acting", "PPO acting"), ("hf_generate", "generate")):
+        paths = (
+            ("ppo_acting", "PPO acting"),
+            ("hf_sample", "generate, sampled"),
+            ("hf_generate", "generate"),
+        )
+        for path, label in paths:
             speeds = {d: r["tokens_per_second"][path]["median"] for d, r in reports.items()}
             add("lm", f"{label}, {dtype}, batch {lm_batch}", speeds, "tokens/s")
     names = {d: torch.cuda.get_device_name(torch.device(d)) if d.startswith("cuda") else "cpu" for d in devs}

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from agents.policy import TransformerPolicy
+from agents.policy import TransformerPolicy, sample_tokens
 from textgym.checks import is_positive_int
 from textgym.tokenizers import Tokenizer
 
@@ -160,7 +160,7 @@ def _decode(
             token = logits.argmax(-1)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            token = sample_tokens(probs, generator)
         # Rows that ended keep decoding until all have (their tokens are cut below): the tokens
         # stay on the device, with one host sync per step, for the stopping test.
         ids[:, P + t], mask[:, P + t] = token, 1

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column, sinusoidal_encoding
+from agents.policy import (
+    KVCache,
+    PolicyConfig,
+    TransformerPolicy,
+    last_real_column,
+    sample_tokens,
+    sinusoidal_encoding,
+)
 from textgym.tasks import TASKS
 from textgym.vector import TextGenVectorEnv
 
@@ -249,3 +256,34 @@ def test_kv_cache_prompts_of_bos_alone_and_restarts_mid_rollout(hand_rollout):
         ref_logits, ref_values = full_pass(policy, obs)
         torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ sample_tokens
+def test_sample_tokens_draws_each_token_at_its_probability():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [2.0, 1.0, 0.0, 1.0]])  # the second row unnormalised
+    n = 40_000
+    draws = sample_tokens(probs.repeat_interleave(n, 0), torch.Generator().manual_seed(0)).view(2, n)
+    for row, p in zip(draws, probs / probs.sum(1, keepdim=True), strict=True):
+        freq = torch.bincount(row, minlength=4).double() / n
+        sigma = (p.double() * (1 - p.double()) / n).sqrt()
+        assert torch.all((freq - p.double()).abs() <= 4 * sigma + 1e-12), (freq, p)
+        assert freq[p == 0].sum() == 0  # probability 0: never drawn
+
+
+def test_sample_tokens_inverts_the_cumulative_distribution_at_its_uniform_draw():
+    probs = torch.softmax(torch.randn(5, 7, generator=torch.Generator().manual_seed(3)), -1)
+    probs[:, 0] = 0.0  # a masked first token, a masked last one
+    probs[:, -1] = 0.0
+    got = sample_tokens(probs, torch.Generator().manual_seed(11))
+    u = torch.rand(5, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    for row in range(5):
+        running, target = 0.0, float(u[row]) * float(probs[row].double().sum())
+        expected = None
+        for token, p in enumerate(probs[row].double().tolist()):  # the first token past the draw
+            running += p
+            if expected is None and running > target:
+                expected = token
+        assert int(got[row]) == expected and 0 < expected < 6
+    one_hot = torch.zeros(3, 9)
+    one_hot[torch.arange(3), torch.tensor([0, 4, 8])] = 1.0
+    assert sample_tokens(one_hot).tolist() == [0, 4, 8]  # whatever the draw, the only possible token

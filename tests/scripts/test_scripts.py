@@ -162,7 +162,7 @@ def test_benchmark_generate_falls_back_to_a_tiny_model(tmp_path):
     assert report["model"].startswith("tiny GPT-2 built offline (smollm2-135m is not at")
     assert report["settings"]["batch"] == 2 and report["settings"]["new_tokens"] == 3
     speeds = report["tokens_per_second"]
-    assert set(speeds) == {"hf_generate", "textgym_generate", "ppo_acting"}
+    assert set(speeds) == {"hf_generate", "textgym_generate", "hf_sample", "ppo_acting"}
     for name, speed in speeds.items():
         assert len(speed["runs"]) == 2 and speed["min"] <= speed["median"] <= speed["max"]
         assert report["ratio_to_hf_generate"][name] == pytest.approx(
@@ -194,6 +194,7 @@ def test_benchmark_gpu_measures_each_device_against_the_first(tmp_path):
         ("env", "N=32"),
         ("train", "PPO, 8 envs"),
         ("lm", "PPO acting, float32, batch 2"),
+        ("lm", "generate, sampled, float32, batch 2"),
         ("lm", "generate, float32, batch 2"),
     ]
     for row in report["rows"]:

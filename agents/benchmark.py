@@ -521,39 +521,28 @@ def generate_speed(
     hf_ids, hf_mask = policy.model_ids[prompt_ids[:, :P]], prompt_mask[:, :P]  # (B, P) each
 
     @torch.no_grad()
-    def hf_generate() -> list[str]:
+    def hf_run(**sampling: Any) -> torch.Tensor:
         out = causal_lm.generate(
             input_ids=hf_ids,
             attention_mask=hf_mask,
             max_new_tokens=M,
             min_new_tokens=M,
-            do_sample=False,
             use_cache=True,
             eos_token_id=hf_eos,
             pad_token_id=hf_eos,
+            **sampling,
         )
         assert out.shape == (batch, P + M), out.shape
-        return tokenizer.decode_batch((out[:, P:] + NUM_SPECIAL).cpu().numpy())
+        return out
+
+    def hf_generate() -> list[str]:
+        return tokenizer.decode_batch((hf_run(do_sample=False)[:, P:] + NUM_SPECIAL).cpu().numpy())
+
+    def hf_sample() -> None:
+        hf_run(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
 
     def textgym_generate() -> list[str]:
         return generate(policy, tokenizer, prompts, P, M, "greedy", min_new_tokens=M)
-
-    @torch.no_grad()
-    def hf_sample() -> None:
-        out = causal_lm.generate(
-            input_ids=hf_ids,
-            attention_mask=hf_mask,
-            max_new_tokens=M,
-            min_new_tokens=M,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            use_cache=True,
-            eos_token_id=hf_eos,
-            pad_token_id=hf_eos,
-        )
-        assert out.shape == (batch, P + M), out.shape
 
     @torch.no_grad()
     def ppo_acting() -> None:

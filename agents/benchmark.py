@@ -31,6 +31,7 @@ import torch
 from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column, sample_tokens
 from agents.ppo import PPO, PPOConfig
 from agents.runtime import in_fresh_process, peak_rss_mib
+from textgym.benchmark import measure
 from textgym.core import resolve_device
 from textgym.vector import TextGenVectorEnv
 
@@ -794,39 +795,23 @@ def format_memory_table(report: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ the GPU against the CPU
-@torch.no_grad()
 def env_speed(num_envs: int, device: str = "cpu", seconds: float = 2.0, max_new_tokens: int = 16) -> float:
     """Env steps per second of the batched env alone, its actions drawn on its own device.
 
-    :class:`~textgym.vector.TextGenVectorEnv` with torch arrays and same-step autoreset on the
-    ``default`` task with the ``length`` reward (computed on the device): random actions, drawn
-    in advance on ``device`` (no host transfer per step), for ``seconds`` after 20 untimed steps.
+    :func:`textgym.benchmark.measure` of :class:`~textgym.vector.TextGenVectorEnv` with torch
+    arrays and same-step autoreset on the ``default`` task with the ``length`` reward (computed on
+    the device): random actions from a pool drawn in advance on ``device`` (no host transfer per
+    step), for ``seconds`` after 20 untimed steps.
     """
-    dev = resolve_device(device)
-    env = TextGenVectorEnv(
-        num_envs,
-        device=dev,
-        autoreset_mode="same_step",
-        array_type="torch",
-        max_new_tokens=max_new_tokens,
-        reward={"name": "length"},
-    )
-    try:
-        generator = torch.Generator(device=dev).manual_seed(0)
-        pool = torch.randint(0, env.single_action_space.n, (64, num_envs), device=dev, generator=generator)
-        env.reset(seed=0)
-        for i in range(20):
-            env.step(pool[i % 64])
-        _sync(dev)
-        steps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for _ in range(8):
-                env.step(pool[steps % 64])
-                steps += 1
-        _sync(dev)
-        return steps * num_envs / (time.perf_counter() - start)
-    finally:
-        env.close()
+    env_kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "reward": {"name": "length"},
+        "array_type": "torch",
+        "autoreset_mode": "same_step",
+    }
+    return measure("batched", num_envs, seconds, env_kwargs, str(resolve_device(device)))[
+        "env_steps_per_second"
+    ]
 
 
 def gpu_benchmark(

@@ -6,7 +6,7 @@
    match on held-out prompts of ``arithmetic2`` (operand pairs whose equations the warm-up never
    sees). It knows sums but not the format: it goes on writing after the answer (``"82\\n\\nThe"``)
    where the task wants the answer and then the end of text.
-2. **Warm-up.** ``warmup_steps`` steps of supervised next-token prediction on the training
+2. **Warm-up.** ``warmup_steps`` steps of supervised next-token prediction (the loop of pretraining) on the training
    equations (``"12+7=19"`` then the end of text): enough to learn the format, far too few to
    learn the sums. The warm-up is saved as a model folder (``<out>/warm-up``).
 3. **RL.** Each of ``agents`` (GRPO by default) starts from that folder and trains on the training
@@ -30,13 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.grpo import GRPO, RLOO, GRPOConfig, RLOOConfig
-from agents.ppo import PPO, PPOConfig
-from agents.recipes import check_counts, check_groups
+from agents.grpo import GRPOConfig, RLOOConfig
+from agents.ppo import PPOConfig
+from agents.recipes import AGENTS, agent_setup, check_counts, check_groups
 from textgym.io import atomic_write
 from textgym.tasks import get_task, make_env_config
 
-AGENTS = ("grpo", "rloo", "ppo")
 PRETRAINED = "pretrained"
 WARMUP = "warm-up"
 
@@ -158,8 +157,10 @@ def evaluate(policy: Any, config: PretrainedRecipeConfig) -> dict[str, float]:
 
 
 def warm_up(policy: Any, config: PretrainedRecipeConfig, seed: int) -> float:
-    """``warmup_steps`` supervised steps on the task's training equations; the last loss."""
-    from agents.lm import encode_texts, lm_loss
+    """``warmup_steps`` supervised steps on the task's training equations, by the loop of
+    pretraining (:func:`agents.lm.fit`: rows drawn with replacement, gradient norm clipped at 1)
+    at a constant learning rate; the last step's loss (NaN without steps)."""
+    from agents.lm import encode_texts, fit, lm_loss
 
     env = make_env_config(config.task, split="train", tokenizer=policy.tokenizer)
     ids, mask, _ = encode_texts(get_task(config.task).corpus, env.tokenizer, env.seq_len)
@@ -167,29 +168,35 @@ def warm_up(policy: Any, config: PretrainedRecipeConfig, seed: int) -> float:
     ids, mask = ids.to(dev), mask.to(dev)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.warmup_learning_rate, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    policy.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(config.warmup_steps):
-        rows = torch.as_tensor(rng.choice(len(ids), config.warmup_batch_size, replace=False), device=dev)
+    last = [float("nan")]
+
+    def minibatch_loss(rows: torch.Tensor) -> torch.Tensor:
         loss = lm_loss(policy, ids[rows], mask[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-    policy.eval()
-    return float(loss.detach())
+        last[0] = float(loss.detach())
+        return loss
+
+    fit(
+        policy,
+        optimizer,
+        minibatch_loss,
+        lambda step: {},
+        n_train=len(ids),
+        steps=config.warmup_steps,
+        batch_size=config.warmup_batch_size,
+        eval_interval=max(1, config.warmup_steps),
+        max_grad_norm=1.0,
+        lr_at=lambda step: config.warmup_learning_rate,
+        seed=seed,
+        prefix="warmup",
+    )
+    return last[0]
 
 
 def rl_stage(
     config: PretrainedRecipeConfig, agent: str, start: Path, out: Path, seed: int, progress: bool
 ) -> dict[str, Any]:
     """``agent`` from the model folder ``start`` for ``total_timesteps`` on the training prompts."""
-    cls, agent_config, num_envs = {
-        "grpo": (GRPO, config.grpo, config.group_num_envs),
-        "rloo": (RLOO, config.rloo, config.group_num_envs),
-        "ppo": (PPO, config.ppo, config.ppo_num_envs),
-    }[agent]
+    cls, agent_config, num_envs = agent_setup(config, agent)
     began = time.perf_counter()
     model = cls(
         "TextGen-v0",

@@ -126,6 +126,16 @@ def check_counts(config: Any, positive: Sequence[str], non_negative: Sequence[st
                 )
 
 
+def agent_setup(config: Any, agent: str) -> tuple[type, Any, int]:
+    """The class, config and env rows of ``agent`` (one of :data:`AGENTS`) in a recipe's
+    ``config``: its ``ppo``, ``grpo`` and ``rloo`` fields, ``ppo_num_envs`` and ``group_num_envs``."""
+    return {
+        "ppo": (PPO, config.ppo, config.ppo_num_envs),
+        "grpo": (GRPO, config.grpo, config.group_num_envs),
+        "rloo": (RLOO, config.rloo, config.group_num_envs),
+    }[agent]
+
+
 def check_groups(config: Any, agents: Sequence[str]) -> None:
     """``config.group_num_envs`` is a multiple of the group size of each of ``agents``' configs."""
     for name in agents:
@@ -306,11 +316,7 @@ def rl_stage(
     """``agent`` trained from the warm-up of ``seed`` (:func:`supervised_stages` first) for
     ``total_timesteps`` env steps on the training prompts; its figures. TensorBoard: ``<out>/tb``."""
     report = on_steps or (lambda n: None)
-    cls, agent_config, num_envs = {
-        "ppo": (PPO, config.ppo, config.ppo_num_envs),
-        "grpo": (GRPO, config.grpo, config.group_num_envs),
-        "rloo": (RLOO, config.rloo, config.group_num_envs),
-    }[agent]
+    cls, agent_config, num_envs = agent_setup(config, agent)
     start = time.perf_counter()
     model = cls(
         "TextGen-v0",

@@ -74,6 +74,8 @@ def measure(
     try:
         vocab = env.action_space.n if face == "single" else env.single_action_space.n
         pool = np.random.default_rng(seed).integers(0, vocab, size=(64, n))  # (64, n) actions
+        if getattr(env, "array_type", "numpy") == "torch":  # drawn where the env steps: no transfer per step
+            pool = torch.as_tensor(pool, device=env.device)
         if face == "single":
             env.reset(seed=seed)
 

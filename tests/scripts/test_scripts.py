@@ -26,6 +26,18 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def benchmark_with_empty_cache(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``scripts/benchmark.py *args`` with an empty model cache under ``tmp_path`` (so SmolLM2 is
+    not on disk), checked to exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+        env={**ENV, "TEXTGYM_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 @pytest.mark.parametrize(
     "script",
     [
@@ -152,12 +164,7 @@ def test_benchmark_generate_falls_back_to_a_tiny_model(tmp_path):
     pytest.importorskip("transformers")
     out_file = tmp_path / "generate.json"
     args = ["--batch", "2", "--new-tokens", "3", "--repeats", "2", "--warmup", "0", "--out", str(out_file)]
-    proc = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "generate", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-        env={**ENV, "TEXTGYM_CACHE": str(tmp_path / "cache")},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = benchmark_with_empty_cache(tmp_path, "generate", *args)
     report = json.loads(out_file.read_text())
     assert report["model"].startswith("tiny GPT-2 built offline (smollm2-135m is not at")
     assert report["settings"]["batch"] == 2 and report["settings"]["new_tokens"] == 3
@@ -212,12 +219,7 @@ def test_benchmark_memory_falls_back_to_a_tiny_model(tmp_path):
     out_file = tmp_path / "memory.json"
     args = ["--configs", "float32", "lora", "--num-envs", "2", "--n-steps", "4", "--max-new-tokens", "4",
             "--warmup", "0", "--out", str(out_file)]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "memory", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-        env={**ENV, "TEXTGYM_CACHE": str(tmp_path / "cache")},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = benchmark_with_empty_cache(tmp_path, "memory", *args)
     report = json.loads(out_file.read_text())
     assert report["model"].startswith("tiny GPT-2 built offline (smollm2-135m is not at")
     assert list(report["configs"]) == ["float32", "lora"]

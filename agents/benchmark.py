@@ -607,6 +607,159 @@ def generate_speed(
     }
 
 
+@torch.no_grad()
+def hf_decode_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by hand with a ``transformers`` causal LM and a ``DynamicCache``: one
+    forward pass over the left-padded prompts ``ids``/``mask`` (B, P), then one pass per token
+    with the grown attention mask and each row's next position, the cache filled in place. No
+    early end. Returns the tokens (B, ``new_tokens``): the plain decode loop that
+    :func:`decode_speed` measures the project's cache against (equal to ``model.generate``'s greedy
+    tokens, as its test checks)."""
+    from agents.hf import cache_argument
+    from textgym.hf import require
+
+    past = require("transformers").DynamicCache(config=model.config)
+    cache = {cache_argument(model.base_model): past}
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P) real tokens before each column
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    tokens = torch.empty(ids.shape[0], new_tokens, dtype=torch.long, device=ids.device)
+    for t in range(new_tokens):
+        tokens[:, t] = out.logits[:, -1].argmax(-1)
+        if t + 1 == new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=tokens[:, t : t + 1],
+            attention_mask=mask,
+            position_ids=next_position,
+            use_cache=True,
+            **cache,
+        )
+        next_position = next_position + 1
+    return tokens
+
+
+def decode_speed(
+    batch: int = 64,
+    new_tokens: int = 64,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+    task: str = "default",
+) -> dict[str, Any]:
+    """Tokens per second of greedy decoding by the built-in policy through its
+    :class:`~agents.policy.KVCache` and by a ``transformers`` GPT-2 of the same shape through a
+    plain decode loop (:func:`hf_decode_loop`), on the same prompts, in one run.
+
+    Both models are randomly initialised with the :class:`~agents.policy.PolicyConfig` defaults'
+    shape (64 wide, 2 blocks, 4 heads, MLP 4x, exact GELU, the env's vocabulary and observation
+    length); the prompts are the ``task``'s first observations from a reset of ``batch`` envs
+    (left-padded into the prompt window). ``textgym`` runs what acting runs per token:
+    ``cache.step`` on the observation arrays, then the chosen token written into them; ``hf_loop``
+    feeds ``past_key_values`` back. Each produces ``new_tokens`` tokens per row. After ``warmup``
+    untimed rounds, each repeat runs the two in turn, alternating which goes first; the medians
+    and their ratio are reported.
+    """
+    import statistics
+
+    from textgym.hf import require
+
+    transformers = require("transformers")
+    dev = resolve_device(device)
+    env = TextGenVectorEnv(batch, task=task, max_new_tokens=new_tokens, array_type="torch", device=dev)
+    obs, _ = env.reset(seed=0)
+    P, L, V = env.prompt_window, env.config.seq_len, int(env.single_action_space.n)
+    cfg = PolicyConfig()
+    torch.manual_seed(0)
+    policy = TransformerPolicy(V, L, cfg).to(dev).eval()
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=V,
+            n_positions=L,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.mlp_ratio * cfg.d_model,
+            activation_function="gelu",
+            bos_token_id=env.tokenizer.bos_id,
+            eos_token_id=env.tokenizer.eos_id,
+            pad_token_id=env.tokenizer.pad_id,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
+    gpt2 = gpt2.to(dev).eval()
+    prompt_ids, prompt_mask = obs["input_ids"], obs["attention_mask"]
+
+    @torch.no_grad()
+    def textgym() -> None:
+        ids, mask = prompt_ids.clone(), prompt_mask.clone()
+        cache = KVCache(policy, batch, dev)
+        for t in range(new_tokens):
+            logits, _ = cache.step(ids, mask, P)
+            ids[:, P + t], mask[:, P + t] = logits.argmax(-1), 1
+
+    def hf_loop() -> None:
+        hf_decode_loop(gpt2, prompt_ids[:, :P], prompt_mask[:, :P], new_tokens)
+
+    paths: dict[str, Callable[[], None]] = {"textgym": textgym, "hf_loop": hf_loop}
+    for _ in range(warmup):
+        for run in paths.values():
+            run()
+    speeds: dict[str, list[float]] = {name: [] for name in paths}
+    for repeat in range(repeats):
+        order = list(paths.items())
+        for name, run in order[::-1] if repeat % 2 else order:
+            _sync(dev)
+            start = time.perf_counter()
+            run()
+            _sync(dev)
+            speeds[name].append(batch * new_tokens / (time.perf_counter() - start))
+    median = {name: statistics.median(values) for name, values in speeds.items()}
+    return {
+        "benchmark": "decode",
+        "settings": {
+            "batch": batch,
+            "new_tokens": new_tokens,
+            "prompt_window": P,
+            "task": task,
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "warmup": warmup,
+        },
+        "parameters": {
+            "textgym": sum(p.numel() for p in policy.parameters()),
+            "hf_loop": sum(p.numel() for p in gpt2.parameters()),
+        },
+        "tokens_per_second": {
+            name: {"median": median[name], "min": min(v), "max": max(v), "runs": v}
+            for name, v in speeds.items()
+        },
+        "ratio": median["textgym"] / median["hf_loop"],
+    }
+
+
+def format_decode_table(report: dict[str, Any]) -> str:
+    """The report of :func:`decode_speed` as a Markdown table."""
+    s, speeds = report["settings"], report["tokens_per_second"]
+    lines = [
+        f"Greedy decoding, batch {s['batch']}, {s['new_tokens']} new tokens, {s['device']}, "
+        f"{s['threads']} thread(s), median of {s['repeats']}:",
+        "",
+        "| path | weights | tokens/s | × hf_loop |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("textgym", "hf_loop"):
+        ratio = speeds[name]["median"] / speeds["hf_loop"]["median"]
+        lines.append(
+            f"| {name} | {report['parameters'][name]:,} | {speeds[name]['median']:,.0f} | {ratio:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
 def format_generate_table(report: dict[str, Any]) -> str:
     """The report of :func:`generate_speed` as a Markdown table."""
     s = report["settings"]

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from agents import distributed as dist
-from agents.policy import PolicyConfig
+from agents.policy import PolicyConfig, hidden_from
 from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, forward_span
 from textgym.vector import TextGenVectorEnv
 
@@ -417,8 +417,8 @@ class GroupAgent(OnPolicyAgent):
         first, last = forward_span(model, mask)
         ids, mask = ids[:, first : last + 1], mask[:, first : last + 1]
         P = self.prompt_window - first  # the completions' first column in the cut arrays
-        hidden = model.hidden(ids, mask)  # (b, last - first + 1, C)
-        logits, _ = model.heads(hidden[rows, P - 1 + t])  # (m, V): the column before each token
+        hidden = hidden_from(model, ids, mask, P - 1)  # (b, last - first + 2 - P, C): columns from P - 1
+        logits, _ = model.heads(hidden[rows, t])  # (m, V): the column before each token
         return F.log_softmax(self._masked(logits), dim=-1), ids[rows, P + t]  # float32 log-probs
 
     def _kl_stats(self) -> dict[str, float]:

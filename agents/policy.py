@@ -47,6 +47,7 @@ __all__ = [
     "TransformerPolicy",
     "build_policy",
     "count_parameters",
+    "hidden_from",
     "last_real_column",
     "real_positions",
     "sinusoidal_encoding",
@@ -103,6 +104,20 @@ def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None)
     cdf = probs.to(torch.float64).cumsum(-1)  # (N, V)
     u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=torch.float64)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+
+
+def hidden_from(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """``model``'s final hidden states (B, T - start, C) of columns ``[start, T)`` of a whole
+    pass over ``input_ids``/``attention_mask`` (B, T): what an update reads when only those
+    columns score actions. The built-in decoder runs its last block on those columns alone
+    (:meth:`~textgym.nn.TransformerDecoder.hidden`; in a 2-block policy on the default task about
+    a fifth of an update's arithmetic is the prompt columns' last block); other models (the
+    encoder-decoder policy, Hugging Face ones) compute every column and the others are cut."""
+    if isinstance(model, TransformerDecoder):
+        return model.hidden(input_ids, attention_mask, start=start)
+    return model.hidden(input_ids, attention_mask)[:, start:]
 
 
 def build_policy(
@@ -207,10 +222,9 @@ class KVCache(RowCache):
         Returns the next-token logits (N, V) and values (N,) at each row's last real token.
         """
         N, L = input_ids.shape
+        hidden = self._run(None, input_ids, attention_mask, torch.arange(L, device=input_ids.device))
         rows = torch.arange(N, device=input_ids.device)
-        logits, values = self._run(rows, input_ids, attention_mask, torch.arange(L, device=input_ids.device))
-        last = last_real_column(attention_mask)  # (N,)
-        return logits[rows, last], values[rows, last]
+        return self.policy.heads(hidden[rows, last_real_column(attention_mask)])
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.keys = [k[rows] for k in self.keys]  # (N, nh, S, hs) each
@@ -220,43 +234,59 @@ class KVCache(RowCache):
         self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
     ) -> None:
         cols = torch.arange(width, device=input_ids.device)
-        self._run(rows, input_ids[rows, :width], attention_mask[rows, :width], cols, heads=False)
+        if len(rows) == input_ids.shape[0]:  # every row starts (as all do after a reset): in place
+            self._run(None, input_ids[:, :width], attention_mask[:, :width], cols, hidden=False)
+        else:
+            self._run(rows, input_ids[rows, :width], attention_mask[rows, :width], cols, hidden=False)
 
     def _decode(
         self, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        """Every row at once, in place: each block writes the row's new key and value into its
+        slot and attends over the cache's first ``max(col) + 1`` slots as they lie (no copy of the
+        cached rows, no attention over slots that no row has filled yet)."""
+        policy = self.policy
+        width = int(col.max()) + 1  # slots [0, width) hold every row's tokens so far
         col = col.unsqueeze(1)  # (N, 1)
-        lg, val = self._run(rows, input_ids.gather(1, col), attention_mask, col)
-        return lg[:, -1], val[:, -1]
+        slots = torch.arange(width, device=input_ids.device)
+        real = attention_mask[:, :width].bool() & (slots <= col)  # (N, width) real tokens up to col
+        positions = (real.sum(1, keepdim=True) - 1).clamp(min=0)  # (N, 1) real tokens before col
+        allowed = real.scatter(1, col, True)  # a padding token sees itself
+        x = policy._embed(input_ids.gather(1, col), positions)  # (N, 1, C)
+        mask = allowed[:, None, None, :]  # (N, 1, 1, width)
+        for layer, block in enumerate(policy.blocks):
+            x = block(x, mask, (self.keys[layer], self.values[layer], None, col))
+        return policy.heads(policy.ln_f(x[:, -1]))
 
     def _run(
         self,
-        rows: torch.Tensor,
+        rows: torch.Tensor | None,
         ids: torch.Tensor,
-        full_mask: torch.Tensor,
+        mask: torch.Tensor,
         cols: torch.Tensor,
-        heads: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Feed ``ids`` (n, T) of ``rows`` at columns ``cols`` ((T,) or (n, T)) through the cache;
-        the logits and values of every column, unless ``heads`` is False (prefill)."""
+        hidden: bool = True,
+    ) -> torch.Tensor | None:
+        """Feed ``ids`` (n, T) of ``rows`` (None: every row, in order) at the first ``T`` columns
+        ``cols`` (T,), with the rows' observation masks ``mask`` (n, T), through the cache; the
+        final hidden states (n, T, C), unless ``hidden`` is False (prefill: the keys and values
+        alone, so the last block stops once it has written them)."""
         policy = self.policy
         n, T = ids.shape
-        S = policy.max_len
         cols = cols.expand(n, T)  # (n, T)
-        mask = full_mask.bool()
-        # Positions count the real tokens up to and including each column.
-        counts = full_mask.long().cumsum(1)  # (n, width of full_mask)
-        positions = (counts.gather(1, cols.clamp(max=full_mask.shape[1] - 1)) - 1).clamp(min=0)  # (n, T)
-        key_mask = torch.zeros(n, S, dtype=torch.bool, device=ids.device)
-        key_mask[:, : mask.shape[1]] = mask  # (n, S): slots holding real tokens of these rows
-        slots = torch.arange(S, device=ids.device)
-        allowed = key_mask[:, None, :] & (slots[None, None, :] <= cols[:, :, None])  # (n, T, S)
-        allowed[torch.arange(n).unsqueeze(1), torch.arange(T), cols] = True  # pads see themselves
+        positions = real_positions(mask)  # (n, T) real tokens before each column
+        slots = torch.arange(T, device=ids.device)
+        allowed = mask.bool()[:, None, :] & (slots[None, None, :] <= slots[None, :, None])  # (n, T, T)
+        allowed |= torch.eye(T, dtype=torch.bool, device=ids.device)  # pads see themselves
+        allowed = allowed.unsqueeze(1)  # (n, 1, T, T)
         x = policy._embed(ids, positions)
-        for layer, block in enumerate(policy.blocks):
-            x = block(x, allowed.unsqueeze(1), (self.keys[layer], self.values[layer], rows, cols))
-        return policy.heads(policy.ln_f(x)) if heads else None
+        *blocks, last = policy.blocks
+        for layer, block in enumerate(blocks):
+            x = block(x, allowed, (self.keys[layer], self.values[layer], rows, cols))
+        if not hidden:
+            last.write_cache(x, (self.keys[-1], self.values[-1], rows, cols))
+            return None
+        x = last(x, allowed, (self.keys[-1], self.values[-1], rows, cols))
+        return policy.ln_f(x)
 
 
 class RecomputeCache:

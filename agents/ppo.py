@@ -51,7 +51,14 @@ import torch.nn.functional as F
 from agents import distributed as dist
 from agents.buffer import Rollout, Segments, compute_gae, segments
 from agents.kl import KLController
-from agents.policy import PolicyConfig, TransformerPolicy, build_policy, last_real_column, sample_tokens
+from agents.policy import (
+    PolicyConfig,
+    TransformerPolicy,
+    build_policy,
+    hidden_from,
+    last_real_column,
+    sample_tokens,
+)
 from agents.seq2seq import Seq2SeqPolicy
 from textgym.checks import is_positive_int, is_real
 from textgym.core import device_memory, resolve_device
@@ -1349,9 +1356,11 @@ class PPO(OnPolicyAgent):
         sel = in_part[seg.segment].nonzero().squeeze(1)  # (m,) transitions of these sequences
         first, last = forward_span(self.policy, seg.attention_mask[part])
         ids, mask = seg.input_ids[part, first : last + 1], seg.attention_mask[part, first : last + 1]
-        hidden = self.policy.hidden(ids, mask)  # (b, last - first + 1, C)
+        # Every action is scored at column P - 1 or later: the columns before it feed attention only.
+        start = max(self.prompt_window - 1 - first, 0)
+        hidden = hidden_from(self.policy, ids, mask, start)  # (b, last - first + 1 - start, C)
         logits, values = self.policy.heads(
-            hidden[local[seg.segment[sel]], seg.column[sel] - first]
+            hidden[local[seg.segment[sel]], seg.column[sel] - first - start]
         )  # (m, V), (m,)
         log_probs = F.log_softmax(self._masked(logits), dim=-1)  # (m, V), float32 whatever the model's dtype
         new_logprobs = log_probs.gather(1, actions[sel].unsqueeze(1)).squeeze(1)

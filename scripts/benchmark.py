@@ -3,6 +3,7 @@
     python scripts/benchmark.py env                    # env steps/s: single, sync, async, batched
     python scripts/benchmark.py env --sizes 16 256 1024 --seconds 3 --out benchmarks/env.json
     python scripts/benchmark.py rollout                # KV cache vs full recompute, 64 new tokens
+    python scripts/benchmark.py decode                 # the built-in policy's KV cache vs a plain transformers loop
     python scripts/benchmark.py train                  # PPO training env steps/s
     python scripts/benchmark.py seq2seq                # PPO: decoder-only vs encoder-decoder policy, equal size
     python scripts/benchmark.py sb3                    # custom PPO vs SB3 PPO at matched settings
@@ -21,7 +22,10 @@ default the cheap built-in ``length`` reward on the default task) and prints env
 the ratio of the batched env to SyncVectorEnv at each N, and the share of time spent decoding
 finished episodes and in the reward model. ``rollout`` samples episodes of 64 new tokens with the
 Transformer policy, acting through its KV cache and, as the baseline, recomputing the whole
-sequence every step. ``train`` measures the custom PPO's training throughput and how its time
+sequence every step. ``decode`` decodes greedily with the built-in policy through its KV cache and
+with a ``transformers`` GPT-2 of the same shape through a plain loop that feeds
+``past_key_values`` back (both randomly initialised, same prompts), and reports tokens/s and the
+ratio. ``train`` measures the custom PPO's training throughput and how its time
 splits between rollouts and updates. ``seq2seq`` measures the same with the decoder-only policy and
 with the encoder-decoder one of about its parameter count, alternating, the fastest of each kept. ``sb3`` trains the custom PPO and SB3 PPO with the same
 Transformer, number of envs, rollout length, minibatch size and epochs, at each generation
@@ -167,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
     gen.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     gen.add_argument("--out", default="benchmarks/generate.json", help="where to save the JSON report")
+    dec = command("decode", "greedy decoding: the built-in policy's KV cache vs a plain transformers loop")
+    dec.add_argument("--batch", type=positive_int, default=64, help="rows decoded together")
+    dec.add_argument("--new-tokens", type=positive_int, default=64, help="tokens decoded per row")
+    dec.add_argument("--repeats", type=positive_int, default=5, help="timed rounds of both paths; the median")
+    dec.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
+    dec.add_argument("--task", default="default", help="built-in task: its prompts and vocabulary")
+    dec.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    dec.add_argument("--out", default="benchmarks/decode.json", help="where to save the JSON report")
     trl = command(
         "trl", "GRPO vs TRL's GRPOTrainer at matched settings, side by side (needs: pip install trl)"
     )
@@ -444,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as error:
             parser.error(str(error))
         print(format_generate_table(report))
+        print(f"saved {write_json(args.out, report)}")
+    elif args.command == "decode":
+        from agents.benchmark import decode_speed, format_decode_table
+
+        report = decode_speed(args.batch, args.new_tokens, args.repeats, args.warmup, args.device, args.task)
+        print(format_decode_table(report))
         print(f"saved {write_json(args.out, report)}")
     elif args.command == "trl":
         from agents.benchmark_trl import format_trl_table, grpo_vs_trl

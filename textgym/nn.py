@@ -105,36 +105,82 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         attn_mask: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """``x`` (B, T, C); ``attn_mask`` (B, 1, T, S) bool, True where attention is allowed.
 
         With ``cache = (k_cache, v_cache, rows, cols)`` the new keys/values of ``x`` are written
-        into ``k_cache[rows, :, cols]`` and attention runs over all S cached slots of those rows.
+        into ``k_cache[rows, :, cols]`` and attention runs over those rows' first S cached slots;
+        ``rows=None`` means every row of the cache in order (``B`` rows): their keys and values are
+        read in place, with no copy. ``start``: only columns ``[start, T)``
+        of the output are wanted (every column still gives its key and value): (B, T - start, C).
         """
-        x = self.attend(x, attn_mask, cache)
+        x = self.attend(x, attn_mask, cache, start)
         return x + self.mlp(self.ln2(x))
 
     def attend(
         self,
         x: torch.Tensor,
         attn_mask: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        """``x`` plus its self-attention (the block's first half; arguments as :meth:`forward`)."""
+        """``x[:, start:]`` plus its self-attention (the block's first half; arguments as
+        :meth:`forward`)."""
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)  # (B, nh, T, hs) each
+        if cache is not None:
+            k, v = self._cached(k, v, cache, attn_mask.shape[-1])
+        if start:
+            q, x, attn_mask = q[:, :, start:], x[:, start:], attn_mask[:, :, start:]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T - start, hs)
+        y = y.transpose(1, 2).reshape(B, T - start, C)  # (B, T - start, C)
+        return x + self.proj(y)
+
+    def write_cache(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
+    ) -> None:
+        """Write the keys and values of ``x`` (B, T, C) into ``cache`` (as :meth:`forward`) and
+        nothing else: what a prefill needs of the last block, whose outputs it never reads."""
+        _, k, v = self._qkv(x)
+        self._write(k, v, cache)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            k_cache, v_cache, rows, cols = cache  # caches (N, nh, S, hs); rows (B,), cols (B, T)
-            k_cache[rows.unsqueeze(1), :, cols] = k.transpose(1, 2)  # (B, T, nh, hs) into slots
-            v_cache[rows.unsqueeze(1), :, cols] = v.transpose(1, 2)
-            k, v = k_cache[rows], v_cache[rows]  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return x + self.proj(y)
+        return q, k, v
+
+    @staticmethod
+    def _write(
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor],
+    ) -> None:
+        """Write ``k``, ``v`` (B, nh, T, hs) into the slots ``cols`` of the cache's ``rows``."""
+        k_cache, v_cache, rows, cols = cache  # caches (N, nh, S, hs); rows (B,) or None, cols (B, T)
+        index = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        k_cache[index.unsqueeze(1), :, cols] = k.transpose(1, 2)  # (B, T, nh, hs) into slots
+        v_cache[index.unsqueeze(1), :, cols] = v.transpose(1, 2)
+
+    @classmethod
+    def _cached(
+        cls,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor],
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``, ``v`` (B, nh, T, hs) into the cache's slots; the keys and values of
+        those rows' first ``width`` slots (B, nh, width, hs) (``rows=None``: a view, else a copy)."""
+        cls._write(k, v, cache)
+        k_cache, v_cache, rows, _ = cache
+        if rows is None:
+            return k_cache[:, :, :width], v_cache[:, :, :width]
+        return k_cache[rows, :, :width], v_cache[rows, :, :width]
 
 
 class TransformerDecoder(nn.Module):
@@ -174,8 +220,10 @@ class TransformerDecoder(nn.Module):
         pos = self.pos_emb(positions) if self.cfg.positional == "learned" else self.pos_table[positions]
         return self.tok_emb(ids) + pos  # (B, T, C)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final (layer-normed) hidden states (B, T, C) of a full causal pass."""
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Final (layer-normed) hidden states (B, T - start, C) of a full causal pass, at columns
+        ``[start, T)``: the last block computes its attention and MLP for those columns only (the
+        others' outputs would be read by no later block), the same numbers for less work."""
         mask = attention_mask.bool()  # (B, T)
         positions = real_positions(attention_mask)  # (B, T)
         T = input_ids.shape[1]
@@ -183,8 +231,9 @@ class TransformerDecoder(nn.Module):
         allowed = causal & mask[:, None, :]  # (B, T, T): causal, and never attend to padding
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # pads see themselves
         x = self._embed(input_ids, positions)
-        for block in self.blocks:
-            x = block(x, allowed.unsqueeze(1))
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed.unsqueeze(1), start=start if i == last else 0)
         return self.ln_f(x)
 
     def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -268,7 +268,7 @@ def test_the_update_leaves_out_columns_that_are_padding_in_every_row():
     assert first > 0 or last < rollout.attention_mask.shape[1] - 1  # something to leave out
     widths = []
     forward = model.policy.hidden
-    model.policy.hidden = lambda ids, mask: (widths.append(ids.shape[1]), forward(ids, mask))[1]
+    model.policy.hidden = lambda ids, mask, **k: (widths.append(ids.shape[1]), forward(ids, mask, **k))[1]
     stats = model.update(rollout)
     assert widths == [last - first + 1]
     assert stats["train/clip_fraction"] == 0.0 and 0 <= stats["train/approx_kl"] < 1e-6

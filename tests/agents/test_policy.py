@@ -11,6 +11,7 @@ from agents.policy import (
     KVCache,
     PolicyConfig,
     TransformerPolicy,
+    hidden_from,
     last_real_column,
     sample_tokens,
     sinusoidal_encoding,
@@ -157,6 +158,44 @@ def test_sinusoidal_encoding_by_hand():
 def test_sinusoidal_policy_uses_the_table():
     policy = make_policy(positional="sinusoidal")
     torch.testing.assert_close(policy.pos_table, sinusoidal_encoding(16, 32))
+
+
+@pytest.mark.parametrize("start", [0, 3, 7])
+def test_hidden_from_a_start_column_equals_the_full_pass_cut(start):
+    """The last block runs on columns [start, T) alone: the same hidden states there, and the same
+    gradients for every weight, as the full pass cut afterwards (prompt columns still feed
+    attention, through their keys and values)."""
+    policy = make_policy(vocab=20, max_len=10, n_layers=3)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 20, (4, 10), generator=gen)
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, 8:] = 0  # an early end
+    outputs, grads = [], []
+    for cut in (False, True):
+        policy.zero_grad()
+        hidden = hidden_from(policy, ids, mask, start) if cut else policy.hidden(ids, mask)[:, start:]
+        assert hidden.shape == (4, 10 - start, 32)
+        (hidden * torch.linspace(-1, 1, hidden.numel()).view_as(hidden)).sum().backward()
+        outputs.append(hidden.detach())
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    assert grads[1].keys() == grads[0].keys() and "blocks.2.mlp.0.weight" in grads[0]
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_from_cuts_the_outputs_of_other_models():
+    """A model without the start option (here the encoder-decoder policy) gives every column; the
+    columns before ``start`` are cut."""
+    from agents.policy import build_policy
+
+    torch.manual_seed(0)
+    policy = build_policy(20, 10, 4, PolicyConfig(d_model=32, architecture="seq2seq")).eval()
+    ids = torch.randint(0, 20, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(hidden_from(policy, ids, mask, 3), policy.hidden(ids, mask)[:, 3:])
 
 
 # --------------------------------------------------------------------------------- KV cache

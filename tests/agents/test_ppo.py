@@ -353,7 +353,7 @@ def test_micro_batches_give_the_minibatch_gradient(normalize):
             s(*a),
         )[1]
         calls = [0]
-        model.policy.hidden = lambda *a, c=calls, h=hidden: (c.__setitem__(0, c[0] + 1), h(*a))[1]
+        model.policy.hidden = lambda *a, c=calls, h=hidden, **k: (c.__setitem__(0, c[0] + 1), h(*a, **k))[1]
         torch.manual_seed(3)  # the same minibatches
         stats[micro] = model.update(*rollout)
         grads[micro], passes[micro] = recorded, calls[0]

@@ -138,6 +138,24 @@ def test_benchmark_rollout_and_train(tmp_path):
     assert train["env_steps"] >= 512 and 0 < train["rollout_share"] + train["update_share"] <= 1
 
 
+def test_benchmark_decode_reports_both_paths(tmp_path):
+    """benchmark.py decode: the built-in policy's KV cache and the plain transformers loop decode
+    the same rows; the ratio is the ratio of the medians."""
+    out_file = tmp_path / "decode.json"
+    proc = run(
+        "scripts/benchmark.py", "decode", "--batch", "3", "--new-tokens", "5", "--repeats", "2",
+        "--warmup", "0", "--out", str(out_file),
+    )  # fmt: skip
+    report = json.loads(out_file.read_text())
+    speeds = report["tokens_per_second"]
+    assert set(speeds) == {"textgym", "hf_loop"} and all(len(s["runs"]) == 2 for s in speeds.values())
+    assert report["ratio"] == pytest.approx(speeds["textgym"]["median"] / speeds["hf_loop"]["median"])
+    assert report["settings"]["batch"] == 3 and report["settings"]["new_tokens"] == 5
+    assert "| textgym |" in proc.stdout and "| hf_loop |" in proc.stdout
+    bad = run("scripts/benchmark.py", "decode", "--batch", "0", check=False)
+    assert bad.returncode == 2 and "--batch" in bad.stderr
+
+
 def test_benchmark_busy_reports_idle_and_busy_speeds(tmp_path):
     """benchmark.py busy: the main job's env steps/s idle and beside busy processes, per thread
     setting, each in a fresh process; the spinning processes end with the measurement."""

@@ -221,10 +221,11 @@ class KVCache(RowCache):
 
         Returns the next-token logits (N, V) and values (N,) at each row's last real token.
         """
-        N, L = input_ids.shape
-        hidden = self._run(None, input_ids, attention_mask, torch.arange(L, device=input_ids.device))
-        rows = torch.arange(N, device=input_ids.device)
-        return self.policy.heads(hidden[rows, last_real_column(attention_mask)])
+        last = last_real_column(attention_mask)  # (N,)
+        W = int(last.max()) + 1  # the columns after every row's last real token hold nothing yet
+        cols = torch.arange(W, device=input_ids.device)
+        hidden = self._run(None, input_ids[:, :W], attention_mask[:, :W], cols)
+        return self.policy.heads(hidden[torch.arange(len(last), device=last.device), last])
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.keys = [k[rows] for k in self.keys]  # (N, nh, S, hs) each

@@ -257,8 +257,7 @@ class Seq2SeqCache(RowCache):
         new = (generated == 0).nonzero().squeeze(1)
         if new.numel():
             self._encode(new, input_ids[new, :P], attention_mask[new, :P])
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self._run(rows, input_ids, generated.unsqueeze(1), generated)
+        return self._run(input_ids, generated.unsqueeze(1), generated)
 
     @torch.no_grad()
     def rebuild(
@@ -274,7 +273,7 @@ class Seq2SeqCache(RowCache):
         generated = attention_mask[:, P:].sum(1)  # (N,)
         T = int(generated.max()) + 1
         positions = torch.arange(T, device=input_ids.device).expand(N, T)  # (N, T)
-        return self._run(rows, input_ids, positions, generated)
+        return self._run(input_ids, positions, generated)
 
     def reorder(self, rows: torch.Tensor) -> None:
         for name in ("keys", "values", "cross_keys", "cross_values"):
@@ -298,20 +297,22 @@ class Seq2SeqCache(RowCache):
         self.cross_mask[rows] = cross_mask
 
     def _run(
-        self, rows: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, current: torch.Tensor
+        self, input_ids: torch.Tensor, positions: torch.Tensor, current: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed decoder ``positions`` (n, T) of ``rows`` (their tokens read from ``input_ids``
-        (n, L)) through the cache; the logits and values at each row's ``current`` position (n,)."""
+        """Feed decoder ``positions`` (N, T) of every row (their tokens read from ``input_ids``
+        (N, L)) through the cache, in place (no copy of the cached rows; self-attention over the
+        slots up to the furthest position only); the logits and values at each row's ``current``
+        position (N,)."""
         policy, P = self.policy, self.policy.prompt_window
         n, T = positions.shape
         tokens = input_ids.gather(1, (P - 1 + positions).clamp(max=input_ids.shape[1] - 1))  # (n, T)
-        slots = torch.arange(policy.decoder_len, device=input_ids.device)
+        slots = torch.arange(int(positions.max()) + 1, device=input_ids.device)
         # Causal over the decoder's slots; slots past ``current`` only ever meet positions past it.
-        allowed = slots[None, None, :] <= positions[:, :, None]  # (n, T, S)
-        memory = [(k[rows], v[rows]) for k, v in zip(self.cross_keys, self.cross_values, strict=True)]
-        caches = [(k, v, rows, positions) for k, v in zip(self.keys, self.values, strict=True)]
+        allowed = slots[None, None, :] <= positions[:, :, None]  # (n, T, width)
+        memory = list(zip(self.cross_keys, self.cross_values, strict=True))
+        caches = [(k, v, None, positions) for k, v in zip(self.keys, self.values, strict=True)]
         x = policy._decoder_input(tokens, positions)
-        hidden = policy._decode(x, allowed.unsqueeze(1), memory, self.cross_mask[rows], caches)  # (n, T, C)
+        hidden = policy._decode(x, allowed.unsqueeze(1), memory, self.cross_mask, caches)  # (n, T, C)
         at = (current - positions[:, 0]).clamp(min=0, max=T - 1)  # (n,) current position's index in T
         return policy.heads(hidden[torch.arange(n, device=hidden.device), at])
 

@@ -90,8 +90,10 @@ def training_speed(
     task: str = "default",
     config: PPOConfig | None = None,
 ) -> dict[str, Any]:
-    """Env steps per second of PPO training (rollouts and updates) on ``task``."""
-    model = PPO("TextGen-v0", config or PPOConfig(), num_envs, {"task": task}, device, seed=0)
+    """Env steps per second of PPO training (rollouts and updates) on ``task``, with ``config``
+    (default: ``PPOConfig()``)."""
+    config = config or PPOConfig()
+    model = PPO("TextGen-v0", config, num_envs, {"task": task}, device, seed=0)
     rollout_s = update_s = 0.0
     collect, update = model.collect_rollout, model.update
 
@@ -124,6 +126,7 @@ def training_speed(
         "rollout_share": rollout_s / seconds,
         "update_share": update_s / seconds,
         "final_ep_rew_mean": model.last_stats.get("rollout/ep_rew_mean"),
+        "config": config.to_dict(),
     }
 
 

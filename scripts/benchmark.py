@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--total-timesteps", type=int, default=16_384, help="env steps to train for")
     train.add_argument("--num-envs", type=int, default=64, help="episodes in flight")
     train.add_argument("--task", default="default", help="built-in task")
+    train.add_argument(
+        "--ppo-config",
+        type=json_value,
+        default=None,
+        help="JSON object of PPOConfig fields (default: PPOConfig's defaults), e.g. '{\"n_steps\": 32}'",
+    )
     train.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     train.add_argument("--out", default="benchmarks/train.json", help="where to save the JSON report")
     s2s = command("seq2seq", "PPO env steps/s: decoder-only vs encoder-decoder policy of equal size")
@@ -548,8 +554,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {write_json(args.out, report)}")
     else:
         from agents.benchmark import training_speed
+        from agents.ppo import PPOConfig
 
-        report = training_speed(args.total_timesteps, args.num_envs, args.device, args.task)
+        if args.ppo_config is not None and not isinstance(args.ppo_config, dict):
+            parser.error(f"--ppo-config must be a JSON object, got {args.ppo_config!r}")
+        try:
+            config = PPOConfig.from_dict(args.ppo_config or {})
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--ppo-config: {exc}")
+        report = training_speed(args.total_timesteps, args.num_envs, args.device, args.task, config)
         print(
             f"PPO training on {report['device']}: {report['env_steps_per_second']:,.0f} env steps/s "
             f"(rollouts {report['rollout_share']:.0%}, updates {report['update_share']:.0%}); "

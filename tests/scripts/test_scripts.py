@@ -136,6 +136,16 @@ def test_benchmark_rollout_and_train(tmp_path):
     )
     train = json.loads((tmp_path / "train.json").read_text())
     assert train["env_steps"] >= 512 and 0 < train["rollout_share"] + train["update_share"] <= 1
+    run(
+        "scripts/benchmark.py", "train", "--total-timesteps", "128", "--num-envs", "4", "--ppo-config",
+        '{"n_steps": 16, "n_epochs": 1}', "--out", str(tmp_path / "train16.json"),
+    )  # fmt: skip
+    train16 = json.loads((tmp_path / "train16.json").read_text())
+    assert train16["config"]["n_steps"] == 16 and train16["config"]["n_epochs"] == 1
+    assert train16["env_steps"] == 128  # two rollouts of 16 steps x 4 envs
+    for bad, named in (('{"n_step": 16}', "n_step"), ("[16]", "JSON object"), ('{"n_steps": 0}', "n_steps")):
+        proc = run("scripts/benchmark.py", "train", "--ppo-config", bad, check=False)
+        assert proc.returncode == 2 and named in proc.stderr, proc.stderr
 
 
 def test_benchmark_decode_reports_both_paths(tmp_path):

@@ -105,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--env-kwargs", type=json_value, default={}, help="JSON object of further environment arguments"
     )
-    parser.add_argument("--num-envs", type=int, default=64, help="episodes in flight, for every agent")
+    parser.add_argument(
+        "--num-envs",
+        type=int,
+        default=64,
+        help="episodes in flight, the same for every agent (the SB3 agents' settings match PPO's at 64 envs; "
+        "scripts/train.py runs ppo with 16 by default)",
+    )
     parser.add_argument(
         "--device", default="auto", help="torch device of every agent: auto, cpu, cuda, cuda:N"
     )

@@ -25,9 +25,9 @@ environment state), ``model.zip`` for SB3 agents. Before training the script mea
 the trained agent's greedy one, on the same evaluation episodes, and prints sample generations.
 Every argument is checked before any work starts or any directory is made.
 
-Training runs in whole rollouts (``n_steps`` x ``--num-envs`` env steps: 32 x 64 = 2,048 for ``ppo``
+Training runs in whole rollouts (``n_steps`` x ``--num-envs`` env steps: 32 x 16 = 512 for ``ppo``
 by default), so it stops at the first multiple at or past ``--total-timesteps``: 50,000 asked
-trains 51,200. The summary says so.
+trains 50,176. The summary says so.
 
 ``grpo`` and ``rloo`` (``agents.grpo``: GRPO, with the Dr. GRPO correction as an option, and RLOO)
 sample ``group_size`` completions of every prompt (``--num-envs`` must be a multiple of it) and
@@ -151,6 +151,8 @@ from textgym.nn import ARCHITECTURES
 from textgym.tasks import TASKS, env_arguments_error, make_env_config
 
 CUSTOM_AGENTS: dict[str, type[OnPolicyAgent]] = {"ppo": PPO, "grpo": GRPO, "rloo": RLOO}
+SB3_NUM_ENVS = 64
+"""The SB3 agents' --num-envs default: their settings match PPO's of 64 envs x 32 steps."""
 GROUP_AGENTS = ("grpo", "rloo")
 AGENTS = (*CUSTOM_AGENTS, *SB3_AGENTS)
 # The options that make the run what it is: on --resume they come from its config.json.
@@ -248,9 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-envs",
         type=int,
-        default=64,
+        default=None,
         help="episodes in flight in the batched env; under torchrun, of all processes together (each runs "
-        "num-envs / WORLD_SIZE of them)",
+        f"num-envs / WORLD_SIZE of them) (default: {PPO.default_num_envs} for ppo, chosen by a sweep; "
+        f"{GRPO.default_num_envs} for grpo and rloo; {SB3_NUM_ENVS} for the SB3 agents; with --resume, "
+        "the run's own)",
     )
     parser.add_argument(
         "--seed", type=seed, default=0, help="seed of the agent and the environment, 0 to 2**32-1"
@@ -284,7 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
     for name in ("num_envs", "eval_episodes"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.total_timesteps is not None and args.total_timesteps < 1:
         parser.error(f"--total-timesteps must be >= 1, got {args.total_timesteps}")
@@ -297,6 +301,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume is not None:
         _take_settings_of_resumed_run(parser, args, given)
     else:
+        if args.num_envs is None:
+            args.num_envs = default_num_envs(args.agent)
         _check_new_run(parser, args)
     args.threads = default_threads(args.policy_model) if args.threads is None else args.threads
     return args
@@ -455,6 +461,12 @@ def _take_settings_of_resumed_run(
     for name in RUN_OPTIONS:
         setattr(args, name, saved.get(name, getattr(args, name)))
     args.ppo = args.group = args.hf = None
+
+
+def default_num_envs(agent: str) -> int:
+    """``--num-envs`` when none is given: the custom agent's ``default_num_envs``, else
+    :data:`SB3_NUM_ENVS`."""
+    return CUSTOM_AGENTS[agent].default_num_envs if agent in CUSTOM_AGENTS else SB3_NUM_ENVS
 
 
 def hf_config_fields() -> str:

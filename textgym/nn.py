@@ -113,8 +113,8 @@ class Block(nn.Module):
         With ``cache = (k_cache, v_cache, rows, cols)`` the new keys/values of ``x`` are written
         into ``k_cache[rows, :, cols]`` and attention runs over those rows' first S cached slots;
         ``rows=None`` means every row of the cache in order (``B`` rows): their keys and values are
-        read in place, with no copy. ``start``: only columns ``[start, T)``
-        of the output are wanted (every column still gives its key and value): (B, T - start, C).
+        read in place, with no copy. ``start``: only columns ``[start, T)`` of the output are
+        wanted (every column still gives its key and value): (B, T - start, C).
         """
         x = self.attend(x, attn_mask, cache, start)
         return x + self.mlp(self.ln2(x))

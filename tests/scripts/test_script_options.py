@@ -281,3 +281,26 @@ def test_train_sets_the_thread_count(tmp_path):
     assert torch.get_num_threads() == 1
     config = json.loads(next(tmp_path.iterdir()).joinpath("config.json").read_text())
     assert config["threads"] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], 16),  # ppo: the sweep's choice
+        (["--agent", "grpo"], 64),
+        (["--agent", "rloo"], 64),
+        (["--agent", "sb3-ppo"], 64),
+        (["--agent", "ppo", "--num-envs", "32"], 32),
+    ],
+)
+def test_train_num_envs_default_depends_on_the_agent(argv, expected, tmp_path):
+    args = script("train").parse_args([*argv, "--logdir", str(tmp_path)])
+    assert args.num_envs == expected
+
+
+def test_agents_default_num_envs():
+    """PPO's default is its own (16); the group agents keep 8 groups of 8."""
+    from agents import GRPO, PPO
+
+    assert PPO("TextGen-v0", device="cpu").num_envs == 16 == PPO.default_num_envs
+    assert GRPO("TextGen-v0", device="cpu").num_envs == 64 == GRPO.default_num_envs

@@ -44,8 +44,8 @@ from textgym.tasks import TASKS, get_task
 
 SWEEP_FIELDS = ("num_envs", "n_steps", "n_epochs", "num_minibatches", "learning_rate")
 """The fields a setting is shown by (``num_envs`` is PPO's argument, the others PPOConfig's)."""
-DEFAULT_NUM_ENVS = 64
-"""``PPO``'s default ``num_envs``."""
+DEFAULT_NUM_ENVS = PPO.default_num_envs
+"""``PPO``'s default ``num_envs`` (16, this sweep's choice; 64 before it)."""
 DEFAULT_MARKS = (30_000, 100_000)
 DEFAULT_TIMESTEPS = 100_000
 

@@ -13,7 +13,7 @@ the mark: a 100k run read at 30k, not a 30k run, since the learning rate anneals
 whole budget) and the first env step at which it reaches the task's ``reward_threshold``.
 
 A ``--config`` is comma-separated ``field=value`` pairs: ``num_envs`` (PPO's number of envs,
-default 64) and any scalar field of ``agents.ppo.PPOConfig`` (``n_steps``, ``n_epochs``,
+default 16, 64 before this sweep chose 16) and any scalar field of ``agents.ppo.PPOConfig`` (``n_steps``, ``n_epochs``,
 ``num_minibatches``, ``learning_rate``, ...); fields not given keep their defaults, and ``''`` is
 the defaults. Tasks: the built-in ones (``textgym.tasks.TASKS``; ``default`` is ``sentiment``),
 ``alliteration`` (a plain Python function as the reward, ``agents.sweep.alliteration``: distinct

@@ -53,7 +53,7 @@ def test_parse_setting_reads_fields_and_keeps_the_rest_at_defaults():
     assert s.rollout_size == 16 * 64
     assert s.label == "num_envs=16,n_steps=64,n_epochs=4,num_minibatches=4,learning_rate=0.0003"
     assert parse_setting(s.label) == s
-    assert parse_setting("") == Setting() == parse_setting("num_envs=64,n_steps=32")
+    assert parse_setting("") == Setting() == parse_setting("num_envs=16,n_steps=32")  # PPO's defaults
     assert parse_setting("learning_rate=1").overrides == {"learning_rate": 1.0}
     assert isinstance(parse_setting("learning_rate=1").config().learning_rate, float)
     assert parse_setting("target_kl=0.02,anneal_lr=false").label.endswith(",target_kl=0.02,anneal_lr=False")
@@ -114,10 +114,10 @@ def _result(task, setting, seed, curve, marks=(4096, 10240), threshold=0.75, sec
 
 
 def test_summarize_and_markdown_table():
-    small = parse_setting("num_envs=16")
+    small, large = parse_setting("num_envs=16"), parse_setting("num_envs=64")
     runs = [
-        _result("keyword", Setting(), 0, CURVE, seconds=2.0),
-        _result("keyword", Setting(), 1, [(2048, 0.3), (4096, 0.3), (10240, 0.5)], seconds=4.0),
+        _result("keyword", large, 0, CURVE, seconds=2.0),
+        _result("keyword", large, 1, [(2048, 0.3), (4096, 0.3), (10240, 0.5)], seconds=4.0),
         _result("keyword", small, 0, [(512, 0.8), (10240, 1.0)]),
     ]
     rows = summarize(runs)

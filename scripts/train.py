@@ -1,6 +1,6 @@
 """Train an agent on TextGen-v0 and print what it generates.
 
-    python scripts/train.py                                   # custom PPO, default task, 50k env steps: about 15 s on 2 CPU cores
+    python scripts/train.py                                   # custom PPO, default task, 50k env steps: about 20 s on 2 CPU cores
     python scripts/train.py --agent ppo --task keyword --total-timesteps 100000 --device cuda
     python scripts/train.py --agent grpo --agent-config '{"group_size": 8, "n_epochs": 4, "num_minibatches": 4}'
     python scripts/train.py --agent grpo --agent-config '{"scale_rewards": false, "loss_aggregation": "constant"}'   # Dr. GRPO

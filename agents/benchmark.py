@@ -650,6 +650,7 @@ def decode_speed(
     warmup: int = 1,
     device: str = "cpu",
     task: str = "default",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Tokens per second of greedy decoding by the built-in policy through its
     :class:`~agents.policy.KVCache` and by a ``transformers`` GPT-2 of the same shape through a
@@ -662,7 +663,9 @@ def decode_speed(
     ``cache.step`` on the observation arrays, then the chosen token written into them; ``hf_loop``
     feeds ``past_key_values`` back. Each produces ``new_tokens`` tokens per row. After ``warmup``
     untimed rounds, each repeat runs the two in turn, alternating which goes first; the medians
-    and their ratio are reported.
+    and their ratio are reported. ``compile``: a third path, ``textgym_compiled``, the same cache
+    with its decoding step compiled (``KVCache(compile=True)``; one cache for every round, compiled
+    in the first, which ``warmup`` keeps out of the timing).
     """
     import statistics
 
@@ -697,9 +700,8 @@ def decode_speed(
     prompt_ids, prompt_mask = obs["input_ids"], obs["attention_mask"]
 
     @torch.no_grad()
-    def textgym() -> None:
-        ids, mask = prompt_ids.clone(), prompt_mask.clone()
-        cache = KVCache(policy, batch, dev)
+    def decode(cache: KVCache) -> None:
+        ids, mask = prompt_ids.clone(), prompt_mask.clone()  # every row starts: the cache refills
         for t in range(new_tokens):
             logits, _ = cache.step(ids, mask, P)
             ids[:, P + t], mask[:, P + t] = logits.argmax(-1), 1
@@ -707,7 +709,13 @@ def decode_speed(
     def hf_loop() -> None:
         hf_decode_loop(gpt2, prompt_ids[:, :P], prompt_mask[:, :P], new_tokens)
 
-    paths: dict[str, Callable[[], None]] = {"textgym": textgym, "hf_loop": hf_loop}
+    paths: dict[str, Callable[[], None]] = {
+        "textgym": lambda: decode(KVCache(policy, batch, dev)),
+        "hf_loop": hf_loop,
+    }
+    if compile:
+        compiled = KVCache(policy, batch, dev, compile=True)
+        paths["textgym_compiled"] = lambda: decode(compiled)
     for _ in range(warmup):
         for run in paths.values():
             run()
@@ -736,12 +744,14 @@ def decode_speed(
         "parameters": {
             "textgym": sum(p.numel() for p in policy.parameters()),
             "hf_loop": sum(p.numel() for p in gpt2.parameters()),
+            **({"textgym_compiled": sum(p.numel() for p in policy.parameters())} if compile else {}),
         },
         "tokens_per_second": {
             name: {"median": median[name], "min": min(v), "max": max(v), "runs": v}
             for name, v in speeds.items()
         },
         "ratio": median["textgym"] / median["hf_loop"],
+        **({"ratio_compiled": median["textgym_compiled"] / median["hf_loop"]} if compile else {}),
     }
 
 
@@ -755,7 +765,7 @@ def format_decode_table(report: dict[str, Any]) -> str:
         "| path | weights | tokens/s | × hf_loop |",
         "|---|---:|---:|---:|",
     ]
-    for name in ("textgym", "hf_loop"):
+    for name in speeds:
         ratio = speeds[name]["median"] / speeds["hf_loop"]["median"]
         lines.append(
             f"| {name} | {report['parameters'][name]:,} | {speeds[name]['median']:,.0f} | {ratio:.2f}× |"

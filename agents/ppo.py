@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 CHECKPOINT_SCHEMA = 7  # 7: world_size, and from a torchrun run every rank's training state ("ranks")
 READABLE_SCHEMAS = (3, 4, 5, 6, 7)  # 3 lacks env_spec; 3 and 4 lack hf_config (None: a float32 model)
 ENV_IDS = ("TextGen-v0", "textgym:TextGen-v0")
-BOOL_FIELDS = ("anneal_lr", "normalize_advantage", "bootstrap_truncated", "mask_actions")
+BOOL_FIELDS = ("anneal_lr", "normalize_advantage", "bootstrap_truncated", "mask_actions", "compile_decode")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -223,6 +223,12 @@ class PPOConfig(ConfigIO):
     policy of the KL penalty is masked the same way."""
     sample_interval: int = 10
     """Write generated text samples to TensorBoard every this many updates."""
+    compile_decode: bool = False
+    """Act through a KV cache whose decoding step is compiled by ``torch.compile`` with fixed
+    shapes (the built-in decoder-only policy only): compiled once, on the first step (about 7 s on
+    a CPU core), then 1.65x faster per step on the default task's 64 rows (one core); falls back
+    to eager decoding with a warning where compilation fails. Worth it for long runs; acting is a
+    quarter of training time on the default task, so training gains less."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """Architecture of the Transformer policy."""
 
@@ -508,7 +514,15 @@ class OnPolicyAgent:
         self._episode_kl = torch.zeros(self.num_envs, 2, dtype=torch.float64, device=self.device)
         self._rollout_kl: list[tuple[float, float]] = []  # (exact, sampled) KL of episodes ended
         self._samples: deque[tuple[str, str, float]] = deque(maxlen=8)
-        self._cache = self.policy.make_cache(self.num_envs, self.device)
+        if getattr(self.config, "compile_decode", False):
+            if not isinstance(self.policy, TransformerPolicy):
+                raise ValueError(
+                    "compile_decode applies to the built-in decoder-only policy only, not to "
+                    f"{type(self.policy).__name__}; leave it False"
+                )
+            self._cache = self.policy.make_cache(self.num_envs, self.device, compile=True)
+        else:
+            self._cache = self.policy.make_cache(self.num_envs, self.device)
         self._writer: Any = None
         self._tb_dir: Path | None = None
 

@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--repeats", type=positive_int, default=5, help="timed rounds of both paths; the median")
     dec.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
     dec.add_argument("--task", default="default", help="built-in task: its prompts and vocabulary")
+    dec.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the cache with its decoding step compiled (KVCache(compile=True), compiled in the warm-up)",
+    )
     dec.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     dec.add_argument("--out", default="benchmarks/decode.json", help="where to save the JSON report")
     trl = command(
@@ -466,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "decode":
         from agents.benchmark import decode_speed, format_decode_table
 
-        report = decode_speed(args.batch, args.new_tokens, args.repeats, args.warmup, args.device, args.task)
+        report = decode_speed(
+            args.batch, args.new_tokens, args.repeats, args.warmup, args.device, args.task, args.compile
+        )
         print(format_decode_table(report))
         print(f"saved {write_json(args.out, report)}")
     elif args.command == "trl":

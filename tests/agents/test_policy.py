@@ -297,6 +297,50 @@ def test_kv_cache_prompts_of_bos_alone_and_restarts_mid_rollout(hand_rollout):
         torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_decoding_equals_eager_and_full_recompute(random_rollout):
+    """KVCache(compile=True): the step compiled with fixed shapes (attention over every slot, the
+    unfilled ones masked) gives the eager step's logits and values and the full pass's, and fills
+    the same keys and values, across many autoresets; it compiles once (no recompilation as the
+    filled width grows)."""
+    env = TextGenVectorEnv(6, autoreset_mode="same_step", array_type="torch")
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    torch.manual_seed(0)
+    policy = randomise(TransformerPolicy(vocab, L, PolicyConfig(d_model=32)))
+    eager, compiled = KVCache(policy, 6, "cpu"), policy.make_cache(6, "cpu", compile=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for obs in random_rollout(env, 2 * env.config.max_new_tokens + 3):
+            want = eager.step(obs["input_ids"], obs["attention_mask"], P)
+            got = compiled.step(obs["input_ids"], obs["attention_mask"], P)
+            ref_logits, ref_values = full_pass(policy, obs)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[0], ref_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[1], ref_values, atol=1e-5, rtol=1e-5)
+    assert compiled._compiled is not None  # it stayed compiled: no fallback happened
+    for a, b in zip([*compiled.keys, *compiled.values], [*eager.keys, *eager.values], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decoding_falls_back_to_eager_with_a_warning(monkeypatch, random_rollout):
+    def failing(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    env = TextGenVectorEnv(4, autoreset_mode="same_step", array_type="torch")
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    policy = make_policy(vocab=vocab, max_len=L)
+    cache = KVCache(policy, 4, "cpu", compile=True)
+    cache._compiled = failing
+    observations = list(random_rollout(env, 4))
+    with pytest.warns(RuntimeWarning, match="decoding eagerly.*|.*no C.. compiler"):
+        cache.step(observations[0]["input_ids"], observations[0]["attention_mask"], P)
+    assert cache._compiled is None
+    for obs in observations[1:]:
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
+        ref_logits, ref_values = full_pass(policy, obs)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------ sample_tokens
 def test_sample_tokens_draws_each_token_at_its_probability():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [2.0, 1.0, 0.0, 1.0]])  # the second row unnormalised

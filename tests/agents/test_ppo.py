@@ -718,3 +718,25 @@ def test_predict_refuses_wrong_shapes():
     for case in bad:
         with pytest.raises(ValueError, match=rf"observation arrays must have shape \({L},\) or \(B, {L}\)"):
             model.predict(case)
+
+
+def test_compile_decode_acts_through_the_compiled_step():
+    """PPOConfig(compile_decode=True): the agent's cache compiles its decoding step, and the
+    rollout's log-probs are those of the policy (the first update's ratio is 1)."""
+    import warnings
+
+    model = started(
+        small(PPOConfig(n_steps=8, n_epochs=1, num_minibatches=1, compile_decode=True), num_envs=4)
+    )
+    assert model._cache._compiled is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        rollout = model.collect_rollout()
+    assert model._cache._compiled is not None
+    stats = model.update(*rollout)
+    assert stats["train/clip_fraction"] == 0.0 and 0 <= stats["train/approx_kl"] < 1e-6
+
+
+def test_compile_decode_is_refused_for_other_policies():
+    with pytest.raises(ValueError, match="compile_decode applies to the built-in decoder-only policy"):
+        small(PPOConfig(compile_decode=True, policy=PolicyConfig(architecture="seq2seq")))

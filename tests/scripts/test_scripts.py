@@ -154,12 +154,16 @@ def test_benchmark_decode_reports_both_paths(tmp_path):
     out_file = tmp_path / "decode.json"
     proc = run(
         "scripts/benchmark.py", "decode", "--batch", "3", "--new-tokens", "5", "--repeats", "2",
-        "--warmup", "0", "--out", str(out_file),
+        "--warmup", "1", "--compile", "--out", str(out_file),
     )  # fmt: skip
     report = json.loads(out_file.read_text())
     speeds = report["tokens_per_second"]
-    assert set(speeds) == {"textgym", "hf_loop"} and all(len(s["runs"]) == 2 for s in speeds.values())
+    assert set(speeds) == {"textgym", "hf_loop", "textgym_compiled"}
+    assert all(len(s["runs"]) == 2 for s in speeds.values())
     assert report["ratio"] == pytest.approx(speeds["textgym"]["median"] / speeds["hf_loop"]["median"])
+    compiled = speeds["textgym_compiled"]["median"] / speeds["hf_loop"]["median"]
+    assert report["ratio_compiled"] == pytest.approx(compiled)
+    assert "| textgym_compiled |" in proc.stdout and "RuntimeWarning" not in proc.stderr
     assert report["settings"]["batch"] == 3 and report["settings"]["new_tokens"] == 5
     assert "| textgym |" in proc.stdout and "| hf_loop |" in proc.stdout
     bad = run("scripts/benchmark.py", "decode", "--batch", "0", check=False)

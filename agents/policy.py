@@ -33,6 +33,7 @@ from textgym.nn import (
     Block,
     PolicyConfig,
     TransformerDecoder,
+    causal_padding_mask,
     last_real_column,
     real_positions,
     sinusoidal_encoding,
@@ -237,8 +238,7 @@ class KVCache(RowCache):
         """
         last = last_real_column(attention_mask)  # (N,)
         W = int(last.max()) + 1  # the columns after every row's last real token hold nothing yet
-        cols = torch.arange(W, device=input_ids.device)
-        hidden = self._run(None, input_ids[:, :W], attention_mask[:, :W], cols)
+        hidden = self._run(None, input_ids[:, :W], attention_mask[:, :W])
         return self.policy.heads(hidden[torch.arange(len(last), device=last.device), last])
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -248,11 +248,10 @@ class KVCache(RowCache):
     def _prefill(
         self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
     ) -> None:
-        cols = torch.arange(width, device=input_ids.device)
         if len(rows) == input_ids.shape[0]:  # every row starts (as all do after a reset): in place
-            self._run(None, input_ids[:, :width], attention_mask[:, :width], cols, hidden=False)
+            self._run(None, input_ids[:, :width], attention_mask[:, :width], hidden=False)
         else:
-            self._run(rows, input_ids[rows, :width], attention_mask[rows, :width], cols, hidden=False)
+            self._run(rows, input_ids[rows, :width], attention_mask[rows, :width], hidden=False)
 
     def _decode(
         self, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -312,22 +311,17 @@ class KVCache(RowCache):
         rows: torch.Tensor | None,
         ids: torch.Tensor,
         mask: torch.Tensor,
-        cols: torch.Tensor,
         hidden: bool = True,
     ) -> torch.Tensor | None:
-        """Feed ``ids`` (n, T) of ``rows`` (None: every row, in order) at the first ``T`` columns
-        ``cols`` (T,), with the rows' observation masks ``mask`` (n, T), through the cache; the
-        final hidden states (n, T, C), unless ``hidden`` is False (prefill: the keys and values
-        alone, so the last block stops once it has written them)."""
+        """Feed ``ids`` (n, T), the first ``T`` columns of ``rows`` (None: every row, in order),
+        with the rows' observation masks ``mask`` (n, T), through the cache into slots ``[0, T)``;
+        the final hidden states (n, T, C), unless ``hidden`` is False (prefill: the keys and
+        values alone, so the last block stops once it has written them)."""
         policy = self.policy
         n, T = ids.shape
-        cols = cols.expand(n, T)  # (n, T)
-        positions = real_positions(mask)  # (n, T) real tokens before each column
-        slots = torch.arange(T, device=ids.device)
-        allowed = mask.bool()[:, None, :] & (slots[None, None, :] <= slots[None, :, None])  # (n, T, T)
-        allowed |= torch.eye(T, dtype=torch.bool, device=ids.device)  # pads see themselves
-        allowed = allowed.unsqueeze(1)  # (n, 1, T, T)
-        x = policy._embed(ids, positions)
+        cols = torch.arange(T, device=ids.device).expand(n, T)  # (n, T)
+        allowed = causal_padding_mask(mask)  # (n, 1, T, T)
+        x = policy._embed(ids, real_positions(mask))
         *blocks, last = policy.blocks
         for layer, block in enumerate(blocks):
             x = block(x, allowed, (self.keys[layer], self.values[layer], rows, cols))

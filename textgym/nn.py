@@ -224,16 +224,11 @@ class TransformerDecoder(nn.Module):
         """Final (layer-normed) hidden states (B, T - start, C) of a full causal pass, at columns
         ``[start, T)``: the last block computes its attention and MLP for those columns only (the
         others' outputs would be read by no later block), the same numbers for less work."""
-        mask = attention_mask.bool()  # (B, T)
-        positions = real_positions(attention_mask)  # (B, T)
-        T = input_ids.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
-        allowed = causal & mask[:, None, :]  # (B, T, T): causal, and never attend to padding
-        allowed = allowed | torch.eye(T, dtype=torch.bool, device=input_ids.device)  # pads see themselves
-        x = self._embed(input_ids, positions)
+        allowed = causal_padding_mask(attention_mask)  # (B, 1, T, T)
+        x = self._embed(input_ids, real_positions(attention_mask))
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, allowed.unsqueeze(1), start=start if i == last else 0)
+            x = block(x, allowed, start=start if i == last else 0)
         return self.ln_f(x)
 
     def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -255,6 +250,17 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool attention mask of a causal pass over rows with ``attention_mask`` (B, T):
+    each column attends to the real tokens up to itself, never to padding, and a padding column
+    to itself (so its softmax stays finite; nothing reads its output)."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()  # (T, T)
+    allowed = causal & attention_mask.bool()[:, None, :]  # (B, T, T)
+    allowed |= torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return allowed.unsqueeze(1)
 
 
 def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -463,6 +463,40 @@ def _benchmark_model(model: str, new_tokens: int, folder: Path) -> tuple[Path, s
     return folder, note
 
 
+def _alternating_rounds(
+    paths: Mapping[str, Callable[[], Any]], tokens: int, repeats: int, warmup: int, device: torch.device
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Tokens per second of each path, each producing ``tokens`` tokens a call: ``warmup`` untimed
+    rounds, then ``repeats`` timed ones, the paths in turn, in order and then in reverse (ABC,
+    CBA, ...: a load drifting over the run hits them alike), torch's seed set to 0 before each
+    round. Returns, per path, the median, min, max and every run, and each path's last output
+    that was not None."""
+    import statistics
+
+    outputs: dict[str, Any] = {}
+    for _ in range(warmup):
+        for name, run in paths.items():
+            if (out := run()) is not None:
+                outputs[name] = out
+    speeds: dict[str, list[float]] = {name: [] for name in paths}
+    for repeat in range(repeats):
+        torch.manual_seed(0)
+        order = list(paths.items())
+        for name, run in order[::-1] if repeat % 2 else order:
+            _sync(device)
+            start = time.perf_counter()
+            out = run()
+            _sync(device)
+            speeds[name].append(tokens / (time.perf_counter() - start))
+            if out is not None:
+                outputs[name] = out
+    summary = {
+        name: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
+        for name, v in speeds.items()
+    }
+    return summary, outputs
+
+
 def generate_speed(
     model: str = "smollm2-135m",
     batch: int = 8,
@@ -497,7 +531,6 @@ def generate_speed(
     completions are identical (float rounding can flip a near tie; the policy also never emits the
     model's special tokens, which ``generate`` may).
     """
-    import statistics
     import tempfile
 
     import torch.nn.functional as F
@@ -570,23 +603,8 @@ def generate_speed(
         "hf_sample": hf_sample,
         "ppo_acting": ppo_acting,
     }
-    texts: dict[str, list[str]] = {}
-    for _ in range(warmup):
-        for name, run in paths.items():
-            texts[name] = run()
-    speeds: dict[str, list[float]] = {name: [] for name in paths}
-    for repeat in range(repeats):
-        torch.manual_seed(0)
-        order = list(paths.items())
-        for name, run in order[::-1] if repeat % 2 else order:  # ABC, CBA, ...: drift hits all alike
-            _sync(dev)
-            start = time.perf_counter()
-            out = run()
-            _sync(dev)
-            speeds[name].append(batch * M / (time.perf_counter() - start))
-            if out is not None:
-                texts[name] = out
-    median = {name: statistics.median(values) for name, values in speeds.items()}
+    speeds, texts = _alternating_rounds(paths, batch * M, repeats, warmup, dev)
+    median = {name: speed["median"] for name, speed in speeds.items()}
     same = [a == b for a, b in zip(texts["hf_generate"], texts["textgym_generate"], strict=True)]
     return {
         "benchmark": "generate",
@@ -601,10 +619,7 @@ def generate_speed(
             "repeats": repeats,
             "warmup": warmup,
         },
-        "tokens_per_second": {
-            name: {"median": median[name], "min": min(v), "max": max(v), "runs": v}
-            for name, v in speeds.items()
-        },
+        "tokens_per_second": speeds,
         "ratio_to_hf_generate": {name: median[name] / median["hf_generate"] for name in paths},
         "same_tokens": sum(same) / len(same),
     }
@@ -667,7 +682,6 @@ def decode_speed(
     with its decoding step compiled (``KVCache(compile=True)``; one cache for every round, compiled
     in the first, which ``warmup`` keeps out of the timing).
     """
-    import statistics
 
     from textgym.hf import require
 
@@ -716,19 +730,8 @@ def decode_speed(
     if compile:
         compiled = KVCache(policy, batch, dev, compile=True)
         paths["textgym_compiled"] = lambda: decode(compiled)
-    for _ in range(warmup):
-        for run in paths.values():
-            run()
-    speeds: dict[str, list[float]] = {name: [] for name in paths}
-    for repeat in range(repeats):
-        order = list(paths.items())
-        for name, run in order[::-1] if repeat % 2 else order:
-            _sync(dev)
-            start = time.perf_counter()
-            run()
-            _sync(dev)
-            speeds[name].append(batch * new_tokens / (time.perf_counter() - start))
-    median = {name: statistics.median(values) for name, values in speeds.items()}
+    speeds, _ = _alternating_rounds(paths, batch * new_tokens, repeats, warmup, dev)
+    median = {name: speed["median"] for name, speed in speeds.items()}
     return {
         "benchmark": "decode",
         "settings": {
@@ -746,10 +749,7 @@ def decode_speed(
             "hf_loop": sum(p.numel() for p in gpt2.parameters()),
             **({"textgym_compiled": sum(p.numel() for p in policy.parameters())} if compile else {}),
         },
-        "tokens_per_second": {
-            name: {"median": median[name], "min": min(v), "max": max(v), "runs": v}
-            for name, v in speeds.items()
-        },
+        "tokens_per_second": speeds,
         "ratio": median["textgym"] / median["hf_loop"],
         **({"ratio_compiled": median["textgym_compiled"] / median["hf_loop"]} if compile else {}),
     }

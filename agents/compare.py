@@ -228,7 +228,8 @@ OPTIONAL_FIGURES = (
 reported when every run of the agent has it."""
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of ``values``."""
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
@@ -249,8 +250,8 @@ def aggregate(runs: Sequence[RunSummary], iqm_min_seeds: int = 5) -> list[dict[s
     rows = []
     for agent in order:
         group = sorted(by_agent[agent], key=lambda r: r.seed)
-        final_mean, final_std = _mean_std([r.final_reward for r in group])
-        eval_mean, eval_std = _mean_std([r.eval_reward for r in group])
+        final_mean, final_std = mean_and_std([r.final_reward for r in group])
+        eval_mean, eval_std = mean_and_std([r.eval_reward for r in group])
         reached = [r.steps_to_threshold for r in group if r.steps_to_threshold is not None]
         trained = agent != RANDOM
         speed = float(np.mean([r.env_steps_per_second for r in group])) if trained else math.nan
@@ -266,7 +267,7 @@ def aggregate(runs: Sequence[RunSummary], iqm_min_seeds: int = 5) -> list[dict[s
         for key in OPTIONAL_FIGURES:
             values = [getattr(r, key) for r in group]
             if all(v is not None for v in values):
-                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(values)
+                row[f"{key}_mean"], row[f"{key}_std"] = mean_and_std(values)
         widths = {r.num_beams for r in group if r.num_beams is not None}
         if widths:
             row["num_beams"] = max(widths)

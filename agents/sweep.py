@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 import textgym  # noqa: F401  (registers TextGen-v0)
+from agents.compare import mean_and_std
 from agents.ppo import PPO, PPOConfig
 from textgym.tasks import TASKS, get_task
 
@@ -311,11 +312,6 @@ def run_grid(
 
 
 # ------------------------------------------------------------------------------- reports
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-
-
 def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     """One row per (task, setting), in order of first appearance: mean and sample std over seeds
     of the reward at each mark (over the seeds that have a value there), the mean env steps to
@@ -335,7 +331,7 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
         marks = sorted({m for r in runs for m in r.at_marks})
         for m in marks:
             values = [v for r in runs if (v := r.at_marks.get(m)) is not None]
-            row[f"reward_at_{m}"] = _mean_std(values) if values else None
+            row[f"reward_at_{m}"] = mean_and_std(values) if values else None
         reached = [r.steps_to_threshold for r in runs if r.steps_to_threshold is not None]
         row["steps_to_threshold_mean"] = float(np.mean(reached)) if reached else None
         row["seeds_reaching"] = len(reached)

@@ -348,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if isinstance(getattr(args, name, 1), int) and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.command == "env" and args.env_kwargs is not None and not isinstance(args.env_kwargs, dict):
-        parser.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
+    for name in ("env_kwargs", "ppo_config"):  # the JSON options (env, train)
+        value = getattr(args, name, None)
+        if value is not None and not isinstance(value, dict):
+            parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {value!r}")
     for device in args.devices if args.command == "gpu" else [args.device]:
         if (
             problem := device_error(device, "--devices" if args.command == "gpu" else "--device")
@@ -563,8 +565,6 @@ def main(argv: list[str] | None = None) -> int:
         from agents.benchmark import training_speed
         from agents.ppo import PPOConfig
 
-        if args.ppo_config is not None and not isinstance(args.ppo_config, dict):
-            parser.error(f"--ppo-config must be a JSON object, got {args.ppo_config!r}")
         try:
             config = PPOConfig.from_dict(args.ppo_config or {})
         except (TypeError, ValueError) as exc:

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.policy import RecomputeCache, RowCache, last_real_column, real_positions
+from agents.policy import RecomputeCache, RowCache, distinct_rows, last_real_column, real_positions
 from textgym.checks import is_positive_int, is_real
 from textgym.hf import HFTokenizer, _local_dir, require
 from textgym.io import save_torch
@@ -665,13 +665,22 @@ class HFKVCache(RowCache):
         row's last real token."""
         last = last_real_column(attention_mask)  # (N,)
         W = int(last.max()) + 1  # the columns after every row's last real token hold nothing
-        mask = attention_mask[:, :W]
+        ids, mask = input_ids[:, :W], attention_mask[:, :W]
+        distinct = distinct_rows(ids, mask)
+        if distinct is not None:  # each distinct row once (the rows of a group share a prompt)
+            first, inverse = distinct
+            ids, mask, last = ids[first], mask[first], last[first]
         past = self._new_cache()
-        out = self.policy.trunk(input_ids[:, :W], mask, real_positions(mask), past)
-        self.keys = [layer.keys for layer in past.layers]  # (N, kv heads, W, head size) each
+        out = self.policy.trunk(ids, mask, real_positions(mask), past)
+        self.keys = [layer.keys for layer in past.layers]  # (u, kv heads, W, head size) each
         self.values = [layer.values for layer in past.layers]
-        rows = torch.arange(len(input_ids), device=input_ids.device)
-        return self.policy.heads(out.last_hidden_state[rows, last])
+        logits, values = self.policy.heads(
+            out.last_hidden_state[torch.arange(len(ids), device=ids.device), last]
+        )
+        if distinct is None:
+            return logits, values
+        self.reorder(inverse)  # (N, kv heads, W, head size): every row its distinct row's copy
+        return logits[inverse], values[inverse]
 
     def step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int

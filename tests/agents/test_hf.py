@@ -309,6 +309,39 @@ def test_kv_cache_rebuild_after_new_weights(model_dirs, arch):
         torch.testing.assert_close(values, ref_values, atol=1e-4, rtol=1e-4)
 
 
+def test_kv_cache_rebuild_of_groups_computes_each_prompt_once(model_dirs, arch, monkeypatch):
+    """The rows of a group share a prompt: the rebuild runs the model on each distinct row once
+    and every row then decodes its own tokens as a full recompute does."""
+    env = TextGenVectorEnv(
+        8,
+        group_size=4,
+        autoreset_mode="same_step",
+        array_type="torch",
+        tokenizer=str(model_dirs[arch]),
+        **ENV_KWARGS,
+    )
+    P = env.prompt_window
+    policy = load_policy(model_dirs[arch], env)
+    cache, reference = HFKVCache(policy, 8, "cpu"), RecomputeCache(policy)
+    fed = []
+    trunk = policy.trunk
+    monkeypatch.setattr(policy, "trunk", lambda ids, *a, **k: fed.append(len(ids)) or trunk(ids, *a, **k))
+    obs, _ = env.reset(seed=0)
+    logits, values = cache.rebuild(obs["input_ids"], obs["attention_mask"])
+    assert fed == [2]  # two groups
+    ref_logits, ref_values = reference.rebuild(obs["input_ids"], obs["attention_mask"])
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values, ref_values, atol=1e-4, rtol=1e-4)
+    assert all(k.shape[0] == 8 for k in (*cache.keys, *cache.values))
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(M):
+        obs = env.step(random_actions(gen, env))[0]
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
+        ref_logits, ref_values = reference.step(obs["input_ids"], obs["attention_mask"], P)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values, ref_values, atol=1e-4, rtol=1e-4)
+
+
 def test_acting_and_training_use_no_deprecated_transformers_api(model_dirs, arch, monkeypatch):
     """transformers announces a renamed argument (``past_key_values`` -> ``cache``) with a
     FutureWarning on every call, and deprecated attributes with ``logger.warning_once``; a policy

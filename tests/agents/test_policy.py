@@ -11,6 +11,7 @@ from agents.policy import (
     KVCache,
     PolicyConfig,
     TransformerPolicy,
+    distinct_rows,
     hidden_from,
     last_real_column,
     sample_tokens,
@@ -254,6 +255,44 @@ def test_kv_cache_rebuild_equals_full_pass():
     torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
     # ... and decoding continues from the rebuilt keys and values.
     for _ in range(6):
+        obs = env.step(random_actions(gen, 8, vocab, env.tokenizer.eos_id))[0]
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
+        ref_logits, ref_values = full_pass(policy, obs)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+
+
+def test_distinct_rows():
+    # rows 0, 2 and 3 hold the same real tokens; row 3's padding columns hold other ids
+    ids = torch.tensor([[0, 5, 6], [0, 5, 7], [0, 5, 6], [9, 5, 6], [0, 0, 6]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1], [0, 1, 1], [0, 1, 1], [1, 1, 1]])
+    first, inverse = distinct_rows(ids, mask)
+    assert sorted(first.tolist()) == [0, 1, 4]
+    assert first[inverse].tolist() == [0, 1, 0, 0, 4]  # every row's first twin
+    assert distinct_rows(ids[:2], mask[:2]) is None  # all distinct
+    assert distinct_rows(ids[:1], mask[:1]) is None
+
+
+def test_kv_cache_rebuild_of_groups_computes_each_prompt_once(monkeypatch):
+    """Rows of a group start on one prompt: the rebuild runs each distinct row once, copies its
+    keys and values to its twins, and every row then decodes its own tokens as a full pass does."""
+    env = TextGenVectorEnv(8, group_size=4, autoreset_mode="same_step", array_type="torch")
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    policy = randomise(TransformerPolicy(vocab, L, PolicyConfig(d_model=32)))
+    cache = KVCache(policy, 8, "cpu")
+    obs, _ = env.reset(seed=0)
+    fed = []
+    run = cache._run
+    monkeypatch.setattr(
+        cache, "_run", lambda rows, ids, *a, **k: fed.append(len(ids)) or run(rows, ids, *a, **k)
+    )
+    logits, values = cache.rebuild(obs["input_ids"], obs["attention_mask"])
+    assert fed == [2]  # two groups, two prompts
+    ref_logits, ref_values = full_pass(policy, obs)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(env.config.max_new_tokens):
         obs = env.step(random_actions(gen, 8, vocab, env.tokenizer.eos_id))[0]
         logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
         ref_logits, ref_values = full_pass(policy, obs)

@@ -378,7 +378,7 @@ def evaluate(
             if counts[i] < per_env:
                 returns.append(float(running[i]))
                 counts[i] += 1
-                if len(samples) < 8:
+                if len(samples) < 8 and "completion" in infos["final_info"]:  # absent with text_infos=False
                     final = infos["final_info"]
                     samples.append((final["prompt"][i], final["completion"][i], float(running[i])))
             running[i] = 0.0

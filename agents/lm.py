@@ -448,7 +448,9 @@ def sample_with_kl(
                 returns.append(float(ret[i]))
                 kls.append(float(kl[i]))
                 counts[i] += 1
-                if len(shown) < samples:
+                if (
+                    len(shown) < samples and "completion" in infos["final_info"]
+                ):  # absent with text_infos=False
                     final = infos["final_info"]
                     shown.append((final["prompt"][i], final["completion"][i], float(ret[i])))
             ret[i], kl[i] = 0.0, 0.0

@@ -779,7 +779,8 @@ class OnPolicyAgent:
             ):
                 self.ep_info_buffer.append({"r": r, "l": n})
                 final = infos["final_info"]
-                self._samples.append((final["prompt"][i], final["completion"][i], r))
+                if "completion" in final:  # absent with text_infos=False
+                    self._samples.append((final["prompt"][i], final["completion"][i], r))
             self._episode_return[rows] = 0.0
             self._episode_length[rows] = 0
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from textgym.rewards import TokenRewardModel
 from textgym.tasks import EnvConfig
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -104,11 +105,16 @@ class StepResult(NamedTuple):
     terminated: torch.Tensor  # (N,) bool: <eos> emitted
     truncated: torch.Tensor  # (N,) bool: max_new_tokens reached without <eos>
     finished: torch.Tensor  # (k,) long: rows whose episode ended in this step
-    prompts: list[str]  # (k,) prompt text of each finished row
-    completions: list[str]  # (k,) completion text of each finished row (<eos> excluded)
+    prompts: list[str] | None  # (k,) prompt text of each finished row; None if text was not decoded
+    completions: list[str] | None  # (k,) completion text of each finished row (<eos> excluded), or None
     scores: np.ndarray  # (k,) float64: the reward model's score of each finished row
     lengths: np.ndarray  # (k,) int64: generated tokens of each finished episode, <eos> included
     prompt_index: np.ndarray  # (k,) int64: the prompt index of each finished row
+
+
+#: What scoring the finished rows gives: prompts, completions (None if not decoded), scores,
+#: lengths and prompt indices, as in :class:`StepResult`.
+_Scored = tuple[list[str] | None, list[str] | None, np.ndarray, np.ndarray, np.ndarray]
 
 
 class TextGenCore:
@@ -117,9 +123,11 @@ class TextGenCore:
     :param config: the resolved episode definition.
     :param num_envs: number of rows (episodes in flight).
     :param device: where the state lives.
+    :param text_infos: decode the text of every finished episode for the step's result; False
+        decodes it only for a reward model of text.
     """
 
-    def __init__(self, config: EnvConfig, num_envs: int, device: torch.device):
+    def __init__(self, config: EnvConfig, num_envs: int, device: torch.device, text_infos: bool = True):
         check_state_fits(config, num_envs, device)
         self.config = config
         self.num_envs = num_envs
@@ -143,6 +151,16 @@ class TextGenCore:
         self.gen_len = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
         self.prompt_index = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
         self._all_rows = torch.arange(num_envs, device=device)
+        reward = config.reward
+        # Token reward models take the finished rows as ids, on the device, when they read the
+        # env's ids. Not with a chat template: the reward judges the prompt as written, and the
+        # ids hold it rendered.
+        self.ids_reward = (
+            isinstance(reward, TokenRewardModel)
+            and not config.chat_template
+            and reward.reads(config.tokenizer)
+        )
+        self.text_infos = text_infos
         # Seconds spent turning finished rows into text and in the reward model, for benchmarks.
         self.timings = {"decode": 0.0, "reward": 0.0}
 
@@ -194,6 +212,12 @@ class TextGenCore:
             empty, none = np.zeros(0), np.zeros(0, dtype=np.int64)
             return StepResult(reward, terminated, truncated, finished, [], [], empty, none, none)
 
+        score = self._score_ids if self.ids_reward else self._score_text
+        return StepResult(reward, terminated, truncated, finished, *score(reward, terminated, finished))
+
+    def _score_text(self, reward: torch.Tensor, terminated: torch.Tensor, finished: torch.Tensor) -> _Scored:
+        """Score the ``finished`` rows (k,) as text, adding the scores to ``reward`` (N,) in place."""
+        P, M = self.prompt_window, self.max_new_tokens
         # One device-to-host copy for everything the reward model needs: (k, M + 3)
         lengths = self.gen_len[finished]
         packed = (
@@ -217,17 +241,36 @@ class TextGenCore:
         self.timings["decode"] += decoded - start
         self.timings["reward"] += time.perf_counter() - decoded
         reward[finished] += torch.as_tensor(scores, dtype=torch.float64).to(self.device)
-        return StepResult(
-            reward,
-            terminated,
-            truncated,
-            finished,
-            prompts,
-            completions,
-            scores,
-            packed[:, M + 1],
-            packed[:, M + 2],
-        )
+        return prompts, completions, scores, packed[:, M + 1], packed[:, M + 2]
+
+    def _score_ids(self, reward: torch.Tensor, terminated: torch.Tensor, finished: torch.Tensor) -> _Scored:
+        """Score the ``finished`` rows (k,) with the token reward model, as ids on the device,
+        adding the scores to ``reward`` (N,) in place; text is decoded only if ``text_infos``."""
+        P, M = self.prompt_window, self.max_new_tokens
+        lengths = self.gen_len[finished]  # (k,) <eos> included
+        completion_len = lengths - terminated[finished].long()  # (k,) <eos> excluded
+        tokens = self.tokens[finished]  # (k, L)
+        completion_mask = (torch.arange(M, device=self.device) < completion_len.unsqueeze(1)).long()  # (k, M)
+        start = time.perf_counter()
+        model = self.config.reward
+        assert isinstance(model, TokenRewardModel)
+        scores = model.call_ids(
+            tokens[:, :P], self.mask[finished, :P], tokens[:, P:], completion_mask
+        )  # (k,)
+        reward[finished] += scores
+        # One device-to-host copy for the faces: score, length and prompt index, (k, 3) float64,
+        # which holds the integers exactly.
+        host = torch.stack([scores, lengths.double(), self.prompt_index[finished].double()], 1).cpu().numpy()
+        self.timings["reward"] += time.perf_counter() - start
+        prompt_index = host[:, 2].astype(np.int64)
+        prompts = completions = None
+        if self.text_infos:
+            start = time.perf_counter()
+            ids = tokens[:, P:].cpu().numpy()
+            completions = self.config.tokenizer.decode_batch(ids, completion_len.cpu().numpy())
+            prompts = [self.config.prompts[i] for i in prompt_index.tolist()]
+            self.timings["decode"] += time.perf_counter() - start
+        return prompts, completions, host[:, 0].copy(), host[:, 1].astype(np.int64), prompt_index
 
     def texts(self, rows: torch.Tensor | None = None) -> tuple[list[str], list[str]]:
         """(prompts, completions so far) of ``rows`` (k,) (all rows if None), ``<eos>`` excluded:

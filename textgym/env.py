@@ -36,6 +36,17 @@ def check_stable_info(stable_info: Any) -> bool:
     return bool(stable_info)
 
 
+def check_text_infos(text_infos: Any, stable_info: bool) -> bool:
+    if not is_bool(text_infos):
+        raise TypeError(f"text_infos must be True or False, got {describe(text_infos)}")
+    if stable_info and not text_infos:
+        raise ValueError(
+            "stable_info=True gives every step's 'prompt' and 'completion' text, which text_infos=False "
+            "leaves out; use one or the other"
+        )
+    return bool(text_infos)
+
+
 def check_seed(seed: Any, where: str = "seed") -> int | None:
     """``seed`` as a Python int (NumPy integers accepted, as Gymnasium's seeding is not) or None."""
     if seed is None:
@@ -114,6 +125,13 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     ``"reward_components"`` (``{"score": float, "length_penalty": float}``, 0.0 before the last step
     and the values above at it).
 
+    With ``text_infos=False`` no info holds text: ``reset`` gives ``{"prompt_index": i}`` (the
+    index of the prompt in ``env.unwrapped.config.prompts``) and the last step
+    ``{"prompt_index": i, "reward_components": {...}}``, without ``"prompt"`` and ``"completion"``.
+    With a token reward model (``textgym.TokenRewardModel``, such as a learned one) the env then
+    decodes no text at all in ``step``; a reward model of text still gets the text it scores.
+    Observations, rewards and flags are the same either way.
+
     ## Starting State
     A prompt drawn uniformly from the task's prompts with ``self.np_random``; no token generated.
     ``reset(options={"prompt_index": i})`` starts from prompt ``i`` instead.
@@ -138,7 +156,9 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     - ``task``: ``"default"``, ``"sentiment"``, ``"arithmetic"``, ``"keyword"`` or ``"reviews"`` (see
       ``textgym.tasks``).
     - ``reward``: overrides the task's reward model: a function ``(prompt, completion) -> float``,
-      a ``textgym.RewardModel``, a built-in name, or ``{"name": ..., **arguments}``.
+      a ``textgym.RewardModel``, a built-in name, or ``{"name": ..., **arguments}``; a
+      ``textgym.TokenRewardModel`` (a learned reward, ``textgym.TokenFunctionReward(fn)``) scores
+      the token ids instead of text, and the env binds its tokenizer to it.
     - ``tokenizer``: a ``textgym.Tokenizer`` or ``"byte"``, ``"char"``, ``"word"`` (the latter two
       build their vocabulary from the task corpus and the prompts), or a local Hugging Face
       tokenizer (the ``hf`` extra): the path of a ``save_pretrained`` directory or a
@@ -163,12 +183,16 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
     - ``render_mode``: ``"ansi"`` returns the text so far, ``"human"`` prints it.
     - ``stable_info``: the same ``info`` keys and types at every step (see Rewards); it decodes
       the completion so far at every step.
+    - ``text_infos``: False leaves the prompt and completion text out of ``info`` (see Rewards),
+      so that a token reward model makes steps decode nothing; not with ``stable_info=True``.
+      ``render()`` still decodes the text it shows.
 
     Integer arguments take Python or NumPy integers and ``length_penalty`` any real number; they
     are stored as plain ``int`` and ``float``.
 
     ## Version History
-    - v0: initial version.
+    - v0: initial version; ``text_infos`` added without a version bump (the default keeps every
+      output as it was).
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "human"], "render_fps": 4}
@@ -187,10 +211,12 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         chat_template: bool = False,
         render_mode: str | None = None,
         stable_info: bool = False,
+        text_infos: bool = True,
     ):
         check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
         self.stable_info = check_stable_info(stable_info)
+        self.text_infos = check_text_infos(text_infos, self.stable_info)
         self.config = make_env_config(
             task,
             reward,
@@ -204,7 +230,9 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
             chat_template,
         )
         self.tokenizer = self.config.tokenizer
-        self._core = TextGenCore(self.config, num_envs=1, device=torch.device("cpu"))
+        self._core = TextGenCore(
+            self.config, num_envs=1, device=torch.device("cpu"), text_infos=self.text_infos
+        )
         self.action_space = spaces.Discrete(self.tokenizer.vocab_size)
         self.observation_space = observation_space(self.config)
         self._row = torch.zeros(1, dtype=torch.long)
@@ -233,6 +261,8 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         prompt = self.config.prompts[int(index)]
         if self.stable_info:
             return self._obs(), _info(prompt, "", 0.0, 0.0)
+        if not self.text_infos:
+            return self._obs(), {"prompt_index": int(index)}
         return self._obs(), {"prompt": prompt}
 
     def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
@@ -250,13 +280,16 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         info: dict[str, Any] = {}
         if terminated or truncated:
             self._ended = "terminated: <eos> emitted" if terminated else "truncated: max_new_tokens reached"
-            n = int(result.lengths[0])
-            info = _info(
-                result.prompts[0],
-                result.completions[0],
+            score, penalty = (
                 float(result.scores[0]),
-                0.0 - self.config.length_penalty * n,
+                0.0 - self.config.length_penalty * int(result.lengths[0]),
             )
+            if self.text_infos:
+                assert result.prompts is not None and result.completions is not None
+                info = _info(result.prompts[0], result.completions[0], score, penalty)
+            else:
+                components = {"score": score, "length_penalty": penalty}
+                info = {"prompt_index": int(result.prompt_index[0]), "reward_components": components}
         else:
             self._needs_reset, self._ended = False, ""
             if self.stable_info:

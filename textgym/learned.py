@@ -27,14 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from textgym.core import resolve_device
 from textgym.io import load_torch_checkpoint
 from textgym.nn import PolicyConfig, TransformerDecoder
-from textgym.rewards import RewardModel
+from textgym.rewards import TokenRewardModel
 from textgym.tasks import make_env_config
 from textgym.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -72,6 +71,44 @@ def encode_pairs(
     return ids, (ids != PAD_ID).long()
 
 
+def pair_rows(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    max_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_pairs` of episodes held as ids, as tensor operations on their device.
+
+    ``encode_pairs`` keeps ``<bos>`` and then the last ``max_len - 1`` tokens of
+    ``prompt completion <eos>``; this gathers the real tokens of each row in that order (the
+    prompt's first real token is its ``<bos>``) and scatters them to the same columns.
+
+    :param prompt_ids: (k, P) left-padded prompts starting with ``<bos>``; ``prompt_mask`` (k, P).
+    :param completion_ids: (k, M) completions from column 0; ``completion_mask`` (k, M), ``<eos>``
+        excluded.
+    :returns: ids and mask, (k, max_len) each, right-padded with ``<pad>``.
+    """
+    k = prompt_ids.shape[0]
+    device = completion_ids.device
+    eos = torch.full((k, 1), EOS_ID, dtype=torch.long, device=device)
+    body = torch.cat([prompt_ids, completion_ids, eos], dim=1)  # (k, P + M + 1)
+    real = torch.cat([prompt_mask, completion_mask, torch.ones_like(eos)], dim=1).bool()  # (k, P + M + 1)
+    first = real.long().argmax(1)  # (k,) the column of each prompt's <bos>
+    real[torch.arange(k, device=device), first] = False  # <bos> is placed by hand, at column 0
+    # Rank of each real token counted from the row's end (0 for the <eos>): the last
+    # max_len - 1 of them are kept, at columns 1 .. kept.
+    from_end = real.flip(1).long().cumsum(1).flip(1) - 1  # (k, P + M + 1)
+    kept = real.sum(1, keepdim=True).clamp(max=max_len - 1)  # (k, 1)
+    keep = real & (from_end < kept)
+    column = torch.where(keep, kept - from_end, max_len)  # max_len: a spare column for the rest
+    ids = torch.full((k, max_len + 1), PAD_ID, dtype=torch.long, device=device)  # (k, max_len + 1)
+    ids.scatter_(1, column, torch.where(keep, body, PAD_ID))
+    ids = ids[:, :max_len]  # (k, max_len)
+    ids[:, 0] = BOS_ID
+    return ids, (ids != PAD_ID).long()
+
+
 def vocabulary(tokenizer: Tokenizer) -> list[str]:
     """Every token's spelling, by id: what must agree for a checkpoint to fit an environment."""
     return [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
@@ -98,8 +135,16 @@ def read_reward_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return load_torch_checkpoint(path, REWARD_SCHEMA, "reward-model")
 
 
-class LearnedReward(RewardModel):
-    """A reward-model checkpoint as a batched reward model.
+class LearnedReward(TokenRewardModel):
+    """A reward-model checkpoint as a batched reward model of token ids.
+
+    It reads the ids of the tokenizer it was trained with, which it rebuilds from the checkpoint.
+    An environment whose tokenizer has that vocabulary (:meth:`reads`) hands it the ids of the
+    finished episodes on the env's device, with no text decoded or encoded; another environment
+    gives it text, which it encodes with its own tokenizer (:meth:`score`). Either way a
+    completion is scored as :func:`encode_pairs` lays it out for training: ``<bos>``, the prompt,
+    the completion and ``<eos>`` (also after a completion cut off at ``max_new_tokens``), cut to
+    the network's ``max_len`` from the left of the prompt, then of the completion.
 
     :param path: the checkpoint (``agents.reward_model.save_reward_model`` writes them).
     :param device: where the network runs (``"cpu"``, ``"cuda"``, ``"auto"``).
@@ -111,8 +156,9 @@ class LearnedReward(RewardModel):
         ckpt = read_reward_checkpoint(path)
         spec = ckpt["tokenizer_spec"]
         kwargs = {"tokenizer": spec["tokenizer"]} if spec.get("tokenizer") else {}
-        self.tokenizer = make_env_config(spec["task"], **kwargs).tokenizer
-        check_vocabulary(ckpt["vocabulary"], self.tokenizer, str(path))
+        super().__init__(make_env_config(spec["task"], **kwargs).tokenizer)
+        self.saved_vocabulary = list(ckpt["vocabulary"])  # the ids it reads
+        check_vocabulary(self.saved_vocabulary, self.tokenizer, str(path))
         self.device = resolve_device(device)
         self.net = RewardNet(ckpt["vocab_size"], ckpt["max_len"], PolicyConfig(**ckpt["policy_config"]))
         self.net.load_state_dict(ckpt["state_dict"])
@@ -120,18 +166,32 @@ class LearnedReward(RewardModel):
         self.path, self.batch_size, self.meta = str(path), batch_size, ckpt["meta"]
         self.name = f"learned({path.name})"
 
+    def reads(self, tokenizer: Tokenizer) -> bool:
+        return tokenizer is self.tokenizer or vocabulary(tokenizer) == self.saved_vocabulary
+
+    def bind(self, tokenizer: Tokenizer) -> None:
+        """Nothing to bind: the model keeps the checkpoint's tokenizer, and an environment with
+        another vocabulary gives it text to encode with it."""
+
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            ids, mask = encode_pairs(
-                self.tokenizer,
-                prompts[start : start + self.batch_size],
-                completions[start : start + self.batch_size],
-                self.net.decoder.max_len,
+    def score_ids(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        ids, mask = pair_rows(
+            prompt_ids, prompt_mask, completion_ids, completion_mask, self.net.decoder.max_len
+        )
+        out = [
+            self.net(
+                ids[i : i + self.batch_size].to(self.device), mask[i : i + self.batch_size].to(self.device)
             )
-            out.append(self.net(ids.to(self.device), mask.to(self.device)).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+            for i in range(0, ids.shape[0], self.batch_size)
+        ]
+        scores = torch.cat(out) if out else torch.zeros(0, device=self.device)
+        return scores.float().to(completion_ids.device)
 
     def __repr__(self) -> str:
         return f"LearnedReward({self.path!r})"

@@ -8,10 +8,23 @@ a reward model as given: :func:`as_reward_model` wraps it. Built-ins are availab
 Every score passes through :meth:`RewardModel.__call__`, which checks it: a reward model that
 raises, returns the wrong number of scores, a non-number, NaN or infinity raises
 :class:`RewardModelError` naming the model, the offending value and the completion it scored.
+
+Token reward models (:class:`TokenRewardModel`) score token ids instead of text: the environment
+hands them the finished episodes as tensors on its device, (k, P) prompt ids and mask (left-padded,
+starting with ``<bos>``, as the observation holds them) and (k, M) completion ids and mask
+(``<eos>`` not in the mask), and never decodes text for the reward. A learned reward model is one
+(:class:`textgym.learned.LearnedReward`), and :class:`TokenFunctionReward` makes one of a plain
+function on ids. They still score text (``model(prompts, completions)``, which
+``agents.compare``, the Stable-Baselines3 baselines and evaluation call): the text is encoded with
+the tokenizer the model is bound to, which the environment binds when it is built, so both paths
+give the same scores wherever ``encode(decode(ids)) == ids``. Where it does not (a completion the
+tokenizer would spell with other tokens, e.g. a word split into pieces), the environment's id path
+scores the ids the agent emitted.
 """
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import re
 from abc import ABC, abstractmethod
@@ -20,13 +33,16 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
+import torch
 
 from textgym.checks import describe, is_positive_int
 from textgym.lexicon import sentiment_score
+from textgym.tokenizers import Tokenizer
 from textgym.translation import reference as translation_reference
 
 RewardFn = Callable[[str, str], float]
 BatchRewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+TokenRewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RewardModelError(RuntimeError):
@@ -146,6 +162,180 @@ class FunctionReward(RewardModel):
             return self.fn(prompts, completions)  # type: ignore[call-arg,arg-type]
         fn = self.fn
         return [fn(p, c) for p, c in zip(prompts, completions, strict=True)]  # type: ignore[call-arg,arg-type]
+
+
+class TokenRewardModel(RewardModel):
+    """A reward model that scores token ids, on the device the environment's state is on.
+
+    Subclasses implement :meth:`score_ids`. The environment calls it (through :meth:`call_ids`,
+    which validates the scores) with the finished episodes as they are in its state, and decodes
+    no text for the reward. :meth:`score`, the text form, encodes ``(prompt, completion)`` pairs
+    with :attr:`tokenizer` and calls :meth:`score_ids`, so that the same model scores text for
+    evaluation and for the baselines.
+
+    The tokenizer is the one given, or else the first environment's that uses the model
+    (:meth:`bind`); a model bound to one vocabulary refuses an environment with another, as the
+    same ids would then mean other tokens.
+
+    :param tokenizer: the tokenizer whose ids the model reads; None to take the environment's.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None = None):
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer must be a textgym Tokenizer or None, got {describe(tokenizer)}")
+        self.tokenizer = tokenizer
+
+    @abstractmethod
+    def score_ids(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(k,) float scores, on the device of the inputs.
+
+        :param prompt_ids: (k, P) int64, each prompt left-padded with ``<pad>``, starting with ``<bos>``.
+        :param prompt_mask: (k, P) int64, 1 on the prompt's tokens.
+        :param completion_ids: (k, M) int64, each completion from column 0, then padding.
+        :param completion_mask: (k, M) int64, 1 on the completion's tokens (a prefix of each
+            row); an ``<eos>`` that ended the episode is not in the mask.
+        """
+
+    def reads(self, tokenizer: Tokenizer) -> bool:
+        """Whether the ids of ``tokenizer`` are ids this model reads (the same vocabulary)."""
+        return self.tokenizer is not None and same_vocabulary(self.tokenizer, tokenizer)
+
+    def bind(self, tokenizer: Tokenizer) -> None:
+        """Take ``tokenizer`` as the model's if it has none; refuse one with another vocabulary.
+
+        The environment calls this when it is built (:func:`textgym.tasks.make_env_config`)."""
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer
+        elif not self.reads(tokenizer):
+            raise ValueError(
+                f"reward model {self.name!r} reads the ids of a {type(self.tokenizer).__name__} of "
+                f"{self.tokenizer.vocab_size} tokens, but the environment's tokenizer "
+                f"({type(tokenizer).__name__}, {tokenizer.vocab_size} tokens) spells ids otherwise; "
+                "build the model with the environment's tokenizer (or with tokenizer=None, to take it)"
+            )
+
+    def call_ids(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`score_ids`, checked: (k,) float64 on the device of ``completion_ids``.
+
+        A model that raises, or returns anything but a (k,) real tensor of finite values on that
+        device, raises :class:`RewardModelError` naming the model and the value."""
+        k = completion_ids.shape[0]
+        try:
+            raw = self.score_ids(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        except RewardModelError:
+            raise
+        except Exception as exc:
+            raise RewardModelError(
+                f"reward model {self.name!r} raised {type(exc).__name__}: {exc} "
+                f"(while scoring the ids of {k} completion(s))"
+            ) from exc
+        accepted = f"score_ids must return a float tensor of shape ({k},) on {completion_ids.device}"
+        if not isinstance(raw, torch.Tensor):
+            raise RewardModelError(f"reward model {self.name!r} returned {describe(raw)}; {accepted}")
+        if raw.dtype == torch.bool or raw.is_complex():
+            raise RewardModelError(
+                f"reward model {self.name!r} returned a tensor of dtype {raw.dtype}; {accepted}"
+            )
+        if tuple(raw.shape) != (k,):
+            raise RewardModelError(
+                f"reward model {self.name!r} returned a tensor of shape {tuple(raw.shape)} for {k} "
+                f"completions; {accepted}"
+            )
+        if raw.device != completion_ids.device:
+            raise RewardModelError(
+                f"reward model {self.name!r} returned a tensor on {raw.device}; {accepted}"
+            )
+        # A copy in float64 (the environment's reward dtype), so a reused output buffer cannot
+        # change scores already given.
+        scores = raw.detach().to(torch.float64, copy=True)
+        bad = (~torch.isfinite(scores)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise RewardModelError(
+                f"reward model {self.name!r} returned {scores[i].item()} for completion {i} (ids "
+                f"{completion_ids[i][completion_mask[i].bool()].tolist()}); rewards must be finite"
+            )
+        return scores
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        if self.tokenizer is None:
+            raise RewardModelError(
+                f"reward model {self.name!r} scores token ids and has no tokenizer to encode text with: "
+                "pass tokenizer= when building it, or build an environment with it first (which binds "
+                "the environment's tokenizer)"
+            )
+        ids = self.encode(prompts, completions)
+        return self.call_ids(*ids).cpu().numpy()
+
+    def encode(
+        self, prompts: Sequence[str], completions: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inputs of :meth:`score_ids` for text, as the environment would hold it: prompts as
+        ``<bos>`` and their ids, left-padded; completions right-padded; on the CPU."""
+        tok = self.tokenizer
+        assert tok is not None
+        prompt_rows = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+        completion_rows = [tok.encode(c) for c in completions]
+        P = max((len(r) for r in prompt_rows), default=1)
+        M = max(1, max((len(r) for r in completion_rows), default=1))  # (k, 0) would be no column to fill
+        prompt_ids = torch.full((len(prompts), P), tok.pad_id, dtype=torch.long)  # (k, P)
+        completion_ids = torch.full((len(completions), M), tok.pad_id, dtype=torch.long)  # (k, M)
+        for i, (p, c) in enumerate(zip(prompt_rows, completion_rows, strict=True)):
+            prompt_ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        prompt_lengths = torch.tensor([len(r) for r in prompt_rows], dtype=torch.long)
+        completion_lengths = torch.tensor([len(r) for r in completion_rows], dtype=torch.long)
+        prompt_mask = (torch.arange(P) >= P - prompt_lengths.unsqueeze(1)).long()  # (k, P)
+        completion_mask = (torch.arange(M) < completion_lengths.unsqueeze(1)).long()  # (k, M)
+        return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether ``a`` and ``b`` spell every id the same (so that ids of one mean the same in the other)."""
+    from textgym.learned import vocabulary  # here: textgym.learned imports this module
+
+    return a is b or (a.vocab_size == b.vocab_size and vocabulary(a) == vocabulary(b))
+
+
+class TokenFunctionReward(TokenRewardModel):
+    """A plain function of token ids as a reward model (see :class:`TokenRewardModel`).
+
+    Pickled with the environment (vector envs, Stable-Baselines3) where ``fn`` pickles: a function
+    defined at the top level of a module, not a lambda.
+
+    :param fn: ``fn(prompt_ids, prompt_mask, completion_ids, completion_mask) -> (k,) tensor``,
+        shapes (k, P), (k, P), (k, M), (k, M) as in :meth:`TokenRewardModel.score_ids`.
+    :param tokenizer: the tokenizer whose ids ``fn`` reads; None to take the environment's.
+    :param name: name in errors and logs; defaults to the function's ``__name__``.
+    """
+
+    def __init__(self, fn: TokenRewardFn, tokenizer: Tokenizer | None = None, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"reward function must be callable, got {type(fn).__name__}: {fn!r}")
+        super().__init__(tokenizer)
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def score_ids(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.fn(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 
 class SentimentReward(RewardModel):
@@ -421,6 +611,9 @@ def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> R
     the path of a learned reward model's checkpoint (``"reward.pt"``, the same as
     ``{"name": "learned", "path": "reward.pt"}``; see ``scripts/train_reward.py``); or a local
     Hugging Face sequence classifier, ``{"name": "hf-classifier", "path": ..., "label": ...}``.
+    A reward model of token ids is an instance too: a :class:`TokenRewardModel`, e.g.
+    ``TokenFunctionReward(fn)`` for a function ``fn(prompt_ids, prompt_mask, completion_ids,
+    completion_mask) -> (k,) tensor``; such a function passed bare is refused with that advice.
     """
     if isinstance(spec, RewardModel):
         return spec
@@ -443,8 +636,24 @@ def as_reward_model(spec: RewardModel | RewardFn | str | Mapping[str, Any]) -> R
         except TypeError as exc:
             raise TypeError(f"reward model {name!r}: {exc}") from None
     if callable(spec):
+        if _positional_parameters(spec) == 4:
+            raise TypeError(
+                f"reward: {getattr(spec, '__name__', spec)!r} takes 4 arguments; a plain reward function "
+                "takes (prompt, completion), and one of token ids (prompt_ids, prompt_mask, completion_ids, "
+                "completion_mask) is passed as reward=TokenFunctionReward(fn)"
+            )
         return FunctionReward(spec)
     raise TypeError(
         f"reward must be a RewardModel, a function (prompt, completion) -> float, a built-in name "
         f"({', '.join(REWARD_MODELS)}) or a mapping with 'name'; got {type(spec).__name__}: {spec!r}"
     )
+
+
+def _positional_parameters(fn: Callable[..., Any]) -> int | None:
+    """How many positional parameters ``fn`` requires, or None if it cannot be told."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)

@@ -42,7 +42,8 @@ class SB3VecEnv(VecEnv):
     The info of a sub-env whose episode ended holds, besides ``terminal_observation`` and
     ``TimeLimit.truncated``, the vector env's end-of-episode info: ``prompt``, ``completion``,
     ``reward_components``, ``prompt_index`` and ``group`` (the sub-env's index), so that episodes
-    on the same prompt can be gathered. ``env_method("action_masks")`` returns one mask row per
+    on the same prompt can be gathered; ``prompt`` and ``completion`` are left out, and reset infos
+    hold ``prompt_index`` instead of ``prompt``, when the vector env has ``text_infos=False``. ``env_method("action_masks")`` returns one mask row per
     sub-env, as sb3-contrib's MaskablePPO expects.
     """
 
@@ -70,7 +71,7 @@ class SB3VecEnv(VecEnv):
             raise ValueError(f"SB3VecEnv takes no reset options, got {self._options}")
         seeds = None if all(s is None for s in self._seeds) else list(self._seeds)
         obs, infos = self.venv.reset(seed=seeds)
-        self.reset_infos = [{"prompt": p} for p in infos["prompt"]]
+        self.reset_infos = [self._reset_info(infos, i) for i in range(self.num_envs)]
         self._reset_seeds()
         self._reset_options()
         return obs
@@ -90,8 +91,7 @@ class SB3VecEnv(VecEnv):
             out[i] = {
                 "TimeLimit.truncated": self.bootstrap_truncated and bool(truncated[i] and not terminated[i]),
                 "terminal_observation": {k: v[i] for k, v in infos["final_obs"].items()},
-                "prompt": final["prompt"][i],
-                "completion": final["completion"][i],
+                **{key: final[key][i] for key in ("prompt", "completion") if key in final},  # text_infos
                 "prompt_index": int(final["prompt_index"][i]),
                 "group": int(final["group"][i]),
                 "reward_components": {
@@ -99,8 +99,15 @@ class SB3VecEnv(VecEnv):
                     "length_penalty": comps["length_penalty"][i],
                 },
             }
-            self.reset_infos[i] = {"prompt": infos["prompt"][i]}
+            self.reset_infos[i] = self._reset_info(infos, i)
         return obs, rewards.astype(np.float32), dones, out
+
+    @staticmethod
+    def _reset_info(infos: dict[str, Any], i: int) -> dict[str, Any]:
+        """Sub-env ``i``'s reset info: its prompt, or its prompt index with ``text_infos=False``."""
+        if "prompt" in infos:
+            return {"prompt": infos["prompt"][i]}
+        return {"prompt_index": int(infos["prompt_index"][i])}
 
     def close(self) -> None:
         self.venv.close()

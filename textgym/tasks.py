@@ -45,6 +45,7 @@ from textgym.rewards import (
     RewardFn,
     RewardModel,
     SentimentReward,
+    TokenRewardModel,
     TranslationReward,
     VaderReward,
     arithmetic_answer,
@@ -384,6 +385,9 @@ class EnvConfig:
         compare=False
     )  #: (vocab_size,) bool, read-only: the tokens an agent may emit
     split: str = "all"  #: the task's prompt split ("train", "test", "all"); "all" for prompts= of one's own
+    chat_template: bool = False
+    """Whether ``prompt_ids`` are the prompts put into the chat template (the reward model still
+    sees the prompts as written, so the environment then gives a token reward model text)."""
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # pickle and deepcopy rebuild the array writeable; keep the mask read-only
@@ -560,17 +564,21 @@ def make_env_config(
             f"with <bos>, over max_prompt_tokens={max_prompt_tokens} ({over} prompt(s) are too long); "
             "prompts are never cut: raise max_prompt_tokens or leave it None to fit the longest prompt"
         )
+    reward_model = as_reward_model(base.reward() if reward is None else reward)
+    if isinstance(reward_model, TokenRewardModel):
+        reward_model.bind(tok)  # its text form encodes with the env's tokenizer; refuses another vocabulary
     return EnvConfig(
         task=base.name,
         tokenizer=tok,
         prompts=prompt_list,
         prompt_ids=prompt_ids,
-        reward=as_reward_model(base.reward() if reward is None else reward),
+        reward=reward_model,
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
         length_penalty=float(length_penalty),
         action_mask=make_action_mask(tok, allowed_tokens),
         split=split,
+        chat_template=bool(chat_template),
     )
 
 

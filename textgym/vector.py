@@ -35,8 +35,9 @@ and at an episode's end: in the step's infos under ``"next_step"``, in ``infos["
 under ``"same_step"``), it also gives, under the same mask, ``"prompt_index"`` (int64: the index of
 that prompt in ``env.config.prompts``) and ``"group"`` (int64: ``row // group_size``, the row
 itself when ``group_size=1``), so that any agent can gather the finished episodes of a group.
-With ``stable_info=True`` every ``reset`` and ``step`` returns the same keys, the same types and
-all-True masks, for libraries that preallocate buffers from the first step (TorchRL, Tianshou):
+With ``text_infos=False`` no info holds ``"prompt"`` or ``"completion"`` (see
+:class:`TextGenVectorEnv`). With ``stable_info=True`` every ``reset`` and ``step`` returns the same
+keys, the same types and all-True masks, for libraries that preallocate buffers from the first step (TorchRL, Tianshou):
 ``"prompt"`` and ``"completion"`` (object arrays of str: each sub-env's current episode and its
 text so far), ``"prompt_index"`` and ``"group"`` (int64 arrays), ``"reward_components"``
 (``"score"`` and ``"length_penalty"``, float64 arrays, 0.0 except where an episode ended in this
@@ -64,7 +65,7 @@ from gymnasium.vector.utils import batch_space
 
 from textgym.checks import describe, is_bool, is_integer, is_positive_int
 from textgym.core import TextGenCore, resolve_device
-from textgym.env import check_render_mode, check_seed, check_stable_info, observation_space
+from textgym.env import check_render_mode, check_seed, check_stable_info, check_text_infos, observation_space
 from textgym.rewards import RewardFn, RewardModel
 from textgym.tasks import make_env_config
 from textgym.tokenizers import Tokenizer
@@ -86,6 +87,11 @@ class TextGenVectorEnv(VectorEnv):
         it decodes every sub-env's completion so far at every step.
     :param group_size: ``G`` >= 1, a divisor of ``num_envs``: run ``num_envs / G`` groups of ``G``
         episodes on one prompt each (see Groups). 1 (the default) makes every row its own group.
+    :param text_infos: False leaves ``"prompt"`` and ``"completion"`` (and their masks) out of
+        every info, ``final_info`` included; ``"prompt_index"``, ``"group"``,
+        ``"reward_components"`` and ``"waiting"`` stay. With a token reward model
+        (``textgym.TokenRewardModel``) ``step`` then decodes no text: the finished episodes are
+        scored as ids on ``device``. Not with ``stable_info=True``.
 
     ``num_envs`` and ``max_new_tokens`` whose episode state cannot fit in a quarter of the
     device's memory are refused at construction (:func:`textgym.core.check_state_fits`).
@@ -186,6 +192,7 @@ class TextGenVectorEnv(VectorEnv):
         render_mode: str | None = None,
         stable_info: bool = False,
         group_size: int = 1,
+        text_infos: bool = True,
     ):
         if not is_positive_int(num_envs):
             raise ValueError(f"num_envs must be an integer >= 1 (Python or NumPy), got {describe(num_envs)}")
@@ -217,6 +224,7 @@ class TextGenVectorEnv(VectorEnv):
         self.array_type = array_type
         self.render_mode = render_mode
         self.stable_info = check_stable_info(stable_info)
+        self.text_infos = check_text_infos(text_infos, self.stable_info)
 
         self.config = make_env_config(
             task,
@@ -231,7 +239,7 @@ class TextGenVectorEnv(VectorEnv):
             chat_template,
         )
         self.tokenizer = self.config.tokenizer
-        self._core = TextGenCore(self.config, self.num_envs, self.device)
+        self._core = TextGenCore(self.config, self.num_envs, self.device, self.text_infos)
         self.single_observation_space = observation_space(self.config)
         self.single_action_space = spaces.Discrete(self.tokenizer.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
@@ -530,11 +538,12 @@ class TextGenVectorEnv(VectorEnv):
                 np.zeros(N, dtype=np.int64),
                 np.zeros_like(self._group),
             )
-            prompts[rows] = [self.config.prompts[i] for i in prompt_index.tolist()]
             index[rows], group[rows] = prompt_index, self._group[rows]
             m = _mask(rows, N)
-            infos.update({"prompt": prompts, "_prompt": m, "prompt_index": index, "_prompt_index": m})
-            infos.update({"group": group, "_group": m})
+            if self.text_infos:
+                prompts[rows] = [self.config.prompts[i] for i in prompt_index.tolist()]
+                infos.update({"prompt": prompts, "_prompt": m})
+            infos.update({"prompt_index": index, "_prompt_index": m, "group": group, "_group": m})
         return infos
 
     def _components(self, rows: np.ndarray, result: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -553,9 +562,11 @@ class TextGenVectorEnv(VectorEnv):
         N = self.num_envs
         if not rows.size and not self.stable_info:
             return {}
-        fill = "" if self.stable_info else None
-        prompts, completions = np.full(N, fill, dtype=object), np.full(N, fill, dtype=object)
-        prompts[rows], completions[rows] = result.prompts, result.completions
+        prompts = completions = None
+        if self.text_infos:
+            fill = "" if self.stable_info else None
+            prompts, completions = np.full(N, fill, dtype=object), np.full(N, fill, dtype=object)
+            prompts[rows], completions[rows] = result.prompts, result.completions
         index, group = np.zeros(N, dtype=np.int64), np.zeros_like(self._group)
         index[rows], group[rows] = result.prompt_index, self._group[rows]
         return _info_arrays(
@@ -664,8 +675,8 @@ class TextGenVectorEnv(VectorEnv):
 
 
 def _info_arrays(
-    prompts: np.ndarray,
-    completions: np.ndarray,
+    prompts: np.ndarray | None,
+    completions: np.ndarray | None,
     prompt_index: np.ndarray,
     group: np.ndarray,
     score: np.ndarray,
@@ -673,12 +684,15 @@ def _info_arrays(
     m: np.ndarray,
 ) -> dict[str, Any]:
     """The single env's end-of-episode info, with the episode's prompt index and group, as
-    Gymnasium vector arrays, each masked by ``m``."""
+    Gymnasium vector arrays, each masked by ``m``; without ``"prompt"`` and ``"completion"``
+    where they are None (``text_infos=False``)."""
+    text = (
+        {}
+        if prompts is None
+        else {"prompt": prompts, "_prompt": m, "completion": completions, "_completion": m}
+    )
     return {
-        "prompt": prompts,
-        "_prompt": m,
-        "completion": completions,
-        "_completion": m,
+        **text,
         "prompt_index": prompt_index,
         "_prompt_index": m,
         "group": group,

@@ -43,8 +43,9 @@ class SB3VecEnv(VecEnv):
     ``TimeLimit.truncated``, the vector env's end-of-episode info: ``prompt``, ``completion``,
     ``reward_components``, ``prompt_index`` and ``group`` (the sub-env's index), so that episodes
     on the same prompt can be gathered; ``prompt`` and ``completion`` are left out, and reset infos
-    hold ``prompt_index`` instead of ``prompt``, when the vector env has ``text_infos=False``. ``env_method("action_masks")`` returns one mask row per
-    sub-env, as sb3-contrib's MaskablePPO expects.
+    hold ``prompt_index`` instead of ``prompt``, when the vector env has ``text_infos=False``.
+    ``env_method("action_masks")`` returns one mask row per sub-env, as sb3-contrib's MaskablePPO
+    expects.
     """
 
     def __init__(self, venv: TextGenVectorEnv, bootstrap_truncated: bool = True):

@@ -773,6 +773,112 @@ def format_decode_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REWARD_PATHS = ("text", "ids", "ids_no_text")
+
+
+def reward_path_speed(
+    num_envs: int = 64,
+    max_new_tokens: int = 8,
+    steps: int = 64,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+    task: str = "default",
+) -> dict[str, Any]:
+    """Env steps per second of the batched env scoring every episode with a learned reward model
+    by three paths, on the same random actions, in one run:
+
+    - ``text``: the finished episodes decoded to text and the model's text form called, which
+      encodes them again (what every learned reward did before it scored ids);
+    - ``ids``: the model scores the episodes' ids where they are (:class:`~textgym.rewards.TokenRewardModel`),
+      the infos still carry the text (``text_infos=True``, the default);
+    - ``ids_no_text``: the same with ``text_infos=False``: no text decoded at all.
+
+    The reward network is a randomly initialised :class:`~textgym.learned.RewardNet` of the
+    :class:`~agents.policy.PolicyConfig` defaults' shape (its scores do not change the speed).
+    No policy runs: actions are uniform draws of allowed tokens (``<eos>`` among them), so the
+    figures are the env's own. Each path runs ``steps`` steps of ``num_envs`` rows per round;
+    rounds alternate the paths' order (:func:`_alternating_rounds`).
+    """
+    import tempfile
+
+    from agents.reward_model import save_reward_model
+    from textgym.learned import LearnedReward, RewardNet
+    from textgym.rewards import FunctionReward
+
+    dev = resolve_device(device)
+    probe = TextGenVectorEnv(1, task=task, max_new_tokens=max_new_tokens)
+    tok, L = probe.tokenizer, probe.config.seq_len
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_reward_model(
+            Path(tmp) / "reward.pt", RewardNet(tok.vocab_size, L), {"task": task, "tokenizer": None}, tok
+        )
+        learned = LearnedReward(path, device=str(dev))
+    text_form = FunctionReward(learned.score, batched=True, name="learned, as text")
+    envs = {
+        "text": TextGenVectorEnv(
+            num_envs, task=task, max_new_tokens=max_new_tokens, reward=text_form, device=dev
+        ),
+        "ids": TextGenVectorEnv(
+            num_envs, task=task, max_new_tokens=max_new_tokens, reward=learned, device=dev
+        ),
+        "ids_no_text": TextGenVectorEnv(
+            num_envs, task=task, max_new_tokens=max_new_tokens, reward=learned, device=dev, text_infos=False
+        ),
+    }
+    assert not envs["text"]._core.ids_reward and envs["ids"]._core.ids_reward
+    allowed = torch.tensor(probe.config.action_mask).nonzero().squeeze(1).to(dev)  # (A,)
+    gen = torch.Generator(device=dev)
+
+    def run(env: TextGenVectorEnv) -> float:
+        gen.manual_seed(0)
+        env.reset(seed=0)
+        total = 0.0
+        for _ in range(steps):
+            actions = allowed[torch.randint(len(allowed), (num_envs,), generator=gen, device=dev)]
+            total += float(env.step(actions)[1].sum())
+        return total
+
+    paths = {name: (lambda env=env: run(env)) for name, env in envs.items()}
+    speeds, totals = _alternating_rounds(paths, steps * num_envs, repeats, warmup, dev)
+    median = {name: speed["median"] for name, speed in speeds.items()}
+    return {
+        "benchmark": "reward-ids",
+        "settings": {
+            "num_envs": num_envs,
+            "max_new_tokens": max_new_tokens,
+            "steps": steps,
+            "task": task,
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "warmup": warmup,
+        },
+        "env_steps_per_second": speeds,
+        "reward_totals": totals,  # the same actions score the same by every path
+        "ratio": {name: median[name] / median["text"] for name in REWARD_PATHS},
+    }
+
+
+def format_reward_path_table(report: dict[str, Any]) -> str:
+    """The report of :func:`reward_path_speed` as a Markdown table."""
+    s, speeds = report["settings"], report["env_steps_per_second"]
+    lines = [
+        f"Learned reward, {s['num_envs']} envs, {s['max_new_tokens']} new tokens, task {s['task']}, "
+        f"{s['device']}, {s['threads']} thread(s), median of {s['repeats']}:",
+        "",
+        "| path | env steps/s | min – max | × text |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in REWARD_PATHS:
+        v = speeds[name]
+        lines.append(
+            f"| {name} | {v['median']:,.0f} | {v['min']:,.0f} – {v['max']:,.0f} | {report['ratio'][name]:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
 def format_generate_table(report: dict[str, Any]) -> str:
     """The report of :func:`generate_speed` as a Markdown table."""
     s = report["settings"]

@@ -190,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dec.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     dec.add_argument("--out", default="benchmarks/decode.json", help="where to save the JSON report")
+    rid = command("reward-ids", "the env with a learned reward: scored as text, as ids, as ids without text")
+    rid.add_argument("--num-envs", type=positive_int, default=64, help="episodes in flight")
+    rid.add_argument("--max-new-tokens", type=positive_int, default=8, help="most tokens per episode")
+    rid.add_argument("--steps", type=positive_int, default=64, help="env steps per path and round")
+    rid.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed rounds of the three paths; the median"
+    )
+    rid.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
+    rid.add_argument("--task", default="default", help="built-in task")
+    rid.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    rid.add_argument("--out", default="benchmarks/reward_ids.json", help="where to save the JSON report")
     trl = command(
         "trl", "GRPO vs TRL's GRPOTrainer at matched settings, side by side (needs: pip install trl)"
     )
@@ -477,6 +488,14 @@ def main(argv: list[str] | None = None) -> int:
             args.batch, args.new_tokens, args.repeats, args.warmup, args.device, args.task, args.compile
         )
         print(format_decode_table(report))
+        print(f"saved {write_json(args.out, report)}")
+    elif args.command == "reward-ids":
+        from agents.benchmark import format_reward_path_table, reward_path_speed
+
+        report = reward_path_speed(
+            args.num_envs, args.max_new_tokens, args.steps, args.repeats, args.warmup, args.device, args.task
+        )
+        print(format_reward_path_table(report))
         print(f"saved {write_json(args.out, report)}")
     elif args.command == "trl":
         from agents.benchmark_trl import format_trl_table, grpo_vs_trl

@@ -148,6 +148,26 @@ def test_benchmark_rollout_and_train(tmp_path):
         assert proc.returncode == 2 and named in proc.stderr, proc.stderr
 
 
+def test_benchmark_reward_ids_scores_alike_by_every_path(tmp_path):
+    """benchmark.py reward-ids: the learned reward scored as text, as ids and as ids without text
+    gives the same rewards for the same actions; the ratios are to the text path."""
+    out_file = tmp_path / "reward_ids.json"
+    proc = run(
+        "scripts/benchmark.py", "reward-ids", "--num-envs", "4", "--max-new-tokens", "3", "--steps", "6",
+        "--repeats", "2", "--warmup", "0", "--out", str(out_file),
+    )  # fmt: skip
+    report = json.loads(out_file.read_text())
+    speeds, totals = report["env_steps_per_second"], report["reward_totals"]
+    assert set(speeds) == set(totals) == {"text", "ids", "ids_no_text"}
+    assert all(len(s["runs"]) == 2 for s in speeds.values())
+    assert totals["ids"] == pytest.approx(totals["text"], abs=1e-5)
+    assert totals["ids_no_text"] == pytest.approx(totals["text"], abs=1e-5)
+    assert report["ratio"]["ids"] == pytest.approx(speeds["ids"]["median"] / speeds["text"]["median"])
+    assert "| ids_no_text |" in proc.stdout
+    bad = run("scripts/benchmark.py", "reward-ids", "--steps", "0", check=False)
+    assert bad.returncode == 2 and "--steps" in bad.stderr
+
+
 def test_benchmark_decode_reports_both_paths(tmp_path):
     """benchmark.py decode: the built-in policy's KV cache and the plain transformers loop decode
     the same rows; the ratio is the ratio of the medians."""

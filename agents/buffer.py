@@ -91,6 +91,16 @@ class Segments(NamedTuple):
     column: torch.Tensor  # (T*N,) column whose outputs score the transition's action
 
 
+def compact(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices (count,) of the true entries of the 1-D ``mask``, in increasing order: as
+    ``mask.nonzero().squeeze(1)``, but without a host sync, as ``count``, their number, is known."""
+    place = mask.long().cumsum(0) - 1  # (n,) each true entry's place among them
+    out = torch.empty(count + 1, dtype=torch.long, device=mask.device)
+    # The false entries all land in the spare last slot, dropped.
+    out[torch.where(mask, place, count)] = torch.arange(len(mask), device=mask.device)
+    return out[:count]
+
+
 def segments(rollout: Rollout, prompt_window: int) -> Segments:
     """Cut ``rollout`` into sequences: a new one starts at step 0 and at every episode start."""
     T, N, L = rollout.input_ids.shape
@@ -107,9 +117,10 @@ def segments(rollout: Rollout, prompt_window: int) -> Segments:
     generated = rollout.attention_mask[..., prompt_window:].sum(-1)  # (T, N) tokens before the action
     column = (prompt_window - 1 + generated).reshape(-1)  # (T*N,)
 
-    end_t, end_n = ends.nonzero(as_tuple=True)  # one entry per segment, any order
+    S = int(seg_env_major[-1]) + 1  # the one host sync: every size below follows from it
+    end = compact(ends.reshape(-1), S)  # (S,) one entry per segment, any order
+    end_t, end_n = end // N, end % N
     seg_of_end = segment.view(T, N)[end_t, end_n]  # (S,)
-    S = int(seg_env_major[-1]) + 1
     ids = torch.empty(S, L, dtype=rollout.input_ids.dtype, device=device)
     mask = torch.empty(S, L, dtype=rollout.attention_mask.dtype, device=device)
     ids[seg_of_end] = rollout.input_ids[end_t, end_n]

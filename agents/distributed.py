@@ -214,7 +214,7 @@ def mean_var(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     their sums (in float64); in one process ``x.numel(), x.mean(), x.var()`` themselves (NaN for
     the mean of no value and the variance of fewer than two)."""
     if world_size() == 1:
-        nan = x.new_tensor(float("nan"))
+        nan = x.new_full((), float("nan"))  # a fill on the device, not a copy to it
         return x.numel(), x.mean() if x.numel() else nan, x.var() if x.numel() > 1 else nan
     x64 = x.detach().double()
     sums = all_sum(torch.stack([x64.new_tensor(float(x.numel())), x64.sum(), x64.square().sum()]))

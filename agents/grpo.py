@@ -68,6 +68,7 @@ the columns that are padding in every row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -77,7 +78,7 @@ import torch.nn.functional as F
 
 from agents import distributed as dist
 from agents.policy import PolicyConfig, hidden_from
-from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, forward_span
+from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, compact, filled_columns, forward_span
 from textgym.vector import TextGenVectorEnv
 
 STD_EPS = 1e-4
@@ -263,9 +264,9 @@ def token_weights(
     elif aggregation == "token":
         w = 1.0 / tokens
     elif aggregation == "constant":
-        w = torch.tensor(1.0 / (n * max_new_tokens), dtype=torch.float64, device=lengths.device)
+        w = lengths.new_full((), 1.0 / (n * max_new_tokens), dtype=torch.float64)  # no host-to-device copy
     elif aggregation == "sum":
-        w = torch.tensor(1.0 / n, dtype=torch.float64, device=lengths.device)
+        w = lengths.new_full((), 1.0 / n, dtype=torch.float64)
     else:
         raise ValueError(f"aggregation must be one of {(*LOSS_AGGREGATIONS, 'sum')}, got {aggregation!r}")
     return torch.where(valid, w, 0.0).float()
@@ -406,15 +407,21 @@ class GroupAgent(OnPolicyAgent):
         return out
 
     def _token_log_probs(
-        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, t: torch.Tensor
+        self,
+        model: Any,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        rows: torch.Tensor,
+        t: torch.Tensor,
+        filled: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-probabilities (m, V) that ``model`` (the policy or the reference, under the
         action mask) gives completion token ``t`` of row ``rows`` (m,) of ``ids``/``mask`` (b, L),
         by one causal pass, and those tokens (m,). The pass covers the columns from the first real
         token of any row to the last (:func:`agents.ppo.filled_span`: a third of them on the
         reviews task with a real tokenizer are padding in every row), from column 0 for the
-        encoder-decoder policy (:func:`agents.ppo.forward_span`)."""
-        first, last = forward_span(model, mask)
+        encoder-decoder policy (:func:`agents.ppo.forward_span`; ``filled``: as there)."""
+        first, last = forward_span(model, mask, filled)
         ids, mask = ids[:, first : last + 1], mask[:, first : last + 1]
         P = self.prompt_window - first  # the completions' first column in the cut arrays
         hidden = hidden_from(model, ids, mask, P - 1)  # (b, last - first + 2 - P, C): columns from P - 1
@@ -440,20 +447,35 @@ class GroupAgent(OnPolicyAgent):
         rows, so all take the same steps): token weights count the completions and tokens of all
         ranks, gradients and logged sums are summed over them (:mod:`agents.distributed`). The
         advantages are the groups' own, and a group's rows live in one rank: nothing to share.
+
+        Host syncs: on a GPU each read of the device waits for it. In one process the update reads
+        it twice, whatever its number of minibatches: the sizes of every gather, and every
+        minibatch's statistics at the end, where it also raises
+        :class:`~agents.ppo.TrainingDivergedError` for a non-finite loss or gradient (the fused
+        Adam has skipped that step and the later ones: :meth:`_divergence_flag`). Adam
+        without ``fused`` (checked before each step) and ``torchrun`` (token counts over all ranks)
+        read it once per minibatch more.
         """
         cfg = self.config
         N, M = rollout.logprobs.shape
         advantages = self.advantages(rollout)  # (N,)
         micro = cfg.micro_batch_size or N
         beta = self.kl.value if self.kl_in_loss and rollout.ref_logprobs is not None else 0.0
+        # Each completion's length and real columns and every epoch's order of the completions, in
+        # one read: the host then knows the size of every gather below without asking the device.
+        # The minibatch steps draw no random numbers, so these are the orders drawn epoch by epoch.
+        orders = [torch.randperm(N, device=self.device) for _ in range(cfg.n_epochs)]
+        lengths_host, firsts, lasts, *orders_host = torch.stack(
+            [rollout.lengths, *filled_columns(rollout.attention_mask), *orders]
+        ).tolist()
         self.policy.train()
-        pg_losses, kl_losses, entropy_losses, approx_kls, clip_fractions = [], [], [], [], []
-        loss = 0.0
-        epochs = 0
-        for _ in range(cfg.n_epochs):
-            epochs += 1
-            order = torch.randperm(N, device=self.device)
+        rows: list[torch.Tensor] = []  # each minibatch's (8,): the sums of _loss_sums, the grad norm
+        skipped = self._divergence_flag()
+        for order, order_host in zip(orders, orders_host, strict=True):
+            offset = 0
             for batch in order.chunk(cfg.num_minibatches):
+                batch_host = order_host[offset : offset + len(batch)]
+                offset += len(batch)
                 # Weights over the whole minibatch (every rank's share), however it is cut into
                 # micro-batches.
                 lengths = rollout.lengths[batch]
@@ -465,56 +487,76 @@ class GroupAgent(OnPolicyAgent):
                 self.optimizer.zero_grad(set_to_none=True)
                 sums = torch.zeros(7, device=self.device)
                 for start in range(0, len(batch), micro):
-                    part = batch[start : start + micro]
-                    terms = self._loss_sums(rollout, part, weights[start : start + micro], advantages, beta)
+                    part = batch_host[start : start + micro]
+                    terms = self._loss_sums(
+                        rollout,
+                        batch[start : start + micro],
+                        weights[start : start + micro],
+                        advantages,
+                        beta,
+                        (
+                            sum(lengths_host[i] for i in part),
+                            min(firsts[i] for i in part),
+                            max(lasts[i] for i in part),
+                        ),
+                    )
                     terms[0].backward()  # each micro-batch adds its share of the minibatch's loss
                     sums += terms.detach()
                 # Under torchrun: the gradient and the sums of the whole minibatch, every rank's share.
                 dist.reduce_gradients(self._trainable, sums)
-                part_loss, pg_loss, kl_loss, neg_entropy, approx_kl, clipped, tokens = sums.tolist()
-                if not np.isfinite(part_loss):
-                    self._diverged(
-                        f"the loss is not finite (policy-gradient {pg_loss}, k3 KL {kl_loss}; advantages in "
-                        f"[{advantages.min().item():.3g}, {advantages.max().item():.3g}])"
-                    )
-                loss = part_loss
-                pg_losses.append(pg_loss)
-                kl_losses.append(kl_loss)
-                entropy_losses.append(neg_entropy / tokens)
-                approx_kls.append(approx_kl / tokens)
-                clip_fractions.append(clipped / tokens)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, cfg.max_grad_norm)
-                if not np.isfinite(grad_norm.item()):
-                    self._diverged(f"the gradient norm is {grad_norm.item()}")
-                self.optimizer.step()
+                rows.append(torch.cat([sums, grad_norm.float().reshape(1)]))
+                if skipped is None:  # Adam without fused: read now
+                    self._check_minibatch(len(rows), rows[-1].tolist(), advantages)
+                self._step(torch.isfinite(sums[0]) & torch.isfinite(grad_norm), skipped)
         self.optimizer.zero_grad(set_to_none=True)  # the rollout needs that memory more
         by_group = rollout.rewards.view(-1, cfg.group_size)  # (groups, G)
         spread = by_group.std(1, correction=0)
         # Every rank has as many groups: the global mean over groups is the mean of the ranks'.
         zero_std = (by_group == by_group[:, :1]).all(1).float()
         group_means = dist.all_sum(torch.stack([spread.mean(), zero_std.mean()])) / dist.world_size()
-        trained, env_steps = (
-            dist.sum_int(int(rollout.lengths.sum())),
-            dist.sum_int(rollout.env_steps),
-        )
+        # The update's last read of the device: every minibatch's statistics at once.
+        *flat, group_std, zero_std_fraction = torch.cat([*rows, group_means]).tolist()
+        host_rows = [flat[i : i + 8] for i in range(0, len(flat), 8)]
+        if skipped is not None:
+            for minibatch, row in enumerate(host_rows, 1):
+                self._check_minibatch(minibatch, row, advantages)
+        trained, env_steps = dist.sum_int(sum(lengths_host)), dist.sum_int(rollout.env_steps)
+        pg_losses = [row[1] for row in host_rows]
+        kl_losses = [row[2] for row in host_rows]
+        entropy_losses = [row[3] / row[6] for row in host_rows]
+        approx_kls = [row[4] / row[6] for row in host_rows]
+        clip_fractions = [row[5] / row[6] for row in host_rows]
         stats = {
             "train/policy_gradient_loss": float(np.mean(pg_losses)),
             "train/entropy_loss": float(np.mean(entropy_losses)),
             "train/approx_kl": float(np.mean(approx_kls)),
             "train/clip_fraction": float(np.mean(clip_fractions)),
-            "train/loss": loss,  # last minibatch, as SB3
+            "train/loss": host_rows[-1][0],  # last minibatch, as SB3
             "train/learning_rate": self.optimizer.param_groups[0]["lr"],
             "train/clip_range": cfg.clip_range,
             "train/n_updates": self.n_updates + 1,
-            "train/epochs": epochs,
+            "train/epochs": cfg.n_epochs,
             "train/sequences": N * dist.world_size(),
-            "train/group_reward_std": float(group_means[0]),
-            "train/zero_std_fraction": float(group_means[1]),
+            "train/group_reward_std": group_std,
+            "train/zero_std_fraction": zero_std_fraction,
             "rollout/trained_fraction": trained / env_steps,
         }
         if beta > 0:
             stats["train/kl_k3"] = float(np.mean(kl_losses))
         return stats
+
+    def _check_minibatch(self, minibatch: int, row: list[float], advantages: torch.Tensor) -> None:
+        """Raise :class:`~agents.ppo.TrainingDivergedError` if the loss or the gradient norm of
+        ``row`` (a minibatch's statistics as the update keeps them) is not finite."""
+        loss, pg_loss, kl_loss, *_, grad_norm = row
+        if not math.isfinite(loss):
+            self._diverged(
+                f"the loss is not finite in minibatch {minibatch} of the update (policy-gradient {pg_loss}, "
+                f"k3 KL {kl_loss}; advantages in [{advantages.min().item():.3g}, {advantages.max().item():.3g}])"
+            )
+        if not math.isfinite(grad_norm):
+            self._diverged(f"the gradient norm is {grad_norm} in minibatch {minibatch} of the update")
 
     def _loss_sums(
         self,
@@ -523,15 +565,21 @@ class GroupAgent(OnPolicyAgent):
         weights: torch.Tensor,
         advantages: torch.Tensor,
         beta: float,
+        sizes: tuple[int, int, int] | None = None,
     ) -> torch.Tensor:
         """One forward pass over the completions ``part`` (indices into the rollout's rows) with
         their token ``weights`` (b, M): the weighted loss (differentiable), its policy-gradient and
         k3 parts, and sums over their tokens of the negative entropy, the approx-KL, the clipped
-        ratios and the token count (not), as a (7,) tensor."""
+        ratios and the token count (not), as a (7,) tensor. ``sizes``: their number of tokens and
+        the first and last columns of ``part`` that hold a real token, as the host knows them (no
+        host sync here); None: read from the device."""
         cfg = self.config
-        rows, t = (weights > 0).nonzero(as_tuple=True)  # (m,) each trained token: its row in part, index
         ids, mask = rollout.input_ids[part], rollout.attention_mask[part]  # (b, L)
-        log_probs, tokens = self._token_log_probs(self.policy, ids, mask, rows, t)  # (m, V), (m,)
+        trained = (weights > 0).reshape(-1)  # (b*M,)
+        count, filled = (int(trained.sum()), None) if sizes is None else (sizes[0], (sizes[1], sizes[2]))
+        index = compact(trained, count)  # (m,) each trained token, row by row
+        rows, t = index // weights.shape[1], index % weights.shape[1]  # its row in part, its index
+        log_probs, tokens = self._token_log_probs(self.policy, ids, mask, rows, t, filled)  # (m, V), (m,)
         new_logprobs = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (m,)
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # (m,)
         old_logprobs = rollout.logprobs[part][rows, t]
@@ -552,7 +600,7 @@ class GroupAgent(OnPolicyAgent):
                 -entropy.sum().detach(),
                 approx_kl.sum(),
                 clipped.sum(),
-                torch.tensor(float(len(t)), device=loss.device),
+                loss.new_full((), float(len(t))),
             ]
         )
 

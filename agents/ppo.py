@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from agents import distributed as dist
-from agents.buffer import Rollout, Segments, compute_gae, segments
+from agents.buffer import Rollout, Segments, compact, compute_gae, segments
 from agents.kl import KLController
 from agents.policy import (
     PolicyConfig,
@@ -309,11 +309,23 @@ def filled_span(mask: torch.Tensor) -> tuple[int, int]:
     return first, last
 
 
-def forward_span(model: Any, mask: torch.Tensor) -> tuple[int, int]:
+def filled_columns(mask: torch.Tensor) -> torch.Tensor:
+    """(2, b): the first and the last column of each row of ``mask`` (b, L) that holds a real
+    token, with no host sync. :func:`filled_span` of some rows is the least of their firsts and
+    the greatest of their lasts, which the host can take once it has read these."""
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    real = mask.bool()
+    return torch.stack(
+        [torch.where(real, columns, mask.shape[1]).amin(1), torch.where(real, columns, -1).amax(1)]
+    )
+
+
+def forward_span(model: Any, mask: torch.Tensor, filled: tuple[int, int] | None = None) -> tuple[int, int]:
     """The columns of a whole-sequence pass of ``model`` over ``mask`` (b, L): :func:`filled_span`,
-    but from column 0 for the encoder-decoder policy, which finds the prompt window by its place
-    (its encoder reads columns ``[0, P)``) and ignores padding itself."""
-    first, last = filled_span(mask)
+    or ``filled`` where the caller has it from :func:`filled_columns` already (no host sync), but
+    from column 0 for the encoder-decoder policy, which finds the prompt window by its place (its
+    encoder reads columns ``[0, P)``) and ignores padding itself."""
+    first, last = filled_span(mask) if filled is None else filled
     return (0 if isinstance(model, Seq2SeqPolicy) else first), last
 
 
@@ -714,6 +726,31 @@ class OnPolicyAgent:
             "The weights were not stepped with it and nothing was saved, so the last checkpoint is the "
             "last good one; lower learning_rate or check the reward model's scale."
         )
+
+    def _divergence_flag(self, enabled: bool = True) -> torch.Tensor | None:
+        """A flag on the device (a 0-d tensor) that :meth:`_step` raises at the first minibatch
+        whose loss or gradient norm is not finite, and with which the fused Adam skips that step
+        and every later one of the update, as with ``torch.amp.GradScaler``'s ``found_inf`` (the
+        weights, the moments and the step counts stay as they were): the weights remain those of
+        the last good step with no host sync per minibatch, and the update raises
+        :class:`TrainingDivergedError` when it reads its statistics at the end. None where Adam is
+        not fused or not ``enabled``: the update then checks each minibatch before its step."""
+        if not (enabled and self.optimizer.defaults.get("fused")):
+            return None
+        return torch.zeros((), device=self.device)  # float32 as GradScaler's found_inf; 1.0 skips
+
+    def _step(self, finite: torch.Tensor, skipped: torch.Tensor | None) -> None:
+        """The optimizer step, skipped from the first minibatch that was not ``finite`` on
+        (:meth:`_divergence_flag`)."""
+        if skipped is None:
+            self.optimizer.step()
+            return
+        torch.maximum(skipped, (~finite).float(), out=skipped)
+        self.optimizer.found_inf = skipped  # type: ignore[attr-defined]  # read by the fused kernel
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf  # type: ignore[attr-defined]
 
     def _masked(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (..., V) with the tokens outside the env's action mask made impossible."""
@@ -1264,6 +1301,15 @@ class PPO(OnPolicyAgent):
         its mean and std over all ranks, each rank's loss is divided by its transition count over
         all ranks and the gradients are summed (:mod:`agents.distributed`), and the logged sums
         are reduced: every rank takes the same steps and stops early after the same minibatch.
+
+        Host syncs: on a GPU each read of the device waits for it. In one process without
+        ``target_kl`` the update reads it three times, whatever its number of minibatches: the
+        number of sequences (:func:`~agents.buffer.segments`), the sizes of every gather, and every
+        minibatch's statistics at the end, where it also raises :class:`TrainingDivergedError` for
+        a non-finite loss or gradient (the fused Adam has skipped that step and the later ones:
+        :meth:`_divergence_flag`). ``target_kl`` (the approx-KL decides after each
+        minibatch whether to go on), Adam without ``fused`` (checked before each step) and
+        ``torchrun`` (the normalisers are counts over all ranks) read it once per minibatch more.
         """
         cfg = self.config
         advantages, returns = compute_gae(
@@ -1285,20 +1331,37 @@ class PPO(OnPolicyAgent):
         )
         num_segments = seg.input_ids.shape[0]
         micro = cfg.micro_batch_size or num_segments
+        # The transition count of each sequence and every epoch's order of the sequences, in one
+        # read: the host then knows the size of every gather below without asking the device. The
+        # minibatch steps draw no random numbers, so the orders drawn up front are those drawn epoch
+        # by epoch; with target_kl, which may stop early and draw fewer, they are drawn per epoch.
+        per_segment = torch.zeros(num_segments, dtype=torch.long, device=self.device)
+        per_segment.index_add_(0, seg.segment, torch.ones_like(seg.segment))
+        n_orders = cfg.n_epochs if cfg.target_kl is None else 0
+        orders = [torch.randperm(num_segments, device=self.device) for _ in range(n_orders)]
+        counts, firsts, lasts, *orders_host = torch.stack(
+            [per_segment, *filled_columns(seg.attention_mask), *orders]
+        ).tolist()
         self.policy.train()
-        pg_losses, value_losses, entropy_losses, approx_kls, clip_fractions = [], [], [], [], []
-        loss = 0.0
+        # Each minibatch's mean losses, approx-KL and clip fraction, and its gradient norm: (6,)
+        rows: list[torch.Tensor] = []
         continue_training, epochs = True, 0
-        for _ in range(cfg.n_epochs):
+        skipped = self._divergence_flag(enabled=cfg.target_kl is None)
+        for epoch in range(cfg.n_epochs):
             epochs += 1
-            order = torch.randperm(num_segments, device=self.device)
+            order = orders[epoch] if orders else torch.randperm(num_segments, device=self.device)
+            order_host = orders_host[epoch] if orders else order.tolist()
             batches = list(order.chunk(cfg.num_minibatches))
             # Ranks hold different numbers of sequences; all must take num_minibatches steps.
             batches += [order[:0]] * (cfg.num_minibatches - len(batches))
+            offset = 0
             for batch in batches:
+                batch_host = order_host[offset : offset + len(batch)]
+                offset += len(batch)
                 in_batch = torch.zeros(num_segments, dtype=torch.bool, device=self.device)
                 in_batch[batch] = True
-                adv = advantages[in_batch[seg.segment]]  # (n,) the minibatch's transitions
+                transitions = compact(in_batch[seg.segment], sum(counts[i] for i in batch_host))
+                adv = advantages[transitions]  # (n,) the minibatch's transitions
                 # n, and the normalisation, over the whole minibatch (every rank's share), however
                 # it is cut into micro-batches
                 n, adv_mean, adv_var = dist.mean_var(adv)
@@ -1309,9 +1372,20 @@ class PPO(OnPolicyAgent):
                 )
                 self.optimizer.zero_grad(set_to_none=True)
                 sums = torch.zeros(5, device=self.device)
-                for part in batch.split(micro) if len(batch) else ():
+                for start in range(0, len(batch), micro):
+                    part = batch_host[start : start + micro]
                     terms = self._loss_sums(
-                        part, seg, actions, old_logprobs, old_values, advantages, returns, adv_mean, adv_scale
+                        batch[start : start + micro],
+                        sum(counts[i] for i in part),
+                        (min(firsts[i] for i in part), max(lasts[i] for i in part)),
+                        seg,
+                        actions,
+                        old_logprobs,
+                        old_values,
+                        advantages,
+                        returns,
+                        adv_mean,
+                        adv_scale,
                     )
                     # Each micro-batch adds its share of the minibatch's mean loss to the gradients.
                     part_loss = (terms[0] + cfg.ent_coef * terms[2] + cfg.vf_coef * terms[1]) / n
@@ -1319,40 +1393,41 @@ class PPO(OnPolicyAgent):
                     sums += terms.detach()
                 # Under torchrun: the gradient and the sums of the whole minibatch, every rank's share.
                 dist.reduce_gradients(self._trainable, sums)
-                pg_loss, value_loss, entropy_loss, approx_kl, clip_fraction = (sums / n).tolist()
-                loss = pg_loss + cfg.ent_coef * entropy_loss + cfg.vf_coef * value_loss
-                pg_losses.append(pg_loss)
-                value_losses.append(value_loss)
-                entropy_losses.append(entropy_loss)
-                approx_kls.append(approx_kl)
-                clip_fractions.append(clip_fraction)
-                if cfg.target_kl is not None and approx_kl > 1.5 * cfg.target_kl:
-                    continue_training = False
-                    break
-                if not math.isfinite(pg_loss + value_loss + entropy_loss):
-                    self._diverged(
-                        f"the loss is not finite (policy-gradient {pg_loss}, value {value_loss}, "
-                        f"entropy {entropy_loss}; returns in [{returns.min().item():.3g}, "
-                        f"{returns.max().item():.3g}])"
-                    )
+                means = sums / n  # (5,)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, cfg.max_grad_norm)
-                if not math.isfinite(grad_norm.item()):
-                    self._diverged(f"the gradient norm is {grad_norm.item()}")
-                self.optimizer.step()
+                rows.append(torch.cat([means, grad_norm.float().reshape(1)]))
+                if skipped is None:  # read now: target_kl's early stop, or Adam without fused
+                    row = rows[-1].tolist()
+                    if cfg.target_kl is not None and row[3] > 1.5 * cfg.target_kl:
+                        continue_training = False
+                        break
+                    self._check_minibatch(len(rows), row, returns)
+                finite = torch.isfinite(means[:3]).all() & torch.isfinite(grad_norm)
+                self._step(finite, skipped)
             if not continue_training:
                 break
         self.optimizer.zero_grad(set_to_none=True)  # the rollout needs that memory more
         _, _, var_returns = dist.mean_var(returns)
         _, _, var_errors = dist.mean_var(returns - old_values)
-        explained = float("nan") if var_returns == 0 else float(1 - var_errors / var_returns)
+        # The update's last read of the device: every minibatch's statistics at once.
+        *flat, var_returns, explained = torch.cat(
+            [*rows, var_returns.reshape(1), (1 - var_errors / var_returns).reshape(1)]
+        ).tolist()
+        host_rows = [flat[i : i + 6] for i in range(0, len(flat), 6)]
+        if skipped is not None:
+            for minibatch, row in enumerate(host_rows, 1):
+                self._check_minibatch(minibatch, row, returns)
+        pg_losses, value_losses, entropy_losses, approx_kls, clip_fractions, _ = zip(*host_rows, strict=True)
+        pg_loss, value_loss, entropy_loss = host_rows[-1][:3]
+        loss = pg_loss + cfg.ent_coef * entropy_loss + cfg.vf_coef * value_loss  # last minibatch, as SB3
         return {
             "train/policy_gradient_loss": float(np.mean(pg_losses)),
             "train/value_loss": float(np.mean(value_losses)),
             "train/entropy_loss": float(np.mean(entropy_losses)),
             "train/approx_kl": float(np.mean(approx_kls)),
             "train/clip_fraction": float(np.mean(clip_fractions)),
-            "train/loss": loss,  # last minibatch, as SB3
-            "train/explained_variance": explained,
+            "train/loss": loss,
+            "train/explained_variance": float("nan") if var_returns == 0 else explained,
             "train/learning_rate": self.optimizer.param_groups[0]["lr"],
             "train/clip_range": cfg.clip_range,
             "train/n_updates": self.n_updates + 1,
@@ -1360,9 +1435,24 @@ class PPO(OnPolicyAgent):
             "train/sequences": dist.sum_int(num_segments),
         }
 
+    def _check_minibatch(self, minibatch: int, row: list[float], returns: torch.Tensor) -> None:
+        """Raise :class:`TrainingDivergedError` if the losses or the gradient norm of ``row`` (a
+        minibatch's statistics as the update keeps them) are not finite."""
+        pg_loss, value_loss, entropy_loss, *_, grad_norm = row
+        if not math.isfinite(pg_loss + value_loss + entropy_loss):
+            self._diverged(
+                f"the loss is not finite in minibatch {minibatch} of the update (policy-gradient {pg_loss}, "
+                f"value {value_loss}, entropy {entropy_loss}; returns in [{returns.min().item():.3g}, "
+                f"{returns.max().item():.3g}])"
+            )
+        if not math.isfinite(grad_norm):
+            self._diverged(f"the gradient norm is {grad_norm} in minibatch {minibatch} of the update")
+
     def _loss_sums(
         self,
         part: torch.Tensor,
+        transitions: int,
+        filled: tuple[int, int],
         seg: Segments,
         actions: torch.Tensor,
         old_logprobs: torch.Tensor,
@@ -1372,17 +1462,19 @@ class PPO(OnPolicyAgent):
         adv_mean: torch.Tensor | float,
         adv_scale: torch.Tensor | float,
     ) -> torch.Tensor:
-        """One forward pass over the sequences ``part`` (indices into ``seg``): sums over their
-        transitions of the clipped surrogate loss, the squared value error and the negative entropy
-        (differentiable), then of the approx-KL and of the clipped ratios (not), as a (5,) tensor."""
+        """One forward pass over the sequences ``part`` (indices into ``seg``), which hold
+        ``transitions`` transitions and real tokens in the columns ``filled`` (as the host knows
+        them: no sync here): sums over them of the clipped surrogate loss, the squared value
+        error and the negative entropy (differentiable), then of the approx-KL and of the clipped
+        ratios (not), as a (5,) tensor."""
         cfg = self.config
         num_segments = seg.input_ids.shape[0]
         in_part = torch.zeros(num_segments, dtype=torch.bool, device=self.device)
         in_part[part] = True
         local = torch.empty(num_segments, dtype=torch.long, device=self.device)
         local[part] = torch.arange(len(part), device=self.device)
-        sel = in_part[seg.segment].nonzero().squeeze(1)  # (m,) transitions of these sequences
-        first, last = forward_span(self.policy, seg.attention_mask[part])
+        sel = compact(in_part[seg.segment], transitions)  # (m,) transitions of these sequences
+        first, last = forward_span(self.policy, seg.attention_mask[part], filled)
         ids, mask = seg.input_ids[part, first : last + 1], seg.attention_mask[part, first : last + 1]
         # Every action is scored at column P - 1 or later: the columns before it feed attention only.
         start = max(self.prompt_window - 1 - first, 0)

@@ -4,6 +4,8 @@ GPU machine with ``python -m pytest tests/test_cuda.py``."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -72,6 +74,31 @@ def test_agents_train_on_cuda_and_load_on_the_cpu(agent, tmp_path):
         model.policy.state_dict().items(), loaded.policy.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a.cpu(), b, msg=name)
+
+
+@pytest.mark.parametrize(("agent", "most"), [("ppo", 3), ("grpo", 2)])
+def test_an_update_waits_for_the_gpu_a_fixed_number_of_times(agent, most):
+    """Not once per minibatch (four epochs of four here for PPO, two of two for GRPO): torch's
+    sync debug mode warns at every host sync of the update, as counted on the CPU by
+    tests/agents/test_update_syncs.py."""
+    if agent == "ppo":
+        model = PPO(num_envs=16, config=PPOConfig(n_steps=8), device="cuda", seed=0)
+    else:
+        config = GRPOConfig(group_size=4, n_epochs=2, num_minibatches=2, micro_batch_size=3)
+        model = GRPO(num_envs=16, config=config, env_kwargs={"task": "arithmetic"}, device="cuda", seed=0)
+    model._obs = model.env.reset(seed=0)[0]
+    batch = model._collect()
+    model._train(batch)  # Adam's state and the kernels' first launches
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model._train(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= most, syncs
 
 
 def test_a_hugging_face_policy_acts_and_trains_on_cuda_in_bfloat16(tmp_path):

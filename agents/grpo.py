@@ -69,6 +69,7 @@ the columns that are padding in every row.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -402,7 +403,10 @@ class GroupAgent(OnPolicyAgent):
             rows = torch.arange(start, min(start + micro, N), device=self.device)
             valid = torch.arange(M, device=self.device).unsqueeze(0) < lengths[rows].unsqueeze(1)  # (b, M)
             r, t = valid.nonzero(as_tuple=True)  # (m,) each generated token: its row, its index
-            log_probs, tokens = self._token_log_probs(self.reference, ids[rows], masks[rows], r, t)
+            shared = self._shared_prompts(self.reference, range(start, min(start + micro, N)))
+            log_probs, tokens = self._token_log_probs(
+                self.reference, ids[rows], masks[rows], r, t, shared=shared
+            )
             out[rows[r], t] = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         return out
 
@@ -414,19 +418,43 @@ class GroupAgent(OnPolicyAgent):
         rows: torch.Tensor,
         t: torch.Tensor,
         filled: tuple[int, int] | None = None,
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-probabilities (m, V) that ``model`` (the policy or the reference, under the
         action mask) gives completion token ``t`` of row ``rows`` (m,) of ``ids``/``mask`` (b, L),
         by one causal pass, and those tokens (m,). The pass covers the columns from the first real
         token of any row to the last (:func:`agents.ppo.filled_span`: a third of them on the
         reviews task with a real tokenizer are padding in every row), from column 0 for the
-        encoder-decoder policy (:func:`agents.ppo.forward_span`; ``filled``: as there)."""
+        encoder-decoder policy (:func:`agents.ppo.forward_span`; ``filled``: as there).
+        ``shared``: the rows that hold one prompt (:meth:`_shared_prompts`), whose prompt columns
+        the model then runs once (:func:`agents.policy.hidden_from`)."""
         first, last = forward_span(model, mask, filled)
         ids, mask = ids[:, first : last + 1], mask[:, first : last + 1]
         P = self.prompt_window - first  # the completions' first column in the cut arrays
-        hidden = hidden_from(model, ids, mask, P - 1)  # (b, last - first + 2 - P, C): columns from P - 1
+        hidden = hidden_from(
+            model, ids, mask, P - 1, shared
+        )  # (b, last - first + 2 - P, C): columns from P - 1
         logits, _ = model.heads(hidden[rows, t])  # (m, V): the column before each token
         return F.log_softmax(self._masked(logits), dim=-1), ids[rows, P + t]  # float32 log-probs
+
+    def _shared_prompts(self, model: Any, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(first, inverse)`` of the rollout's ``rows`` (as the host knows them) by group, as
+        :func:`agents.policy.distinct_rows` gives them: every row of a group holds its group's
+        prompt (the rollout restarts each group on it). None where no two rows share a group, or
+        ``model`` cannot use it (only the Hugging Face policy runs shared prompts once)."""
+        if not hasattr(model, "hidden_shared_prefix"):
+            return None
+        place: dict[int, int] = {}
+        inverse = [place.setdefault(row // self.config.group_size, len(place)) for row in rows]
+        if len(place) == len(inverse):
+            return None
+        first = [0] * len(place)
+        for i in reversed(range(len(inverse))):
+            first[inverse[i]] = i
+        # Pinned on a GPU, so that the copy does not wait for the device.
+        index = torch.tensor(first + inverse, pin_memory=self.device.type == "cuda")  # (u + b,)
+        index = index.to(self.device, non_blocking=True)
+        return index[: len(first)], index[len(first) :]
 
     def _kl_stats(self) -> dict[str, float]:
         """The sampled KL to the reference of the rollout's completions, sum over each one's tokens
@@ -499,6 +527,7 @@ class GroupAgent(OnPolicyAgent):
                             min(firsts[i] for i in part),
                             max(lasts[i] for i in part),
                         ),
+                        part,
                     )
                     terms[0].backward()  # each micro-batch adds its share of the minibatch's loss
                     sums += terms.detach()
@@ -566,20 +595,25 @@ class GroupAgent(OnPolicyAgent):
         advantages: torch.Tensor,
         beta: float,
         sizes: tuple[int, int, int] | None = None,
+        part_rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """One forward pass over the completions ``part`` (indices into the rollout's rows) with
         their token ``weights`` (b, M): the weighted loss (differentiable), its policy-gradient and
         k3 parts, and sums over their tokens of the negative entropy, the approx-KL, the clipped
         ratios and the token count (not), as a (7,) tensor. ``sizes``: their number of tokens and
         the first and last columns of ``part`` that hold a real token, as the host knows them (no
-        host sync here); None: read from the device."""
+        host sync here); None: read from the device. ``part_rows``: ``part`` as the host knows it,
+        whose rows of one group share their prompt's pass (:meth:`_shared_prompts`)."""
         cfg = self.config
         ids, mask = rollout.input_ids[part], rollout.attention_mask[part]  # (b, L)
         trained = (weights > 0).reshape(-1)  # (b*M,)
         count, filled = (int(trained.sum()), None) if sizes is None else (sizes[0], (sizes[1], sizes[2]))
         index = compact(trained, count)  # (m,) each trained token, row by row
         rows, t = index // weights.shape[1], index % weights.shape[1]  # its row in part, its index
-        log_probs, tokens = self._token_log_probs(self.policy, ids, mask, rows, t, filled)  # (m, V), (m,)
+        shared = None if part_rows is None else self._shared_prompts(self.policy, part_rows)
+        log_probs, tokens = self._token_log_probs(
+            self.policy, ids, mask, rows, t, filled, shared
+        )  # (m, V), (m,)
         new_logprobs = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (m,)
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # (m,)
         old_logprobs = rollout.logprobs[part][rows, t]

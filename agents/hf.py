@@ -372,6 +372,38 @@ class HFPolicy(nn.Module):
                 **{self._cache_argument: past},
             )
 
+    def hidden_shared_prefix(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: int,
+        shared: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor | None:
+        """Final hidden states (B, T - prefix + 1, C) of columns ``[prefix - 1, T)``, as
+        ``hidden(input_ids, attention_mask)[:, prefix - 1:]``, where rows share their first
+        ``prefix`` columns: ``shared = (first, inverse)`` (:func:`~agents.policy.distinct_rows` of
+        those columns). The prefix runs once per distinct row, its keys and values are handed to
+        every row sharing it, and the rest of each row runs on them; gradients reach the prefix's
+        weights through every row that read it. A group-relative update scores ``G`` completions
+        of one prompt: each prompt's columns run once, not ``G`` times.
+
+        None under activation checkpointing (``transformers`` turns the cache off in checkpointed
+        layers): the caller then runs the whole pass."""
+        if self._checkpointed:
+            return None
+        first, inverse = shared
+        head_ids, head_mask = input_ids[first, :prefix], attention_mask[first, :prefix]  # (u, prefix)
+        past = require("transformers").DynamicCache(config=self.causal_lm.config)
+        head = self.trunk(
+            head_ids, head_mask, real_positions(head_mask), past
+        ).last_hidden_state  # (u, prefix, C)
+        rows = require("transformers").DynamicCache(config=self.causal_lm.config)
+        for layer, cached in enumerate(past.layers):  # (u, kv heads, prefix, head size) -> (B, ...)
+            rows.update(cached.keys[inverse], cached.values[inverse], layer)
+        positions = real_positions(attention_mask)[:, prefix:]  # (B, T - prefix)
+        tail = self.trunk(input_ids[:, prefix:], attention_mask, positions, rows).last_hidden_state
+        return torch.cat([head[inverse, -1:], tail], 1)  # (B, T - prefix + 1, C)
+
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (..., V) over textgym ids and values (...) from final hidden states (..., C),
         both float32: the log-probabilities and losses of PPO are computed in float32."""
@@ -514,6 +546,16 @@ class AdaptersDisabled:
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.off():
             return self.policy.hidden(input_ids, attention_mask)
+
+    def hidden_shared_prefix(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: int,
+        shared: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor | None:
+        with self.off():
+            return self.policy.hidden_shared_prefix(input_ids, attention_mask, prefix, shared)
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.off():  # an LM head can have an adapter too

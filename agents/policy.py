@@ -136,14 +136,26 @@ def distinct_rows(
 
 
 def hidden_from(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``model``'s final hidden states (B, T - start, C) of columns ``[start, T)`` of a whole
     pass over ``input_ids``/``attention_mask`` (B, T): what an update reads when only those
     columns score actions. The built-in decoder runs its last block on those columns alone
     (:meth:`~textgym.nn.TransformerDecoder.hidden`; in a 2-block policy on the default task about
     a fifth of an update's arithmetic is the prompt columns' last block); other models (the
-    encoder-decoder policy, Hugging Face ones) compute every column and the others are cut."""
+    encoder-decoder policy, Hugging Face ones) compute every column and the others are cut.
+
+    ``shared``: ``(first, inverse)`` where rows hold the same first ``start + 1`` columns (the
+    prompts of a group, :func:`distinct_rows`); a model that can (``hidden_shared_prefix``, the
+    Hugging Face policy) then runs those columns once per distinct row."""
+    if shared is not None and hasattr(model, "hidden_shared_prefix"):
+        hidden = model.hidden_shared_prefix(input_ids, attention_mask, start + 1, shared)
+        if hidden is not None:
+            return hidden
     if isinstance(model, TransformerDecoder):
         return model.hidden(input_ids, attention_mask, start=start)
     return model.hidden(input_ids, attention_mask)[:, start:]

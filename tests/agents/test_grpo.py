@@ -555,6 +555,64 @@ def causal_lm(tmp_path_factory):
     return path
 
 
+def test_shared_prompts_group_rows_by_their_group(causal_lm):
+    model = GRPO(
+        "TextGen-v0", GRPOConfig(group_size=4), 8, {"task": "sentiment", "max_new_tokens": 4}, "cpu",
+        policy_model=causal_lm,
+    )  # fmt: skip
+    first, inverse = model._shared_prompts(model.policy, [3, 8, 1, 9, 2, 5])  # groups 0, 2, 0, 2, 0, 1
+    assert first.tolist() == [0, 1, 5] and inverse.tolist() == [0, 1, 0, 1, 0, 2]
+    assert model._shared_prompts(model.policy, [0, 4]) is None  # no two rows of one group
+    builtin = GRPO("TextGen-v0", GRPOConfig(group_size=4, policy=TINY), 8, device="cpu")
+    assert builtin._shared_prompts(builtin.policy, [0, 1]) is None  # runs the whole pass
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_shared_prompt_passes_give_the_reference_and_the_loss_of_whole_passes(causal_lm, monkeypatch, beta):
+    """With a Hugging Face policy the reference pass and the update run each group's prompt once;
+    the reference's log-probabilities, the loss and its gradient are those of whole passes."""
+    model = started(
+        GRPO(
+            "TextGen-v0", GRPOConfig(group_size=4, beta=0.1, micro_batch_size=6), 8,
+            {"task": "sentiment", "max_new_tokens": 5}, "cpu", seed=0, policy_model=causal_lm,
+        )
+    )  # fmt: skip
+    with torch.no_grad():  # the policy a step away from its reference, so that the KL is not 0
+        for p in model.policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    rollout = model.collect_rollout()
+    calls = []
+    shared_prompts = model._shared_prompts
+    monkeypatch.setattr(
+        model, "_shared_prompts", lambda m, rows: calls.append(list(rows)) or shared_prompts(m, rows)
+    )
+    shared_ref = model._reference_pass(rollout.input_ids, rollout.attention_mask, rollout.lengths)
+    assert calls == [[0, 1, 2, 3, 4, 5], [6, 7]]  # micro-batches of 6 rows
+    part = torch.tensor([5, 0, 6, 3, 2, 7, 4])
+    weights = token_weights(rollout.lengths[part], 5, "sequence")
+    advantages = model.advantages(rollout)
+
+    def loss_and_grads(rows):
+        model.optimizer.zero_grad(set_to_none=True)
+        terms = model._loss_sums(rollout, part, weights, advantages, beta, None, rows)
+        terms[0].backward()
+        return terms.detach(), [None if p.grad is None else p.grad.clone() for p in model._trainable]
+
+    shared_terms, shared_grads = loss_and_grads(part.tolist())
+    assert calls[-1] == [5, 0, 6, 3, 2, 7, 4]  # groups 1 and 0: the update shares two prompts
+    monkeypatch.setattr(model, "_shared_prompts", lambda m, rows: None)
+    whole_ref = model._reference_pass(rollout.input_ids, rollout.attention_mask, rollout.lengths)
+    whole_terms, whole_grads = loss_and_grads(None)
+    torch.testing.assert_close(shared_ref, whole_ref, atol=1e-5, rtol=1e-5)
+    assert shared_ref.abs().sum() > 0
+    torch.testing.assert_close(shared_terms, whole_terms, atol=1e-5, rtol=1e-4)
+    assert sum(g is not None for g in whole_grads) > 10  # every layer's weights (the value head has none)
+    for a, b in zip(shared_grads, whole_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
 @pytest.mark.parametrize("cls", [GRPO, RLOO])
 def test_a_hugging_face_policy_with_lora_trains_saves_and_loads(causal_lm, tmp_path, cls):
     pytest.importorskip("peft")

@@ -36,9 +36,9 @@ under ``"same_step"``), it also gives, under the same mask, ``"prompt_index"`` (
 that prompt in ``env.config.prompts``) and ``"group"`` (int64: ``row // group_size``, the row
 itself when ``group_size=1``), so that any agent can gather the finished episodes of a group.
 With ``text_infos=False`` no info holds ``"prompt"`` or ``"completion"`` (see
-:class:`TextGenVectorEnv`). With ``stable_info=True`` every ``reset`` and ``step`` returns the same
-keys, the same types and all-True masks, for libraries that preallocate buffers from the first step (TorchRL, Tianshou):
-``"prompt"`` and ``"completion"`` (object arrays of str: each sub-env's current episode and its
+:class:`TextGenVectorEnv`). With ``stable_info=True`` every ``reset`` and ``step`` returns the
+same keys, the same types and all-True masks, for libraries that preallocate buffers from the
+first step (TorchRL, Tianshou): ``"prompt"`` and ``"completion"`` (object arrays of str: each sub-env's current episode and its
 text so far), ``"prompt_index"`` and ``"group"`` (int64 arrays), ``"reward_components"``
 (``"score"`` and ``"length_penalty"``, float64 arrays, 0.0 except where an episode ended in this
 step) and, when ``group_size > 1``, ``"waiting"``. A row that holds an ended episode (until its

@@ -38,8 +38,8 @@ itself when ``group_size=1``), so that any agent can gather the finished episode
 With ``text_infos=False`` no info holds ``"prompt"`` or ``"completion"`` (see
 :class:`TextGenVectorEnv`). With ``stable_info=True`` every ``reset`` and ``step`` returns the
 same keys, the same types and all-True masks, for libraries that preallocate buffers from the
-first step (TorchRL, Tianshou): ``"prompt"`` and ``"completion"`` (object arrays of str: each sub-env's current episode and its
-text so far), ``"prompt_index"`` and ``"group"`` (int64 arrays), ``"reward_components"``
+first step (TorchRL, Tianshou): ``"prompt"`` and ``"completion"`` (object arrays of str: each
+sub-env's current episode and its text so far), ``"prompt_index"`` and ``"group"`` (int64 arrays), ``"reward_components"``
 (``"score"`` and ``"length_penalty"``, float64 arrays, 0.0 except where an episode ended in this
 step) and, when ``group_size > 1``, ``"waiting"``. A row that holds an ended episode (until its
 group is reset) reports that episode's prompt, completion and prompt index. Under ``"same_step"``

@@ -107,6 +107,7 @@ class Block(nn.Module):
         attn_mask: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
         start: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``x`` (B, T, C); ``attn_mask`` (B, 1, T, S) bool, True where attention is allowed.
 
@@ -114,9 +115,11 @@ class Block(nn.Module):
         into ``k_cache[rows, :, cols]`` and attention runs over those rows' first S cached slots;
         ``rows=None`` means every row of the cache in order (``B`` rows): their keys and values are
         read in place, with no copy. ``start``: only columns ``[start, T)`` of the output are
-        wanted (every column still gives its key and value): (B, T - start, C).
+        wanted (every column still gives its key and value): (B, T - start, C). ``prefix``: keys
+        and values (B, nh, S - T, hs) of columns before ``x``'s, which ``x`` attends to as well
+        (no cache written; gradients flow into them).
         """
-        x = self.attend(x, attn_mask, cache, start)
+        x = self.attend(x, attn_mask, cache, start, prefix)
         return x + self.mlp(self.ln2(x))
 
     def attend(
@@ -125,6 +128,7 @@ class Block(nn.Module):
         attn_mask: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
         start: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``x[:, start:]`` plus its self-attention (the block's first half; arguments as
         :meth:`forward`)."""
@@ -132,6 +136,8 @@ class Block(nn.Module):
         q, k, v = self._qkv(x)  # (B, nh, T, hs) each
         if cache is not None:
             k, v = self._cached(k, v, cache, attn_mask.shape[-1])
+        elif prefix is not None:
+            k, v = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)  # (B, nh, S, hs)
         if start:
             q, x, attn_mask = q[:, :, start:], x[:, start:], attn_mask[:, :, start:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T - start, hs)
@@ -230,6 +236,43 @@ class TransformerDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, allowed, start=start if i == last else 0)
         return self.ln_f(x)
+
+    def hidden_shared_prefix(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: int,
+        shared: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Final hidden states (B, T - prefix + 1, C) of columns ``[prefix - 1, T)``, as
+        ``hidden(input_ids, attention_mask, start=prefix - 1)``, where rows share their first
+        ``prefix`` columns: ``shared = (first, inverse)``, each distinct row's first occurrence
+        (u,) and every row's entry in it (B,) (``agents.policy.distinct_rows``). The prefix runs
+        once per distinct row; every row's other columns attend to its keys and values, and the
+        gradients reach the prefix through all of them."""
+        first, inverse = shared
+        head_mask = attention_mask[first, :prefix]  # (u, prefix)
+        x = self._embed(input_ids[first, :prefix], real_positions(head_mask))  # (u, prefix, C)
+        allowed = causal_padding_mask(head_mask)  # (u, 1, prefix, prefix)
+        cols = torch.arange(prefix, device=x.device).expand(len(first), prefix)  # (u, prefix)
+        C, nh = self.cfg.d_model, self.cfg.n_heads
+        keys, values = [], []
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            slots = x.new_zeros(len(first), nh, prefix, C // nh)  # (u, nh, prefix, hs): written once
+            k, v = slots, slots.clone()
+            x = block(x, allowed, (k, v, None, cols), start=prefix - 1 if i == last else 0)
+            keys.append(k[inverse])  # (B, nh, prefix, hs)
+            values.append(v[inverse])
+        if input_ids.shape[1] == prefix:  # no column after the prefix
+            return self.ln_f(x[inverse])
+        y = self._embed(
+            input_ids[:, prefix:], real_positions(attention_mask)[:, prefix:]
+        )  # (B, T - prefix, C)
+        allowed = causal_padding_mask(attention_mask)[:, :, prefix:]  # (B, 1, T - prefix, T)
+        for block, k, v in zip(self.blocks, keys, values, strict=True):
+            y = block(y, allowed, prefix=(k, v))
+        return self.ln_f(torch.cat([x[inverse], y], 1))  # (B, T - prefix + 1, C)
 
     def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden state (B, C) of each row's last real token."""

@@ -30,6 +30,7 @@ from agents.policy import PolicyConfig
 from textgym.vector import TextGenVectorEnv
 
 TINY = PolicyConfig(d_model=32, n_layers=1, n_heads=2)
+TINY_SEQ2SEQ = dataclasses.replace(TINY, architecture="seq2seq")
 
 
 def small(cls=GRPO, num_envs: int = 8, seed: int = 0, env_kwargs=None, **config) -> GRPO | RLOO:
@@ -563,18 +564,22 @@ def test_shared_prompts_group_rows_by_their_group(causal_lm):
     first, inverse = model._shared_prompts(model.policy, [3, 8, 1, 9, 2, 5])  # groups 0, 2, 0, 2, 0, 1
     assert first.tolist() == [0, 1, 5] and inverse.tolist() == [0, 1, 0, 1, 0, 2]
     assert model._shared_prompts(model.policy, [0, 4]) is None  # no two rows of one group
-    builtin = GRPO("TextGen-v0", GRPOConfig(group_size=4, policy=TINY), 8, device="cpu")
-    assert builtin._shared_prompts(builtin.policy, [0, 1]) is None  # runs the whole pass
+    seq2seq = GRPO("TextGen-v0", GRPOConfig(group_size=4, policy=TINY_SEQ2SEQ), 8, device="cpu")
+    assert seq2seq._shared_prompts(seq2seq.policy, [0, 1]) is None  # its encoder reads the prompt once anyway
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
-def test_shared_prompt_passes_give_the_reference_and_the_loss_of_whole_passes(causal_lm, monkeypatch, beta):
-    """With a Hugging Face policy the reference pass and the update run each group's prompt once;
-    the reference's log-probabilities, the loss and its gradient are those of whole passes."""
+@pytest.mark.parametrize("policy", ["builtin", "hf"])
+def test_shared_prompt_passes_give_the_reference_and_the_loss_of_whole_passes(
+    causal_lm, monkeypatch, beta, policy
+):
+    """The reference pass and the update run each group's prompt once; the reference's
+    log-probabilities, the loss and its gradient are those of whole passes."""
+    hf = {"policy_model": causal_lm} if policy == "hf" else {}
     model = started(
         GRPO(
-            "TextGen-v0", GRPOConfig(group_size=4, beta=0.1, micro_batch_size=6), 8,
-            {"task": "sentiment", "max_new_tokens": 5}, "cpu", seed=0, policy_model=causal_lm,
+            "TextGen-v0", GRPOConfig(group_size=4, beta=0.1, micro_batch_size=6, policy=TINY), 8,
+            {"task": "sentiment", "max_new_tokens": 5}, "cpu", seed=0, **hf,
         )
     )  # fmt: skip
     with torch.no_grad():  # the policy a step away from its reference, so that the KL is not 0

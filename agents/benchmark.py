@@ -773,6 +773,71 @@ def format_decode_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def shared_prompt_speed(
+    task: str = "default",
+    policy: Mapping[str, Any] | None = None,
+    num_envs: int = 64,
+    group_size: int = 8,
+    repeats: int = 10,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Seconds of one GRPO update on one rollout with each group's prompt run once (the shared
+    passes of :func:`agents.policy.hidden_from`) and with whole passes, alternating, from the
+    same weights each time (restored after every update), after one untimed update of each.
+
+    :param policy: :class:`~agents.policy.PolicyConfig` fields of the built-in policy (default:
+        its defaults).
+    """
+    import statistics
+
+    from agents.grpo import GRPO, GRPOConfig
+
+    dev = resolve_device(device)
+    config = GRPOConfig(group_size=group_size, policy=PolicyConfig(**(policy or {})))
+    model = GRPO("TextGen-v0", config, num_envs=num_envs, env_kwargs={"task": task}, device=str(dev), seed=0)
+    model.learn(num_envs * 8, progress_bar=False)  # a few updates: a policy that has moved
+    rollout = model.collect_rollout()
+    shared_prompts = model._shared_prompts
+    paths = {"shared": shared_prompts, "whole": lambda *args: None}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    state = model.optimizer.state_dict()
+    for repeat in range(repeats + 1):
+        order = list(paths.items())
+        for name, path in order[::-1] if repeat % 2 else order:
+            model._shared_prompts = path  # type: ignore[method-assign]
+            _sync(dev)
+            start = time.perf_counter()
+            model.update(rollout)
+            _sync(dev)
+            if repeat:  # the first round warms up
+                seconds[name].append(time.perf_counter() - start)
+            model.policy.load_state_dict(weights)
+            model.optimizer.load_state_dict(state)
+    model._shared_prompts = shared_prompts  # type: ignore[method-assign]
+    P = model.prompt_window
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    return {
+        "benchmark": "shared-prompts",
+        "settings": {
+            "task": task,
+            "policy": dataclasses.asdict(config.policy),
+            "num_envs": num_envs,
+            "group_size": group_size,
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+        },
+        "mean_prompt_tokens": float(rollout.attention_mask[:, :P].sum(1).float().mean()),
+        "mean_completion_tokens": float(rollout.lengths.float().mean()),
+        "update_seconds": {
+            name: {"median": median[name], "min": min(v), "max": max(v), "runs": v}
+            for name, v in seconds.items()
+        },
+        "speedup": median["whole"] / median["shared"],
+    }
+
+
 REWARD_PATHS = ("text", "ids", "ids_no_text")
 
 

@@ -201,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     rid.add_argument("--task", default="default", help="built-in task")
     rid.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     rid.add_argument("--out", default="benchmarks/reward_ids.json", help="where to save the JSON report")
+    shp = command("shared-prompts", "a GRPO update with each group's prompt run once vs whole passes")
+    shp.add_argument("--task", default="default", help="built-in task")
+    shp.add_argument(
+        "--policy",
+        type=json_value,
+        default=None,
+        help='JSON object of PolicyConfig fields of the built-in policy, e.g. \'{"d_model": 256, "n_layers": 4}\'',
+    )
+    shp.add_argument("--num-envs", type=positive_int, default=64, help="rows of the rollout")
+    shp.add_argument("--group-size", type=positive_int, default=8, help="completions per prompt")
+    shp.add_argument("--repeats", type=positive_int, default=10, help="timed updates of each; the median")
+    shp.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    shp.add_argument("--out", default="benchmarks/shared_prompts.json", help="where to save the JSON report")
     trl = command(
         "trl", "GRPO vs TRL's GRPOTrainer at matched settings, side by side (needs: pip install trl)"
     )
@@ -359,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if isinstance(getattr(args, name, 1), int) and getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("env_kwargs", "ppo_config"):  # the JSON options (env, train)
+    for name in ("env_kwargs", "ppo_config", "policy"):  # the JSON options (env, train, shared-prompts)
         value = getattr(args, name, None)
         if value is not None and not isinstance(value, dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {value!r}")
@@ -496,6 +509,28 @@ def main(argv: list[str] | None = None) -> int:
             args.num_envs, args.max_new_tokens, args.steps, args.repeats, args.warmup, args.device, args.task
         )
         print(format_reward_path_table(report))
+        print(f"saved {write_json(args.out, report)}")
+    elif args.command == "shared-prompts":
+        from agents.benchmark import shared_prompt_speed
+
+        if args.num_envs % args.group_size:
+            parser.error(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
+        from agents.policy import PolicyConfig
+
+        try:
+            PolicyConfig(**(args.policy or {}))
+        except (TypeError, ValueError) as error:
+            parser.error(f"--policy: {error}")
+        report = shared_prompt_speed(
+            args.task, args.policy, args.num_envs, args.group_size, args.repeats, args.device
+        )
+        times = report["update_seconds"]
+        print(
+            f"GRPO update, task {args.task}, {report['mean_prompt_tokens']:.1f} prompt and "
+            f"{report['mean_completion_tokens']:.1f} completion tokens on average: shared prompts "
+            f"{times['shared']['median'] * 1e3:.1f} ms, whole passes {times['whole']['median'] * 1e3:.1f} ms "
+            f"(median of {args.repeats}): {report['speedup']:.2f}x"
+        )
         print(f"saved {write_json(args.out, report)}")
     elif args.command == "trl":
         from agents.benchmark_trl import format_trl_table, grpo_vs_trl

@@ -168,6 +168,26 @@ def test_benchmark_reward_ids_scores_alike_by_every_path(tmp_path):
     assert bad.returncode == 2 and "--steps" in bad.stderr
 
 
+def test_benchmark_shared_prompts_times_both_updates(tmp_path):
+    """benchmark.py shared-prompts: a GRPO update with shared prompt passes and with whole passes,
+    from the same weights; the speedup is the ratio of the medians."""
+    out_file = tmp_path / "shared.json"
+    proc = run(
+        "scripts/benchmark.py", "shared-prompts", "--task", "arithmetic2", "--policy", '{"d_model": 32}',
+        "--num-envs", "8", "--group-size", "4", "--repeats", "2", "--out", str(out_file),
+    )  # fmt: skip
+    report = json.loads(out_file.read_text())
+    times = report["update_seconds"]
+    assert all(len(times[name]["runs"]) == 2 for name in ("shared", "whole"))
+    assert report["speedup"] == pytest.approx(times["whole"]["median"] / times["shared"]["median"])
+    assert report["settings"]["policy"]["d_model"] == 32 and "shared prompts" in proc.stdout
+    for bad, named in [('{"d_model": 0}', "d_model"), ("[1]", "--policy"), ('{"nope": 1}', "nope")]:
+        proc = run("scripts/benchmark.py", "shared-prompts", "--policy", bad, check=False)
+        assert proc.returncode == 2 and named in proc.stderr
+    proc = run("scripts/benchmark.py", "shared-prompts", "--num-envs", "6", "--group-size", "4", check=False)
+    assert proc.returncode == 2 and "multiple of --group-size" in proc.stderr
+
+
 def test_benchmark_decode_reports_both_paths(tmp_path):
     """benchmark.py decode: the built-in policy's KV cache and the plain transformers loop decode
     the same rows; the ratio is the ratio of the medians."""

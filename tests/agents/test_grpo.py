@@ -268,8 +268,16 @@ def test_the_update_leaves_out_columns_that_are_padding_in_every_row():
     first, last = int(filled[0]), int(filled[-1])
     assert first > 0 or last < rollout.attention_mask.shape[1] - 1  # something to leave out
     widths = []
-    forward = model.policy.hidden
-    model.policy.hidden = lambda ids, mask, **k: (widths.append(ids.shape[1]), forward(ids, mask, **k))[1]
+
+    def spying(forward):
+        def spy(ids, mask, *args, **kwargs):
+            widths.append(ids.shape[1])
+            return forward(ids, mask, *args, **kwargs)
+
+        return spy
+
+    for name in ("hidden", "hidden_shared_prefix"):  # a whole pass, or one with the groups' prompts shared
+        setattr(model.policy, name, spying(getattr(model.policy, name)))
     stats = model.update(rollout)
     assert widths == [last - first + 1]
     assert stats["train/clip_fraction"] == 0.0 and 0 <= stats["train/approx_kl"] < 1e-6

@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         type=json_value,
         default=None,
-        help='JSON object of PolicyConfig fields of the built-in policy, e.g. \'{"d_model": 256, "n_layers": 4}\'',
+        help="JSON object of PolicyConfig fields of the built-in policy (default: PolicyConfig's defaults), "
+        'e.g. \'{"d_model": 256, "n_layers": 4}\'',
     )
     shp.add_argument("--num-envs", type=positive_int, default=64, help="rows of the rollout")
     shp.add_argument("--group-size", type=positive_int, default=8, help="completions per prompt")

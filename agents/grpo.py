@@ -441,7 +441,7 @@ class GroupAgent(OnPolicyAgent):
         """``(first, inverse)`` of the rollout's ``rows`` (as the host knows them) by group, as
         :func:`agents.policy.distinct_rows` gives them: every row of a group holds its group's
         prompt (the rollout restarts each group on it). None where no two rows share a group, or
-        ``model`` cannot use it (only the Hugging Face policy runs shared prompts once)."""
+        ``model`` cannot run shared prompts once (no ``hidden_shared_prefix``)."""
         if not hasattr(model, "hidden_shared_prefix"):
             return None
         place: dict[int, int] = {}

@@ -150,8 +150,9 @@ def hidden_from(
     encoder-decoder policy, Hugging Face ones) compute every column and the others are cut.
 
     ``shared``: ``(first, inverse)`` where rows hold the same first ``start + 1`` columns (the
-    prompts of a group, :func:`distinct_rows`); a model that can (``hidden_shared_prefix``, the
-    Hugging Face policy) then runs those columns once per distinct row."""
+    prompts of a group, :func:`distinct_rows`): a model with ``hidden_shared_prefix`` (each policy
+    here: the built-in decoder, the encoder-decoder, whose encoder reads the prompt window, and
+    the Hugging Face policy) runs those columns once per distinct row."""
     if shared is not None and hasattr(model, "hidden_shared_prefix"):
         hidden = model.hidden_shared_prefix(input_ids, attention_mask, start + 1, shared)
         if hidden is not None:

@@ -186,13 +186,44 @@ class Seq2SeqPolicy(nn.Module):
                 f"{P} first; do not cut columns off its left), got {W}"
             )
         memory, cross_mask = self.memory(input_ids[:, :P], attention_mask[:, :P])
-        T = W - P + 1
+        out = self._decoder_states(input_ids, memory, cross_mask)  # (B, W - P + 1, C)
+        return torch.cat([out[:, :1].expand(B, P - 1, out.shape[2]), out], 1)  # (B, W, C)
+
+    def hidden_shared_prefix(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: int,
+        shared: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor | None:
+        """``hidden(input_ids, attention_mask)[:, P - 1:]`` (B, W - P + 1, C) where rows share
+        their prompt windows: ``shared = (first, inverse)`` (``agents.policy.distinct_rows``).
+        The encoder and the cross-attention keys and values run once per distinct prompt. None
+        unless ``prefix`` is the prompt window (the only prefix the encoder reads)."""
+        P = self.prompt_window
+        if prefix != P:
+            return None
+        first, inverse = shared
+        memory, cross_mask = self.memory(input_ids[first, :P], attention_mask[first, :P])
+        memory = [(k[inverse], v[inverse]) for k, v in memory]  # (B, nh, P, hs) each
+        return self._decoder_states(input_ids, memory, cross_mask[inverse])
+
+    def _decoder_states(
+        self,
+        input_ids: torch.Tensor,
+        memory: list[tuple[torch.Tensor, torch.Tensor]],
+        cross_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder's final states (B, W - P + 1, C) over the generated columns of
+        ``input_ids`` (B, W), the start state first."""
+        B, W = input_ids.shape
+        T = W - self.prompt_window + 1
         positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
-        tokens = torch.cat([input_ids[:, :1], input_ids[:, P:]], 1)  # (B, T); column 0 unused: start
+        # (B, T); column 0 unused: the start
+        tokens = torch.cat([input_ids[:, :1], input_ids[:, self.prompt_window :]], 1)
         # Generated tokens are contiguous from column P, so causal attention never sees padding.
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
-        out = self._decode(self._decoder_input(tokens, positions), causal, memory, cross_mask)  # (B, T, C)
-        return torch.cat([out[:, :1].expand(B, P - 1, out.shape[2]), out], 1)  # (B, W, C)
+        return self._decode(self._decoder_input(tokens, positions), causal, memory, cross_mask)
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (..., V) and values (...) from final hidden states (..., C)."""

@@ -72,3 +72,59 @@ def random_rollout():
     """``random_rollout(env, steps)``: observations of a random rollout across many autoresets, for
     testing KV caches against a full pass."""
     return _random_rollout
+
+
+def _assert_same_pass(
+    got: torch.Tensor,
+    expected: torch.Tensor,
+    real: torch.Tensor,
+    weights: list[torch.Tensor],
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    seed: int = 1,
+) -> int:
+    """Assert that two passes give the same hidden states (B, T, C) at the ``real`` (B, T)
+    columns, and every weight the same gradient through them; returns how many weights had one.
+
+    The gradients are of a random projection of the states, not of a sum of squares, whose
+    gradient below a final layer norm is a small difference of large terms."""
+    torch.testing.assert_close(got[real], expected[real], atol=atol, rtol=rtol)
+    probe = torch.randn(expected[real].shape, generator=torch.Generator().manual_seed(seed))
+    got_grads = torch.autograd.grad((got[real] * probe).sum(), weights, allow_unused=True)
+    expected_grads = torch.autograd.grad((expected[real] * probe).sum(), weights, allow_unused=True)
+    compared = 0
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=atol * 10, rtol=rtol * 10)
+            compared += 1
+    return compared
+
+
+@pytest.fixture
+def assert_same_pass():
+    """``assert_same_pass(got, expected, real, weights)``: the hidden states of two passes and
+    every weight's gradient through them agree (see :func:`_assert_same_pass`)."""
+    return _assert_same_pass
+
+
+def _grouped_sequences(env, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole sequences (N, L) as a group-relative rollout holds them: the rows of each group of a
+    batched env (``array_type="torch"``) on one prompt, after a reset, then completions of
+    ``lengths`` (N,) random allowed tokens (no special id), right-padded."""
+    obs, _ = env.reset(seed=seed)
+    ids, mask, P = obs["input_ids"].clone(), obs["attention_mask"].clone(), env.prompt_window
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor(env.config.action_mask).nonzero().squeeze(1)
+    allowed = allowed[allowed >= 4]  # <pad>, <bos>, <eos>, <unk> first in every textgym tokenizer
+    for row, length in enumerate(lengths):
+        ids[row, P : P + length] = allowed[torch.randint(len(allowed), (length,), generator=gen)]
+        mask[row, P : P + length] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def grouped_sequences():
+    """``grouped_sequences(env, lengths)``: a group-relative rollout's whole sequences (see
+    :func:`_grouped_sequences`)."""
+    return _grouped_sequences

@@ -301,7 +301,9 @@ def test_kv_cache_rebuild_of_groups_computes_each_prompt_once(monkeypatch):
 
 
 @pytest.mark.parametrize("n_layers", [1, 2])
-def test_hidden_with_shared_prompts_equals_the_whole_pass(n_layers, monkeypatch):
+def test_hidden_with_shared_prompts_equals_the_whole_pass(
+    n_layers, monkeypatch, assert_same_pass, grouped_sequences
+):
     """The built-in decoder runs each shared prompt once: the hidden states of every row's
     columns from its prompt's last on, and every weight's gradient through them, are those of
     the whole pass; an unshared prompt (a group of one) too."""
@@ -311,12 +313,7 @@ def test_hidden_with_shared_prompts_equals_the_whole_pass(n_layers, monkeypatch)
     policy = randomise(
         TransformerPolicy(vocab, L, PolicyConfig(d_model=32, n_layers=n_layers)), std=0.2
     ).train()
-    obs, _ = env.reset(seed=0)
-    ids, mask = obs["input_ids"].clone(), obs["attention_mask"].clone()
-    gen = torch.Generator().manual_seed(1)
-    for row, length in enumerate([5, 1, 3, 4, 2, 5]):  # right-padded completions
-        ids[row, P : P + length] = torch.randint(4, vocab, (length,), generator=gen)
-        mask[row, P : P + length] = 1
+    ids, mask = grouped_sequences(env, [5, 1, 3, 4, 2, 5])
     ids[5, :P], mask[5, :P] = ids[0, :P], mask[0, :P]  # group 1's last row on group 0's prompt
     shared = distinct_rows(ids[:, :P], mask[:, :P])
     assert shared is not None and len(shared[0]) == 2  # rows 0-2 and 5, rows 3-4
@@ -328,18 +325,7 @@ def test_hidden_with_shared_prompts_equals_the_whole_pass(n_layers, monkeypatch)
     got = hidden_from(policy, ids, mask, P - 1, shared)  # (6, L - P + 1, C)
     assert blocks == [(2, P), (6, L - P)]  # each prompt once, then every row's completion columns
     expected = hidden_from(policy, ids, mask, P - 1)
-    real = mask[:, P - 1 :].bool()
-    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
-    probe = torch.randn(expected[real].shape, generator=gen)
-    weights = list(policy.parameters())
-    shared_grads = torch.autograd.grad((got[real] * probe).sum(), weights, allow_unused=True)
-    whole_grads = torch.autograd.grad((expected[real] * probe).sum(), weights, allow_unused=True)
-    compared = 0
-    for a, b in zip(shared_grads, whole_grads, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-            compared += 1
+    compared = assert_same_pass(got, expected, mask[:, P - 1 :].bool(), list(policy.parameters()))
     assert compared >= 6 * n_layers  # embeddings, attention and MLP weights of every block
 
 

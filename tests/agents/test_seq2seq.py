@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from agents.baselines import evaluate
 from agents.buffer import segments
 from agents.grpo import GRPO, RLOO
-from agents.policy import PolicyConfig, TransformerPolicy, build_policy, count_parameters
+from agents.policy import (
+    PolicyConfig,
+    TransformerPolicy,
+    build_policy,
+    count_parameters,
+    distinct_rows,
+    hidden_from,
+)
 from agents.ppo import PPO, PPOConfig
 from agents.seq2seq import Seq2SeqCache, Seq2SeqPolicy, seq2seq_config_like
 from textgym.nn import TransformerDecoder
@@ -42,6 +49,27 @@ def full_pass(policy: Seq2SeqPolicy, obs: dict[str, torch.Tensor]) -> tuple[torc
     last = torch.tensor([int(row.nonzero().max()) for row in obs["attention_mask"]])
     rows = torch.arange(len(last))
     return logits[rows, last], values[rows, last]
+
+
+def test_shared_prompt_windows_run_the_encoder_once(monkeypatch, assert_same_pass, grouped_sequences):
+    """Rows of a group share their prompt window: the encoder runs once per prompt, and the
+    decoder's states from the prompt's last column on, and every weight's gradient through them,
+    are those of the whole pass."""
+    env = TextGenVectorEnv(6, group_size=3, array_type="torch", max_new_tokens=5)
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    policy = make_policy(vocab, L, P).train()
+    ids, mask = grouped_sequences(env, [5, 1, 3, 4, 2, 5])
+    shared = distinct_rows(ids[:, :P], mask[:, :P])
+    assert shared is not None and len(shared[0]) == 2
+    encoded = []
+    encode = policy.encode
+    monkeypatch.setattr(policy, "encode", lambda ids, *a: encoded.append(len(ids)) or encode(ids, *a))
+    got = hidden_from(policy, ids, mask, P - 1, shared)  # (6, L - P + 1, C)
+    expected = hidden_from(policy, ids, mask, P - 1)
+    assert encoded == [2, 6]  # the shared pass, then the whole one
+    assert policy.hidden_shared_prefix(ids, mask, P - 1, shared) is None  # the encoder reads the window only
+    compared = assert_same_pass(got, expected, mask[:, P - 1 :].bool(), list(policy.parameters()))
+    assert compared > 10  # the encoder's weights included
 
 
 def assert_matches_full_pass(policy, obs, logits, values) -> None:

@@ -259,8 +259,9 @@ class TransformerDecoder(nn.Module):
         keys, values = [], []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            slots = x.new_zeros(len(first), nh, prefix, C // nh)  # (u, nh, prefix, hs): written once
-            k, v = slots, slots.clone()
+            # Fresh slots (u, nh, prefix, hs), filled by the block before it reads them and never
+            # written again: autograd follows the in-place write.
+            k, v = x.new_zeros(len(first), nh, prefix, C // nh), x.new_zeros(len(first), nh, prefix, C // nh)
             x = block(x, allowed, (k, v, None, cols), start=prefix - 1 if i == last else 0)
             keys.append(k[inverse])  # (B, nh, prefix, hs)
             values.append(v[inverse])

@@ -372,6 +372,10 @@ class HFPolicy(nn.Module):
                 **{self._cache_argument: past},
             )
 
+    def new_cache(self) -> Any:
+        """An empty ``transformers`` ``DynamicCache`` for this model, for :meth:`trunk`'s ``past``."""
+        return require("transformers").DynamicCache(config=self.causal_lm.config)
+
     def hidden_shared_prefix(
         self,
         input_ids: torch.Tensor,
@@ -393,15 +397,15 @@ class HFPolicy(nn.Module):
             return None
         first, inverse = shared
         head_ids, head_mask = input_ids[first, :prefix], attention_mask[first, :prefix]  # (u, prefix)
-        past = require("transformers").DynamicCache(config=self.causal_lm.config)
+        past = self.new_cache()
         head = self.trunk(
             head_ids, head_mask, real_positions(head_mask), past
         ).last_hidden_state  # (u, prefix, C)
-        rows = require("transformers").DynamicCache(config=self.causal_lm.config)
+        every_row = self.new_cache()
         for layer, cached in enumerate(past.layers):  # (u, kv heads, prefix, head size) -> (B, ...)
-            rows.update(cached.keys[inverse], cached.values[inverse], layer)
+            every_row.update(cached.keys[inverse], cached.values[inverse], layer)
         positions = real_positions(attention_mask)[:, prefix:]  # (B, T - prefix)
-        tail = self.trunk(input_ids[:, prefix:], attention_mask, positions, rows).last_hidden_state
+        tail = self.trunk(input_ids[:, prefix:], attention_mask, positions, every_row).last_hidden_state
         return torch.cat([head[inverse, -1:], tail], 1)  # (B, T - prefix + 1, C)
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,9 +700,6 @@ class HFKVCache(RowCache):
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
 
-    def _new_cache(self) -> Any:
-        return require("transformers").DynamicCache(config=self.policy.causal_lm.config)
-
     @torch.no_grad()
     def rebuild(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -712,7 +713,7 @@ class HFKVCache(RowCache):
         if distinct is not None:  # each distinct row once (the rows of a group share a prompt)
             first, inverse = distinct
             ids, mask, last = ids[first], mask[first], last[first]
-        past = self._new_cache()
+        past = self.policy.new_cache()
         out = self.policy.trunk(ids, mask, real_positions(mask), past)
         self.keys = [layer.keys for layer in past.layers]  # (u, kv heads, W, head size) each
         self.values = [layer.values for layer in past.layers]
@@ -736,7 +737,7 @@ class HFKVCache(RowCache):
         self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
     ) -> None:
         mask = attention_mask[rows, :width]
-        past = self._new_cache()
+        past = self.policy.new_cache()
         self.policy.trunk(input_ids[rows, :width], mask, real_positions(mask), past)
         for layer, cached in enumerate(past.layers):  # the slots reach column P - 1 at least
             self.keys[layer][rows, :, :width] = cached.keys

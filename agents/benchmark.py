@@ -69,8 +69,8 @@ def rollout_speed(
         _sync(dev)
         start = time.perf_counter()
         for _ in range(steps):
-            if mode == "kv_cache":
-                logits, _ = cache.step(obs["input_ids"], obs["attention_mask"], P)
+            if mode == "kv_cache":  # as the agents act: the rows' lengths from the host
+                logits, _ = cache.step(obs["input_ids"], obs["attention_mask"], P, env.host_view)
             else:
                 full, _ = policy(obs["input_ids"], obs["attention_mask"])  # (N, L, V)
                 logits = full[rows, last_real_column(obs["attention_mask"])]

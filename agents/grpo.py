@@ -343,16 +343,17 @@ class GroupAgent(OnPolicyAgent):
         M, dev = env.config.max_new_tokens, self.device
         # A group that ended early in the last rollout began a new episode under the old weights:
         # restart every group on the prompt it holds (the generators are not advanced).
-        prompts = env._core.prompt_index.cpu().numpy().copy()
+        prompts = env.host_view.prompt_index
         obs, _ = env.reset(options={"prompt_index": prompts})
         self._obs = obs
         for acc in (self._episode_return, self._episode_length):
             acc.zero_()
-        self._rollout_kl = []
+        self._rollout_kl, self._ended_episodes = [], []
         ids, masks = obs["input_ids"].clone(), obs["attention_mask"].clone()  # (N, L) final observations
         logprobs = torch.zeros(N, M, device=dev)
         returns = torch.zeros(N, dtype=torch.float64, device=dev)
         live = torch.ones(N, dtype=torch.bool, device=dev)  # rows whose rollout episode runs
+        live_host = np.ones(N, dtype=bool)  # the same, as the host knows it from the env
         self.policy.eval()
         # The weights changed in the last update: recompute every cached key and value.
         logits, _ = self._cache.rebuild(obs["input_ids"], obs["attention_mask"])
@@ -360,26 +361,31 @@ class GroupAgent(OnPolicyAgent):
         for t in range(M):  # a live row generates token t at step t; all have ended after M steps
             action, _, logprob = self._sample(logits)
             logprobs[:, t] = torch.where(live, logprob, 0.0)
-            obs, reward, terminated, truncated, infos = env.step(action)
+            obs, reward, terminated, truncated, infos = self.env.step(action)
+            host = env.host_view  # no read of the device
             steps += 1
             # Under same_step a waiting row's step is no transition; a live row never waits, so
             # this is a guard: the steps trained on are the live rows' only.
             trained = live & ~infos["waiting"] if "waiting" in infos else live
             done = (terminated | truncated) & trained
+            ended = np.flatnonzero((host.terminated | host.truncated) & live_host & ~host.waiting)
             returns += torch.where(trained, reward, 0.0)
-            self._track_episodes(reward, done, infos, live=trained)
-            if bool(done.any()):
-                rows = done.nonzero().squeeze(1)
-                ids[rows] = infos["final_obs"]["input_ids"][rows]
-                masks[rows] = infos["final_obs"]["attention_mask"][rows]
+            self._track_episodes(reward, done, ended, infos, live=trained)
+            if ended.size:
+                final = infos["final_obs"]
+                ids = torch.where(done.unsqueeze(1), final["input_ids"], ids)
+                masks = torch.where(done.unsqueeze(1), final["attention_mask"], masks)
             live &= ~done
+            live_host[ended] = False
             # Counted per step, so an interrupted rollout leaves a consistent state to save.
             self._obs = obs
             self.num_timesteps += N
-            if not bool(live.any()):
+            if not live_host.any():
                 break
-            logits, _ = self._cache.step(obs["input_ids"], obs["attention_mask"], P)
-        assert not bool(live.any()), "every episode ends within max_new_tokens steps"
+            logits, _ = self._cache.step(obs["input_ids"], obs["attention_mask"], P, host)
+        assert not live_host.any(), "every episode ends within max_new_tokens steps"
+        self._check_logits()
+        self._log_episodes()
         lengths = masks[:, P:].sum(1)  # (N,)
         ref_logprobs, kl_sampled = None, torch.zeros(N, device=dev)
         if self.reference is not None:

@@ -56,6 +56,7 @@ from textgym.hf import HFTokenizer, _local_dir, require
 from textgym.io import save_torch
 from textgym.tasks import make_action_mask
 from textgym.tokenizers import NUM_SPECIAL
+from textgym.vector import HostView
 
 __all__ = [
     "CACHES",
@@ -597,10 +598,14 @@ class _CacheWithoutAdapters:
             return self.inner.rebuild(input_ids, attention_mask)
 
     def step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_window: int,
+        host: HostView | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.view.off():
-            return self.inner.step(input_ids, attention_mask, prompt_window)
+            return self.inner.step(input_ids, attention_mask, prompt_window, host)
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.inner.reorder(rows)
@@ -726,12 +731,16 @@ class HFKVCache(RowCache):
         return logits[inverse], values[inverse]
 
     def step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_window: int,
+        host: HostView | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`agents.policy.RowCache.step`; the first call fills every row."""
         if not self.keys:
             return self.rebuild(input_ids, attention_mask)
-        return super().step(input_ids, attention_mask, prompt_window)
+        return super().step(input_ids, attention_mask, prompt_window, host)
 
     def _prefill(
         self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
@@ -744,9 +753,13 @@ class HFKVCache(RowCache):
             self.values[layer][rows, :, :width] = cached.values
 
     def _decode(
-        self, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        col: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        span: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        first, last = torch.stack(torch.aminmax(col)).tolist()  # one host sync
+        first, last = torch.stack(torch.aminmax(col)).tolist() if span is None else span  # read if None
         past = _slot_cache(self, col, last + 1, aligned=first == last)
         newest = input_ids.gather(1, col.unsqueeze(1))  # (N, 1)
         positions = attention_mask.sum(1, keepdim=True) - 1  # (N, 1) real tokens before the newest

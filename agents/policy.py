@@ -26,9 +26,11 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from textgym.core import to_device
 from textgym.nn import (
     Block,
     PolicyConfig,
@@ -38,6 +40,7 @@ from textgym.nn import (
     real_positions,
     sinusoidal_encoding,
 )
+from textgym.vector import HostView
 
 # The trunk's names stay importable from here, where they were first defined.
 __all__ = [
@@ -201,7 +204,11 @@ class RowCache:
 
     @torch.no_grad()
     def step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_window: int,
+        host: HostView | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits (N, V) and values (N,) for the current observations (N, L).
 
@@ -209,17 +216,28 @@ class RowCache:
         feeds only its newest token, which must be the one appended since the previous call.
         The outputs have the dtype the policy's heads give (float32 logits for a bfloat16
         Hugging Face model, the weights' dtype for the built-in policy).
+
+        ``host``: the env's :attr:`~textgym.vector.TextGenVectorEnv.host_view` of these
+        observations. With it the step reads nothing from the device (which rows start, and how
+        far the furthest has got, come from the host); without it, it reads them (on a GPU, a
+        wait for the device).
         """
         P = prompt_window
         generated = attention_mask[:, P:].sum(1)  # (N,) tokens generated so far
-        if P > 1:
-            # A prompt of <bos> alone has nothing before its last column: nothing to prefill.
-            starting = (generated == 0) & attention_mask[:, : P - 1].bool().any(1)
-            new = starting.nonzero().squeeze(1)
-            if new.numel():
-                self._prefill(new, input_ids, attention_mask, P - 1)
         col = P - 1 + generated  # (N,) the newest token's column (the prompt's last for new rows)
-        return self._decode(col, input_ids, attention_mask)
+        if host is None:
+            if P > 1:
+                # A prompt of <bos> alone has nothing before its last column: nothing to prefill.
+                starting = (generated == 0) & attention_mask[:, : P - 1].bool().any(1)
+                new = starting.nonzero().squeeze(1)
+                if new.numel():
+                    self._prefill(new, input_ids, attention_mask, P - 1)
+            return self._decode(col, input_ids, attention_mask)
+        starting = np.flatnonzero((host.generated == 0) & (host.prompt_length > 1))
+        if P > 1 and starting.size:
+            self._prefill(to_device(starting, input_ids.device), input_ids, attention_mask, P - 1)
+        span = (P - 1 + int(host.generated.min()), P - 1 + int(host.generated.max()))
+        return self._decode(col, input_ids, attention_mask, span)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row ``i`` of the cache a copy of row ``rows[i]`` (beam search keeps the rows of
@@ -233,10 +251,15 @@ class RowCache:
         raise NotImplementedError
 
     def _decode(
-        self, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        col: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        span: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed every row's token in column ``col`` (N,), whose earlier slots are filled; its
-        key and value go into that column. Logits (N, V) and values (N,)."""
+        key and value go into that column. Logits (N, V) and values (N,). ``span``: the
+        smallest and largest entry of ``col`` where the host knows them (None: read them)."""
         raise NotImplementedError
 
 
@@ -300,7 +323,11 @@ class KVCache(RowCache):
             self._run(rows, input_ids[rows, :width], attention_mask[rows, :width], hidden=False)
 
     def _decode(
-        self, col: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        col: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        span: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row at once, in place: each block writes the row's new key and value into its
         slot and attends over the cache's first ``max(col) + 1`` slots as they lie (no copy of the
@@ -316,7 +343,8 @@ class KVCache(RowCache):
                     stacklevel=2,
                 )
                 self._compiled = None
-        return self._decode_slots(col, input_ids, attention_mask, int(col.max()) + 1, self.keys, self.values)
+        width = (int(col.max()) if span is None else span[1]) + 1
+        return self._decode_slots(col, input_ids, attention_mask, width, self.keys, self.values)
 
     def _decode_all_slots(
         self,
@@ -396,9 +424,13 @@ class RecomputeCache:
         return logits[rows, last], values[rows, last]
 
     def step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_window: int,
+        host: HostView | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`rebuild`; ``prompt_window`` is unused."""
+        """As :meth:`rebuild`; ``prompt_window`` and ``host`` are unused."""
         return self.rebuild(input_ids, attention_mask)
 
     def reorder(self, rows: torch.Tensor) -> None:

@@ -61,7 +61,7 @@ from agents.policy import (
 )
 from agents.seq2seq import Seq2SeqPolicy
 from textgym.checks import is_positive_int, is_real
-from textgym.core import device_memory, resolve_device
+from textgym.core import device_memory, resolve_device, to_device
 from textgym.io import check_zip_integrity, save_torch
 from textgym.vector import TextGenVectorEnv
 
@@ -528,6 +528,9 @@ class OnPolicyAgent:
         self._episode_kl = torch.zeros(self.num_envs, 2, dtype=torch.float64, device=self.device)
         self._rollout_kl: list[tuple[float, float]] = []  # (exact, sampled) KL of episodes ended
         self._samples: deque[tuple[str, str, float]] = deque(maxlen=8)
+        # Episodes ended in this rollout, kept on the device until _log_episodes: (rows, values, texts)
+        self._ended_episodes: list[tuple[np.ndarray, torch.Tensor, Any]] = []
+        self._logits_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         if getattr(self.config, "compile_decode", False):
             if not isinstance(self.policy, TransformerPolicy):
                 raise ValueError(
@@ -761,13 +764,26 @@ class OnPolicyAgent:
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One token per row from the masked ``logits`` (N, V): the actions (N,), the
         log-probabilities of every token (N, V) and of the actions (N,). ``log_softmax``, as for the
-        reference and in the update: identical numbers when π == π_ref."""
+        reference and in the update: identical numbers when π == π_ref.
+
+        Logits that are not finite set :attr:`_logits_nonfinite` on the device, read by
+        :meth:`_check_logits` at the end of the rollout (no read per step); the rows' actions are
+        then meaningless but valid token ids."""
         masked = self._masked(logits)
-        if not bool(torch.isfinite(masked).all()):
-            self._diverged("the policy's logits contain NaN or infinity")
+        self._logits_nonfinite |= ~torch.isfinite(masked).all()
         log_probs = F.log_softmax(masked, dim=-1)  # (N, V)
         action = sample_tokens(log_probs.exp())  # (N,); see sample_tokens for why not Categorical
+        # NaN probabilities draw the id V: kept in range, so the rollout runs on to _check_logits.
+        action.clamp_(max=log_probs.shape[-1] - 1)
         return action, log_probs, log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
+
+    def _check_logits(self) -> None:
+        """Raise :class:`TrainingDivergedError` if any logits sampled since the last check were not
+        finite (one read of the device)."""
+        nonfinite = bool(self._logits_nonfinite)
+        self._logits_nonfinite.zero_()
+        if nonfinite:
+            self._diverged("the policy's logits contain NaN or infinity")
 
     def _reference_log_probs(self, ref_logits: torch.Tensor) -> torch.Tensor:
         """The reference's log-probabilities (N, V), under the same action mask as the policy's."""
@@ -794,32 +810,52 @@ class OnPolicyAgent:
         self,
         reward: torch.Tensor,
         done: torch.Tensor,
+        ended: np.ndarray,
         infos: dict[str, Any],
         live: torch.Tensor | None = None,
+        kl: torch.Tensor | None = None,
     ) -> None:
-        """Add a step's rewards to the episodes in flight and log those that ended (``done``) into
-        ``ep_info_buffer`` and the samples. ``live`` (N,) bool: only those rows' steps count
-        (the group agents' transitions); None: every row's."""
+        """Add a step's rewards to the episodes in flight and keep those that ended for
+        :meth:`_log_episodes`: ``done`` (N,) bool on the device and ``ended`` (k,), its rows as the
+        host knows them (the env's :attr:`~textgym.vector.TextGenVectorEnv.host_view`). ``live``
+        (N,) bool: only those rows' steps count (the group agents' transitions); None: every
+        row's. ``kl`` (N, 2): each row's episode KL so far (exact, sampled), kept with the return
+        and reset with it. Reads nothing from the device: the returns of the episodes that ended
+        are kept on it until :meth:`_log_episodes`."""
         if live is None:
             self._episode_return += reward
             self._episode_length += 1
         else:
             self._episode_return += torch.where(live, reward, 0.0)
             self._episode_length += live.long()
-        if bool(done.any()):
-            rows = done.nonzero().squeeze(1)
-            for i, r, n in zip(
-                rows.tolist(),
-                self._episode_return[rows].tolist(),
-                self._episode_length[rows].tolist(),
-                strict=True,
-            ):
+        if not ended.size:
+            return
+        parts = [self._episode_return.unsqueeze(1), self._episode_length.double().unsqueeze(1)]
+        if kl is not None:
+            parts.append(kl)
+        final = infos["final_info"]
+        texts = (final["prompt"][ended], final["completion"][ended]) if "completion" in final else None
+        self._ended_episodes.append((ended, torch.cat(parts, 1), texts))  # (N, 2 or 4): a copy
+        self._episode_return.masked_fill_(done, 0.0)
+        self._episode_length.masked_fill_(done, 0)
+        if kl is not None:
+            kl.masked_fill_(done.unsqueeze(1), 0.0)
+
+    def _log_episodes(self) -> None:
+        """Move the episodes :meth:`_track_episodes` kept into ``ep_info_buffer``, the samples and
+        the rollout's KL, in the order they ended: one read of the device."""
+        if not self._ended_episodes:
+            return
+        values = torch.stack([kept for _, kept, _ in self._ended_episodes]).cpu().numpy()  # (steps, N, c)
+        for (rows, _, texts), step in zip(self._ended_episodes, values, strict=True):
+            for j, i in enumerate(rows.tolist()):
+                r, n = float(step[i, 0]), int(step[i, 1])
                 self.ep_info_buffer.append({"r": r, "l": n})
-                final = infos["final_info"]
-                if "completion" in final:  # absent with text_infos=False
-                    self._samples.append((final["prompt"][i], final["completion"][i], r))
-            self._episode_return[rows] = 0.0
-            self._episode_length[rows] = 0
+                if texts is not None:  # absent with text_infos=False
+                    self._samples.append((texts[0][j], texts[1][j], r))
+                if step.shape[1] > 2:
+                    self._rollout_kl.append((float(step[i, 2]), float(step[i, 3])))
+        self._ended_episodes = []
 
     # ---------------------------------------------------------------------------------- logging
     def _open_writer(self, tb_log_name: str, new_run: bool) -> None:
@@ -1010,6 +1046,7 @@ class OnPolicyAgent:
         self._target_timesteps = state["target_timesteps"]
         self.ep_info_buffer.clear()
         self.ep_info_buffer.extend(state["ep_info_buffer"])
+        self._ended_episodes = []
         self._samples.clear()
         self._samples.extend(tuple(x) for x in state.get("samples", []))
         self.kl.value = state["kl_coef"]
@@ -1151,8 +1188,7 @@ class OnPolicyAgent:
         else:  # schema 3 to 5: the core's tensors and one generator per row
             if env._rngs is None:
                 env.reset(seed=0)  # allocates the per-env generators, then every piece is overwritten
-            for name in ("tokens", "mask", "gen_len", "prompt_index"):
-                getattr(core, name).copy_(state[name].to(dev))
+            core.load(state["tokens"], state["mask"], state["gen_len"], state["prompt_index"])
             for gen, saved in zip(env._rngs or [], json.loads(state["rngs"]), strict=True):
                 gen.bit_generator.state = saved
             env._ended[:] = False
@@ -1243,8 +1279,9 @@ class PPO(OnPolicyAgent):
         ref = self.reference is not None
         if ref:
             ref_logits, _ = self._ref_cache.rebuild(obs["input_ids"], obs["attention_mask"])
-        self._rollout_kl = []
+        self._rollout_kl, self._ended_episodes = [], []
         beta = self.kl.value
+        host = self.env.host_view
         for t in range(T):
             ids[t], masks[t] = obs["input_ids"], obs["attention_mask"]
             starts[t] = (obs["attention_mask"][:, self.prompt_window :].sum(1) == 0).float()
@@ -1256,17 +1293,18 @@ class PPO(OnPolicyAgent):
                 kl_sampled = logprob - ref_log_probs.gather(1, action.unsqueeze(1)).squeeze(1)
                 kl_exact = (log_probs.exp() * (log_probs - ref_log_probs)).sum(-1)  # KL(π(·|s) ‖ π_ref(·|s))
             obs, reward, terminated, truncated, infos = self.env.step(action)
+            host = self.env.host_view  # what ended, and the rows' lengths: no read of the device
             done = terminated | truncated
-            self._track_episodes(reward, done, infos)  # the env's own rewards, before any bootstrap
+            if ref:
+                self._episode_kl += torch.stack([kl_exact, kl_sampled], 1).double()
+            # The env's own rewards, before any bootstrap or penalty.
+            ended = np.flatnonzero(host.terminated | host.truncated)
+            self._track_episodes(reward, done, ended, infos, kl=self._episode_kl if ref else None)
             if ref:
                 reward = reward - beta * kl_sampled.double()
-                self._episode_kl += torch.stack([kl_exact, kl_sampled], 1).double()
-                if bool(done.any()):
-                    rows = done.nonzero().squeeze(1)
-                    self._rollout_kl += [tuple(r) for r in self._episode_kl[rows].tolist()]
-                    self._episode_kl[rows] = 0.0
-            if cfg.bootstrap_truncated and bool(truncated.any()):
-                rows = truncated.nonzero().squeeze(1)
+            cut = np.flatnonzero(host.truncated)
+            if cfg.bootstrap_truncated and cut.size:
+                rows = to_device(cut, dev)
                 final_ids, final_mask = (
                     infos["final_obs"]["input_ids"][rows],
                     infos["final_obs"]["attention_mask"][rows],
@@ -1280,12 +1318,16 @@ class PPO(OnPolicyAgent):
             self._obs = obs
             self.num_timesteps += N
             if t + 1 < T:
-                logits, value = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
+                logits, value = self._cache.step(
+                    obs["input_ids"], obs["attention_mask"], self.prompt_window, host
+                )
                 if ref:
                     ref_logits, _ = self._ref_cache.step(
-                        obs["input_ids"], obs["attention_mask"], self.prompt_window
+                        obs["input_ids"], obs["attention_mask"], self.prompt_window, host
                     )
-        _, last_values = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window)
+        _, last_values = self._cache.step(obs["input_ids"], obs["attention_mask"], self.prompt_window, host)
+        self._check_logits()
+        self._log_episodes()
         rollout = Rollout(ids, masks, actions, logprobs, values, rewards, starts, dones)
         return rollout, last_values, dones[-1]
 

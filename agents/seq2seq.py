@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from agents.policy import RowCache
+from textgym.core import to_device
 from textgym.nn import Block, PolicyConfig, init_weights, real_positions, sinusoidal_encoding
+from textgym.vector import HostView
 
 __all__ = ["DecoderBlock", "Seq2SeqCache", "Seq2SeqPolicy", "seq2seq_config_like"]
 
@@ -276,19 +279,29 @@ class Seq2SeqCache(RowCache):
 
     @torch.no_grad()
     def step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_window: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_window: int,
+        host: HostView | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits (N, V) and values (N,) for the current observations (N, L).
 
         Rows with no generated token yet (new episodes) are encoded; then every row decodes its
         newest position: the start for those rows, the token appended since the previous call
-        for the others."""
+        for the others. ``host``: as for :meth:`agents.policy.RowCache.step` (with it, no read
+        of the device)."""
         P = self._check_window(prompt_window)
         generated = attention_mask[:, P:].sum(1)  # (N,) tokens generated so far
-        new = (generated == 0).nonzero().squeeze(1)
+        if host is None:
+            new = (generated == 0).nonzero().squeeze(1)
+            width = None
+        else:
+            new = to_device(np.flatnonzero(host.generated == 0), input_ids.device)
+            width = int(host.generated.max()) + 1
         if new.numel():
             self._encode(new, input_ids[new, :P], attention_mask[new, :P])
-        return self._run(input_ids, generated.unsqueeze(1), generated)
+        return self._run(input_ids, generated.unsqueeze(1), generated, width)
 
     @torch.no_grad()
     def rebuild(
@@ -304,7 +317,7 @@ class Seq2SeqCache(RowCache):
         generated = attention_mask[:, P:].sum(1)  # (N,)
         T = int(generated.max()) + 1
         positions = torch.arange(T, device=input_ids.device).expand(N, T)  # (N, T)
-        return self._run(input_ids, positions, generated)
+        return self._run(input_ids, positions, generated, T)
 
     def reorder(self, rows: torch.Tensor) -> None:
         for name in ("keys", "values", "cross_keys", "cross_values"):
@@ -328,16 +341,21 @@ class Seq2SeqCache(RowCache):
         self.cross_mask[rows] = cross_mask
 
     def _run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, current: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        current: torch.Tensor,
+        width: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed decoder ``positions`` (N, T) of every row (their tokens read from ``input_ids``
         (N, L)) through the cache, in place (no copy of the cached rows; self-attention over the
-        slots up to the furthest position only); the logits and values at each row's ``current``
-        position (N,)."""
+        slots up to the furthest position only, ``width`` of them: ``max(positions) + 1``, read
+        from the device if None); the logits and values at each row's ``current`` position (N,)."""
         policy, P = self.policy, self.policy.prompt_window
         n, T = positions.shape
         tokens = input_ids.gather(1, (P - 1 + positions).clamp(max=input_ids.shape[1] - 1))  # (n, T)
-        slots = torch.arange(int(positions.max()) + 1, device=input_ids.device)
+        width = int(positions.max()) + 1 if width is None else width
+        slots = torch.arange(width, device=input_ids.device)
         # Causal over the decoder's slots; slots past ``current`` only ever meet positions past it.
         allowed = slots[None, None, :] <= positions[:, :, None]  # (n, T, width)
         memory = list(zip(self.cross_keys, self.cross_values, strict=True))

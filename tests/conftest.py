@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -128,3 +131,46 @@ def grouped_sequences():
     """``grouped_sequences(env, lengths)``: a group-relative rollout's whole sequences (see
     :func:`_grouped_sequences`)."""
     return _grouped_sequences
+
+
+# Tensor methods that make the host wait for a GPU. ``numpy`` is not among them: a GPU tensor
+# needs ``cpu()`` first, which is.
+CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "cpu")
+
+
+def _is_mask(index: object) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+@contextlib.contextmanager
+def _counting_syncs() -> Iterator[list[str]]:
+    """Record every call that would make the host wait for a GPU: a tensor read into Python
+    (``item``, ``tolist``, ``bool(t)``, ...), ``nonzero`` and boolean-mask indexing (whose result
+    size only the device knows). Reads nested inside one counted call count once."""
+    calls: list[str] = []
+    depth = [0]
+
+    def counted(name: str, original):
+        def wrapper(self, *args, **kwargs):
+            if depth[0] == 0 and (name != "__getitem__" or _is_mask(args[0])):
+                calls.append(name)
+            depth[0] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in (*CONVERSIONS, "__getitem__"):
+            patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+        yield calls
+
+
+@pytest.fixture
+def counting_syncs():
+    """``with counting_syncs() as calls:`` records in ``calls`` every read of a tensor into the
+    host that would wait for a GPU (counted on the CPU, where nothing waits)."""
+    return _counting_syncs

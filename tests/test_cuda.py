@@ -48,6 +48,17 @@ def test_kv_cache_equals_recompute_on_cuda():
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
 
 
+def _grpo(**config) -> GRPO:
+    """GRPO on CUDA, 4 groups of 4 rows on the arithmetic task."""
+    return GRPO(
+        num_envs=16,
+        config=GRPOConfig(group_size=4, **config),
+        env_kwargs={"task": "arithmetic"},
+        device="cuda",
+        seed=0,
+    )
+
+
 @pytest.mark.parametrize("agent", ["ppo", "ppo-seq2seq", "grpo"])
 def test_agents_train_on_cuda_and_load_on_the_cpu(agent, tmp_path):
     if agent == "ppo":
@@ -56,13 +67,7 @@ def test_agents_train_on_cuda_and_load_on_the_cpu(agent, tmp_path):
         config = PPOConfig(n_steps=8, policy=PolicyConfig(architecture="seq2seq"))
         model = PPO(num_envs=16, config=config, device="cuda", seed=0)
     else:
-        model = GRPO(
-            num_envs=16,
-            config=GRPOConfig(group_size=4),
-            env_kwargs={"task": "arithmetic"},
-            device="cuda",
-            seed=0,
-        )
+        model = _grpo()
     model.learn(256)
     assert model.num_timesteps >= 256
     assert all(p.device.type == "cuda" for p in model.policy.parameters())
@@ -84,8 +89,7 @@ def test_an_update_waits_for_the_gpu_a_fixed_number_of_times(agent, most):
     if agent == "ppo":
         model = PPO(num_envs=16, config=PPOConfig(n_steps=8), device="cuda", seed=0)
     else:
-        config = GRPOConfig(group_size=4, n_epochs=2, num_minibatches=2, micro_batch_size=3)
-        model = GRPO(num_envs=16, config=config, env_kwargs={"task": "arithmetic"}, device="cuda", seed=0)
+        model = _grpo(n_epochs=2, num_minibatches=2, micro_batch_size=3)
     model._obs = model.env.reset(seed=0)[0]
     batch = model._collect()
     model._train(batch)  # Adam's state and the kernels' first launches
@@ -99,6 +103,31 @@ def test_an_update_waits_for_the_gpu_a_fixed_number_of_times(agent, most):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= most, syncs
+
+
+@pytest.mark.parametrize("agent", ["ppo", "grpo"])
+def test_a_rollout_waits_for_the_gpu_once_per_env_step(agent):
+    """The env's one read of its flags per step, one more where episodes end, and a few reads at
+    the rollout's start and end (as counted on the CPU by tests/agents/test_update_syncs.py):
+    torch's sync debug mode warns at each. A text reward: the finished rows' ids go to the host."""
+    if agent == "ppo":
+        model = PPO(num_envs=16, config=PPOConfig(n_steps=16), device="cuda", seed=0)
+    else:
+        model = _grpo()
+    model._obs = model.env.reset(seed=0)[0]
+    model._collect()  # the kernels' first launches
+    torch.cuda.synchronize()
+    step, steps = model.env.step, []
+    model.env.step = lambda action: steps.append(1) or step(action)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model._collect()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2 * len(steps) + 6, syncs
 
 
 def test_a_hugging_face_policy_acts_and_trains_on_cuda_in_bfloat16(tmp_path):

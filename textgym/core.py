@@ -110,11 +110,20 @@ class StepResult(NamedTuple):
     scores: np.ndarray  # (k,) float64: the reward model's score of each finished row
     lengths: np.ndarray  # (k,) int64: generated tokens of each finished episode, <eos> included
     prompt_index: np.ndarray  # (k,) int64: the prompt index of each finished row
+    finished_rows: np.ndarray  # (k,) int64: ``finished`` on the host
+    terminated_host: np.ndarray  # (N,) bool: ``terminated`` on the host
+    truncated_host: np.ndarray  # (N,) bool: ``truncated`` on the host
 
 
-#: What scoring the finished rows gives: prompts, completions (None if not decoded), scores,
-#: lengths and prompt indices, as in :class:`StepResult`.
-_Scored = tuple[list[str] | None, list[str] | None, np.ndarray, np.ndarray, np.ndarray]
+def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The host array ``values`` on ``device``. On a GPU the copy goes through pinned memory
+    without blocking, so the host does not wait for the work queued before it (a copy from
+    ordinary memory would). On the CPU the tensor shares ``values``' memory: give an array that
+    nothing changes afterwards."""
+    host = torch.from_numpy(np.ascontiguousarray(values))
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 class TextGenCore:
@@ -142,6 +151,9 @@ class TextGenCore:
         for i, ids in enumerate(config.prompt_ids):
             rows[i, P - len(ids) : P] = torch.tensor(ids)
         self._row_table = rows.to(device)
+        self.prompt_lengths = np.array(
+            [len(ids) for ids in config.prompt_ids], dtype=np.int64
+        )  # (num_prompts,)
         self._mask_table = torch.zeros_like(self._row_table)
         for i, ids in enumerate(config.prompt_ids):
             self._mask_table[i, P - len(ids) : P] = 1
@@ -150,7 +162,12 @@ class TextGenCore:
         self.mask = torch.zeros((num_envs, L), dtype=torch.long, device=device)  # (N, L)
         self.gen_len = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
         self.prompt_index = torch.zeros(num_envs, dtype=torch.long, device=device)  # (N,)
+        # The host's copies of ``gen_len`` and ``prompt_index``, kept by every reset and step (the
+        # host knows them without reading the device) and by :meth:`load`.
+        self.gen_len_host = np.zeros(num_envs, dtype=np.int64)
+        self.prompt_index_host = np.zeros(num_envs, dtype=np.int64)
         self._all_rows = torch.arange(num_envs, device=device)
+        self._no_rows = torch.zeros(0, dtype=torch.long, device=device)
         reward = config.reward
         # Token reward models take the finished rows as ids, on the device, when they read the
         # env's ids. Not with a chat template: the reward judges the prompt as written, and the
@@ -173,23 +190,59 @@ class TextGenCore:
         n = self.num_prompts
         return [int(rng.integers(n)) for rng in rngs]
 
-    def reset(self, rows: torch.Tensor, prompt_index: torch.Tensor) -> None:
-        """Start new episodes in ``rows`` (k,) from the prompts ``prompt_index`` (k,)."""
-        self.tokens[rows] = self._row_table[prompt_index]
-        self.mask[rows] = self._mask_table[prompt_index]
-        self.gen_len[rows] = 0
-        self.prompt_index[rows] = prompt_index
+    def reset(self, rows: np.ndarray, prompt_index: np.ndarray) -> None:
+        """Start new episodes in ``rows`` (k,) from the prompts ``prompt_index`` (k,), both int64
+        host arrays (copied to the device without waiting for it)."""
+        rows, prompt_index = np.asarray(rows, dtype=np.int64), np.asarray(prompt_index, dtype=np.int64)
+        both = to_device(np.stack([rows, prompt_index]), self.device)  # (2, k): one copy, a new array
+        on_device, index = both[0], both[1]
+        self.tokens[on_device] = self._row_table[index]
+        self.mask[on_device] = self._mask_table[index]
+        self.gen_len[on_device] = 0
+        self.prompt_index[on_device] = index
+        self.gen_len_host[rows] = 0
+        self.prompt_index_host[rows] = prompt_index
 
-    def step(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> StepResult:
-        """Append ``actions`` (N,) to the rows flagged in ``active`` (N,) bool (all if None).
+    def load(
+        self, tokens: torch.Tensor, mask: torch.Tensor, gen_len: torch.Tensor, prompt_index: torch.Tensor
+    ) -> None:
+        """Set every row's state (CPU tensors of :attr:`tokens`, :attr:`mask`, :attr:`gen_len`
+        and :attr:`prompt_index`'s shapes), e.g. from a checkpoint."""
+        for name, value in (
+            ("tokens", tokens),
+            ("mask", mask),
+            ("gen_len", gen_len),
+            ("prompt_index", prompt_index),
+        ):
+            getattr(self, name).copy_(value.to(self.device))
+        self.gen_len_host[:] = gen_len.cpu().numpy()
+        self.prompt_index_host[:] = prompt_index.cpu().numpy()
+
+    def step(
+        self,
+        actions: torch.Tensor,
+        active: np.ndarray | None = None,
+        refuse: torch.Tensor | None = None,
+    ) -> StepResult | None:
+        """Append ``actions`` (N,) to the rows flagged in ``active`` (N,) bool, a host array (all
+        rows if None).
 
         Inactive rows are left as they are and report reward 0 and no end. Every episode that
         ends is scored in one reward-model call; if that call fails, the error propagates and the
         finished rows must be reset before they are stepped again.
+
+        ``refuse``: a 0-d bool tensor (on the device, computed from ``actions``); where it is
+        True the step is undone, leaving every row as it was, and None is returned (the caller
+        says why). The step reads the device once, every row's end flags together with
+        ``refuse``, and once more where episodes end: the reward model's input (text) or its
+        scores (ids).
         """
         N, P, M = self.num_envs, self.prompt_window, self.max_new_tokens
-        rows = self._all_rows if active is None else active.nonzero().squeeze(1)  # (n,)
-        acts = actions if active is None else actions[rows]  # (n,)
+        if active is None:
+            rows, acts = self._all_rows, actions  # (N,)
+        else:
+            rows = to_device(np.flatnonzero(active), self.device)  # (n,)
+            acts = actions[rows]
         cols = P + self.gen_len[rows]  # (n,)
         self.tokens[rows, cols] = acts
         self.mask[rows, cols] = 1
@@ -205,72 +258,98 @@ class TextGenCore:
             truncated = torch.zeros_like(terminated)
             terminated[rows], truncated[rows] = term, trunc
             # Inactive rows get 0.0 exactly (not 0.0 * -penalty = -0.0).
-            reward = torch.zeros(N, dtype=torch.float64, device=self.device).masked_fill_(active, penalty)
-
-        finished = (terminated | truncated).nonzero().squeeze(1)  # (k,)
-        if finished.numel() == 0:
-            empty, none = np.zeros(0), np.zeros(0, dtype=np.int64)
-            return StepResult(reward, terminated, truncated, finished, [], [], empty, none, none)
-
-        score = self._score_ids if self.ids_reward else self._score_text
-        return StepResult(reward, terminated, truncated, finished, *score(reward, terminated, finished))
-
-    def _score_text(self, reward: torch.Tensor, terminated: torch.Tensor, finished: torch.Tensor) -> _Scored:
-        """Score the ``finished`` rows (k,) as text, adding the scores to ``reward`` (N,) in place."""
-        P, M = self.prompt_window, self.max_new_tokens
-        # One device-to-host copy for everything the reward model needs: (k, M + 3)
-        lengths = self.gen_len[finished]
-        packed = (
-            torch.cat(
-                [
-                    self.tokens[finished, P:],
-                    (lengths - terminated[finished].long()).unsqueeze(1),  # completion length
-                    lengths.unsqueeze(1),
-                    self.prompt_index[finished].unsqueeze(1),
-                ],
-                dim=1,
+            reward = torch.zeros(N, dtype=torch.float64, device=self.device).masked_fill_(
+                to_device(active, self.device), penalty
             )
-            .cpu()
-            .numpy()
+        flags = [terminated, truncated] if refuse is None else [terminated, truncated, refuse.reshape(1)]
+        host = torch.cat(flags).cpu().numpy()  # (2N or 2N + 1,) the step's one read of the device
+        if refuse is not None and host[2 * N]:
+            self.tokens[rows, cols] = self.pad_id  # undo: the generation window held padding there
+            self.mask[rows, cols] = 0
+            self.gen_len[rows] -= 1
+            return None
+        if active is None:
+            self.gen_len_host += 1
+        else:
+            self.gen_len_host[active] += 1
+        terminated_host, truncated_host = host[:N], host[N : 2 * N]
+        finished_rows = np.flatnonzero(terminated_host | truncated_host)  # (k,)
+        flags_host = (finished_rows, terminated_host, truncated_host)
+        if finished_rows.size == 0:
+            empty, none = np.zeros(0), np.zeros(0, dtype=np.int64)
+            return StepResult(
+                reward, terminated, truncated, self._no_rows, [], [], empty, none, none, *flags_host
+            )
+
+        finished = to_device(finished_rows, self.device)  # (k,)
+        lengths = self.gen_len_host[finished_rows]  # (k,) <eos> included
+        completion_len = lengths - terminated_host[finished_rows]  # (k,) <eos> excluded
+        prompt_index = self.prompt_index_host[finished_rows]
+        score = self._score_ids if self.ids_reward else self._score_text
+        prompts, completions, scores = score(reward, finished, completion_len, prompt_index)
+        return StepResult(
+            reward,
+            terminated,
+            truncated,
+            finished,
+            prompts,
+            completions,
+            scores,
+            lengths,
+            prompt_index,
+            *flags_host,
         )
+
+    def _score_text(
+        self,
+        reward: torch.Tensor,
+        finished: torch.Tensor,
+        completion_len: np.ndarray,
+        prompt_index: np.ndarray,
+    ) -> tuple[list[str], list[str], np.ndarray]:
+        """Score the ``finished`` rows (k,) as text, adding the scores to ``reward`` (N,) in place."""
+        P = self.prompt_window
+        ids = self.tokens[finished, P:].cpu().numpy()  # (k, M): the one copy the reward model needs
         start = time.perf_counter()
-        completions = self.config.tokenizer.decode_batch(packed[:, :M], packed[:, M])
-        prompts = [self.config.prompts[i] for i in packed[:, M + 2].tolist()]
+        completions = self.config.tokenizer.decode_batch(ids, completion_len)
+        prompts = [self.config.prompts[i] for i in prompt_index.tolist()]
         decoded = time.perf_counter()
         scores = self.config.reward(prompts, completions)
         self.timings["decode"] += decoded - start
         self.timings["reward"] += time.perf_counter() - decoded
-        reward[finished] += torch.as_tensor(scores, dtype=torch.float64).to(self.device)
-        return prompts, completions, scores, packed[:, M + 1], packed[:, M + 2]
+        reward[finished] += to_device(np.asarray(scores, dtype=np.float64), self.device)
+        return prompts, completions, scores
 
-    def _score_ids(self, reward: torch.Tensor, terminated: torch.Tensor, finished: torch.Tensor) -> _Scored:
+    def _score_ids(
+        self,
+        reward: torch.Tensor,
+        finished: torch.Tensor,
+        completion_len: np.ndarray,
+        prompt_index: np.ndarray,
+    ) -> tuple[list[str] | None, list[str] | None, np.ndarray]:
         """Score the ``finished`` rows (k,) with the token reward model, as ids on the device,
         adding the scores to ``reward`` (N,) in place; text is decoded only if ``text_infos``."""
         P, M = self.prompt_window, self.max_new_tokens
-        lengths = self.gen_len[finished]  # (k,) <eos> included
-        completion_len = lengths - terminated[finished].long()  # (k,) <eos> excluded
         tokens = self.tokens[finished]  # (k, L)
-        completion_mask = (torch.arange(M, device=self.device) < completion_len.unsqueeze(1)).long()  # (k, M)
+        lengths = to_device(completion_len, self.device)  # (k,) <eos> excluded
+        completion_mask = (torch.arange(M, device=self.device) < lengths.unsqueeze(1)).long()  # (k, M)
         start = time.perf_counter()
         model = self.config.reward
         assert isinstance(model, TokenRewardModel)
         scores = model.call_ids(
-            tokens[:, :P], self.mask[finished, :P], tokens[:, P:], completion_mask
+            tokens[:, :P], self.mask[finished, :P], tokens[:, P:], completion_mask, check_finite=False
         )  # (k,)
+        host = scores.cpu().numpy()  # the one read: for the faces' infos and the finite check
+        model.check_finite(host, tokens[:, P:], completion_mask)
         reward[finished] += scores
-        # One device-to-host copy for the faces: score, length and prompt index, (k, 3) float64,
-        # which holds the integers exactly.
-        host = torch.stack([scores, lengths.double(), self.prompt_index[finished].double()], 1).cpu().numpy()
         self.timings["reward"] += time.perf_counter() - start
-        prompt_index = host[:, 2].astype(np.int64)
         prompts = completions = None
         if self.text_infos:
             start = time.perf_counter()
-            ids = tokens[:, P:].cpu().numpy()
-            completions = self.config.tokenizer.decode_batch(ids, completion_len.cpu().numpy())
+            completions = self.config.tokenizer.decode_batch(tokens[:, P:].cpu().numpy(), completion_len)
             prompts = [self.config.prompts[i] for i in prompt_index.tolist()]
             self.timings["decode"] += time.perf_counter() - start
-        return prompts, completions, host[:, 0].copy(), host[:, 1].astype(np.int64), prompt_index
+        return prompts, completions, host.astype(np.float64, copy=True)
 
     def texts(self, rows: torch.Tensor | None = None) -> tuple[list[str], list[str]]:
         """(prompts, completions so far) of ``rows`` (k,) (all rows if None), ``<eos>`` excluded:

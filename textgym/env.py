@@ -235,7 +235,6 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         )
         self.action_space = spaces.Discrete(self.tokenizer.vocab_size)
         self.observation_space = observation_space(self.config)
-        self._row = torch.zeros(1, dtype=torch.long)
         self._needs_reset = True
         self._ended = ""  # why the last episode ended, for the error of a step after its end
 
@@ -254,7 +253,7 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
             raise ValueError(
                 f"options['prompt_index'] must be an integer in [0, {self._core.num_prompts}), got {index!r}"
             )
-        self._core.reset(self._row, torch.tensor([int(index)]))
+        self._core.reset(np.zeros(1, dtype=np.int64), np.array([int(index)]))
         self._needs_reset, self._ended = False, ""
         if self.render_mode == "human":
             self.render()
@@ -276,7 +275,8 @@ class TextGenEnv(gym.Env[dict[str, np.ndarray], int]):
         # Marked ended before the step, so a failing reward model leaves the env needing a reset.
         self._needs_reset, self._ended = True, "the reward model failed"
         result = self._core.step(torch.tensor([token]))
-        terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
+        assert result is not None  # refused only where a ``refuse`` flag is given
+        terminated, truncated = bool(result.terminated_host[0]), bool(result.truncated_host[0])
         info: dict[str, Any] = {}
         if terminated or truncated:
             self._ended = "terminated: <eos> emitted" if terminated else "truncated: max_new_tokens reached"

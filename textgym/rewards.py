@@ -226,11 +226,14 @@ class TokenRewardModel(RewardModel):
         prompt_mask: torch.Tensor,
         completion_ids: torch.Tensor,
         completion_mask: torch.Tensor,
+        check_finite: bool = True,
     ) -> torch.Tensor:
         """:meth:`score_ids`, checked: (k,) float64 on the device of ``completion_ids``.
 
         A model that raises, or returns anything but a (k,) real tensor of finite values on that
-        device, raises :class:`RewardModelError` naming the model and the value."""
+        device, raises :class:`RewardModelError` naming the model and the value. The finite check
+        reads the device; ``check_finite=False`` leaves it to a caller that reads the scores
+        anyway (:meth:`check_finite`)."""
         k = completion_ids.shape[0]
         try:
             raw = self.score_ids(prompt_ids, prompt_mask, completion_ids, completion_mask)
@@ -260,14 +263,22 @@ class TokenRewardModel(RewardModel):
         # A copy in float64 (the environment's reward dtype), so a reused output buffer cannot
         # change scores already given.
         scores = raw.detach().to(torch.float64, copy=True)
-        bad = (~torch.isfinite(scores)).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
+        if check_finite:
+            self.check_finite(scores.cpu().numpy(), completion_ids, completion_mask)
+        return scores
+
+    def check_finite(
+        self, scores: np.ndarray, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+    ) -> None:
+        """Raise :class:`RewardModelError` at the first score in ``scores`` (k,), the host's copy
+        of :meth:`call_ids`' result, that is NaN or infinite, naming its completion's ids."""
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            i = int(bad[0])
             raise RewardModelError(
-                f"reward model {self.name!r} returned {scores[i].item()} for completion {i} (ids "
+                f"reward model {self.name!r} returned {scores[i]} for completion {i} (ids "
                 f"{completion_ids[i][completion_mask[i].bool()].tolist()}); rewards must be finite"
             )
-        return scores
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         if self.tokenizer is None:

@@ -53,7 +53,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from textgym.checks import describe, is_bool, is_integer, is_positive_int
-from textgym.core import TextGenCore, resolve_device
+from textgym.core import TextGenCore, resolve_device, to_device
 from textgym.env import check_render_mode, check_seed, check_stable_info, check_text_infos, observation_space
 from textgym.rewards import RewardFn, RewardModel
 from textgym.tasks import make_env_config
@@ -256,6 +256,9 @@ class TextGenVectorEnv(VectorEnv):
         # Rows that must be reset before they are stepped: all before the first reset(), and all
         # after a reward model failed (the failed step may have ended any of them).
         self._needs_reset = np.ones(self.num_envs, dtype=bool)
+        # The last step's flags and waits, as the host has them (see host_view).
+        self._flags = (np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool))
+        self._waiting = np.zeros(self.num_envs, dtype=bool)
         self._step_seconds = 0.0
 
     # ------------------------------------------------------------------------------------ reset
@@ -321,6 +324,9 @@ class TextGenVectorEnv(VectorEnv):
         self._autoreset[mask] = False
         self._ended[mask] = False
         self._needs_reset[mask] = False
+        # New arrays: the old ones may be a step's returned flags or waits.
+        self._flags = (self._flags[0] & ~mask, self._flags[1] & ~mask)
+        self._waiting = self._waiting & ~mask
         infos = self._stable_infos() if self.stable_info else self._prompt_infos(rows, prompt_index)
         if G > 1:
             self._add_waiting(infos, np.zeros(N, dtype=bool))
@@ -397,10 +403,7 @@ class TextGenVectorEnv(VectorEnv):
             G = self.group_size
             drawn = self._core.sample_prompts([self._rngs[g] for g in self._group[rows[::G]].tolist()])
             prompt_index = np.repeat(np.asarray(drawn, dtype=np.int64), G)  # (k,)
-        self._core.reset(
-            torch.as_tensor(rows, device=self.device),
-            torch.from_numpy(prompt_index).to(self.device),
-        )
+        self._core.reset(rows, prompt_index)
         return prompt_index
 
     # ------------------------------------------------------------------------------------- step
@@ -412,7 +415,11 @@ class TextGenVectorEnv(VectorEnv):
                 "construction or since a reward model error; call reset() (all of them, or with a reset_mask)"
             )
         start = time.perf_counter()
-        acts = self._check_actions(actions)
+        acts, out_of_range = self._check_actions(actions)
+        if out_of_range is not None and self._autoreset.any():
+            # next_step resets rows before it steps: a refused step must not have begun.
+            self._refuse(actions, out_of_range)
+            out_of_range = None
         N, G = self.num_envs, self.group_size
         infos: dict[str, Any] = {}
         # Rows that begin the step holding an ended episode ignore their action: next_step's
@@ -425,14 +432,18 @@ class TextGenVectorEnv(VectorEnv):
             if not self.stable_info:
                 infos = self._prompt_infos(rows, prompt_index)
             self._autoreset = np.zeros(N, dtype=bool)
-        active = torch.from_numpy(~held).to(self.device) if held.any() else None
+        active = ~held if held.any() else None
 
         try:
-            result = self._core.step(acts, active)
+            result = self._core.step(acts, active, None if out_of_range is None else out_of_range.any())
         except Exception:
             self._needs_reset[:] = True
             raise
-        finished = result.finished.cpu().numpy()
+        if result is None:  # an action out of range: the core undid the step
+            assert out_of_range is not None
+            self._refuse(actions, out_of_range)
+        finished = result.finished_rows
+        self._waiting = waiting.copy()  # infos["waiting"] is the caller's
         ended = waiting | _mask(finished, N)  # (N,) rows holding an ended episode now
         # (N,) rows of the groups whose every episode has ended: reset now or at the next step
         complete = ended.reshape(-1, G).all(1).repeat(G) if G > 1 else ended
@@ -460,17 +471,17 @@ class TextGenVectorEnv(VectorEnv):
             self._add_waiting(infos, waiting)
 
         rewards, terminated, truncated = result.reward, result.terminated, result.truncated
+        self._flags = (result.terminated_host, result.truncated_host)
         if self.array_type == "numpy":
-            rewards, terminated, truncated = (
-                rewards.cpu().numpy(),
-                terminated.cpu().numpy(),
-                truncated.cpu().numpy(),
-            )
+            terminated, truncated = (flags.copy() for flags in self._flags)  # the caller's to change
+            rewards = rewards.cpu().numpy()
         obs = self._obs()
         self._step_seconds += time.perf_counter() - start
         return obs, rewards, terminated, truncated, infos
 
-    def _check_actions(self, actions: Any) -> torch.Tensor:
+    def _check_actions(self, actions: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``actions`` as (N,) int64 on the device, and for a tensor the (N,) bool of its entries
+        out of range, which the step reads with its flags (None: checked here, on the host)."""
         N, V = self.num_envs, self.tokenizer.vocab_size
         accepted = (
             f"accepted: {N} integer token ids in [0, {V}), one per sub-env, as a numpy array, tensor or list"
@@ -509,12 +520,21 @@ class TextGenVectorEnv(VectorEnv):
             )
         # Range checked before any cast, so a huge unsigned id is reported as given.
         out_of_range = (values < 0) | (values >= V)
-        if bool(out_of_range.any()):
+        if isinstance(values, torch.Tensor):  # read with the step's flags: no read of its own
+            return values.to(device=self.device, dtype=torch.long), out_of_range.to(self.device)
+        if out_of_range.any():
             i = int(out_of_range.nonzero()[0][0])
             raise ValueError(f"actions[{i}] = {int(values[i])} (sub-env {i}) is not a token id in [0, {V})")
-        if isinstance(values, np.ndarray):
-            values = torch.from_numpy(values.astype(np.int64, copy=False))
-        return values.to(device=self.device, dtype=torch.long)
+        return to_device(values.astype(np.int64, copy=False), self.device), None
+
+    def _refuse(self, actions: torch.Tensor, out_of_range: torch.Tensor) -> None:
+        """Raise the error of the first action flagged in ``out_of_range`` (N,), if any."""
+        if out_of_range.any():
+            i = int(out_of_range.nonzero()[0][0])
+            raise ValueError(
+                f"actions[{i}] = {int(actions[i])} (sub-env {i}) is not a token id in "
+                f"[0, {self.tokenizer.vocab_size})"
+            )
 
     # ------------------------------------------------------------------------------ observations
     def _obs(self, rows: torch.Tensor | None = None) -> dict[str, Any]:
@@ -585,7 +605,7 @@ class TextGenVectorEnv(VectorEnv):
         return _info_arrays(
             prompts,
             completions,
-            self._core.prompt_index.cpu().numpy().copy(),
+            self._core.prompt_index_host.copy(),
             self._group.copy(),
             zeros if score is None else score,
             zeros.copy() if penalty is None else penalty,
@@ -594,9 +614,7 @@ class TextGenVectorEnv(VectorEnv):
 
     def _add_waiting(self, infos: dict[str, Any], waiting: np.ndarray) -> None:
         """``infos["waiting"]``: (N,) bool, as numpy or torch per ``array_type``; all-True mask."""
-        infos["waiting"] = (
-            torch.from_numpy(waiting).to(self.device) if self.array_type == "torch" else waiting
-        )
+        infos["waiting"] = to_device(waiting, self.device) if self.array_type == "torch" else waiting
         infos["_waiting"] = np.ones(self.num_envs, dtype=bool)
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -629,9 +647,7 @@ class TextGenVectorEnv(VectorEnv):
                 "state is of an env with (num_envs, group_size, seq_len) = "
                 f"{theirs}, this env has {mine}; restore it into an env made with the same arguments"
             )
-        core = self._core
-        for name in ("tokens", "mask", "gen_len", "prompt_index"):
-            getattr(core, name).copy_(state[name].to(self.device))
+        self._core.load(state["tokens"], state["mask"], state["gen_len"], state["prompt_index"])
         self._ended = state["ended"].numpy().copy()
         self._autoreset = state["autoreset"].numpy().copy()
         self._needs_reset = state["needs_reset"].numpy().copy()
@@ -654,6 +670,22 @@ class TextGenVectorEnv(VectorEnv):
         return mask.copy()
 
     @property
+    def host_view(self) -> HostView:
+        """What the host knows of every row without reading the device (copies, (N,) NumPy
+        arrays; see :class:`HostView`). An agent on a GPU drives its acting loop from it: which
+        rows start an episode, how far each has got, which ended, with no device read of its own
+        (the step reads the device once, and once more in a step where episodes end)."""
+        core = self._core
+        return HostView(
+            core.gen_len_host.copy(),
+            core.prompt_index_host.copy(),
+            core.prompt_lengths[core.prompt_index_host],
+            self._flags[0].copy(),
+            self._flags[1].copy(),
+            self._waiting.copy(),
+        )
+
+    @property
     def timings(self) -> dict[str, float]:
         """Seconds spent so far: in ``step`` in all, and within it decoding text and in the reward model."""
         return {"step": self._step_seconds, **self._core.timings}
@@ -672,6 +704,17 @@ class TextGenVectorEnv(VectorEnv):
     def prompt_window(self) -> int:
         """``P``: generated token t is in observation column ``P + t``."""
         return self.config.max_prompt_tokens
+
+
+class HostView(NamedTuple):
+    """:attr:`TextGenVectorEnv.host_view`: the rows as the host knows them, (N,) NumPy arrays."""
+
+    generated: np.ndarray  #: int64: tokens generated in the episode each row holds (0: it has just started)
+    prompt_index: np.ndarray  #: int64: the prompt of the episode each row holds
+    prompt_length: np.ndarray  #: int64: its prompt's tokens (``<bos>`` included)
+    terminated: np.ndarray  #: bool: the last step's ``terminated`` (False after ``reset``)
+    truncated: np.ndarray  #: bool: the last step's ``truncated`` (False after ``reset``)
+    waiting: np.ndarray  #: bool: the last step's ``infos["waiting"]`` (all False when ``group_size=1``)
 
 
 def _info_arrays(

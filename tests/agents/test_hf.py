@@ -234,7 +234,8 @@ def test_make_cache(model_dirs, cache):
     assert isinstance(made, HFKVCache if cache == "kv" else RecomputeCache)
 
 
-def test_kv_cache_equals_recompute_along_a_rollout(model_dirs, arch):
+@pytest.mark.parametrize("host", [False, True], ids=["read", "host-view"])
+def test_kv_cache_equals_recompute_along_a_rollout(model_dirs, arch, host):
     env = vector_env(model_dirs[arch])
     P = env.prompt_window
     policy = load_policy(model_dirs[arch], env)
@@ -243,7 +244,9 @@ def test_kv_cache_equals_recompute_along_a_rollout(model_dirs, arch):
     obs, _ = env.reset(seed=3)
     starts = ends = 0
     for _ in range(4 * M):
-        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
+        logits, values = cache.step(
+            obs["input_ids"], obs["attention_mask"], P, env.host_view if host else None
+        )
         ref_logits, ref_values = reference.step(obs["input_ids"], obs["attention_mask"], P)
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(values, ref_values, atol=1e-4, rtol=1e-4)

@@ -220,7 +220,10 @@ def random_actions(gen: torch.Generator, n: int, vocab: int, eos: int) -> torch.
 @pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("autoreset_mode", ["next_step", "same_step"])
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
-def test_kv_cache_equals_full_recompute(task, autoreset_mode, positional, random_rollout):
+@pytest.mark.parametrize("host", [False, True], ids=["read", "host-view"])
+def test_kv_cache_equals_full_recompute(task, autoreset_mode, positional, host, random_rollout):
+    """Stepped as agents step it (the env's host view says which rows start and how far the
+    furthest has got) and without it (read from the observations on the device): the same."""
     env = TextGenVectorEnv(8, task=task, autoreset_mode=autoreset_mode, array_type="torch")
     vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
     torch.manual_seed(0)
@@ -228,7 +231,9 @@ def test_kv_cache_equals_full_recompute(task, autoreset_mode, positional, random
     cache = KVCache(policy, 8, "cpu")
     starts = 0
     for obs in random_rollout(env, 3 * env.config.max_new_tokens + 2):
-        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P)
+        logits, values = cache.step(
+            obs["input_ids"], obs["attention_mask"], P, env.host_view if host else None
+        )
         ref_logits, ref_values = full_pass(policy, obs)
         torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)

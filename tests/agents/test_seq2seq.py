@@ -156,14 +156,20 @@ def test_decoder_is_causal():
 @pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("autoreset_mode", ["next_step", "same_step"])
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
-def test_cache_equals_full_recompute_across_autoresets(task, autoreset_mode, positional, random_rollout):
+@pytest.mark.parametrize("host", [False, True], ids=["read", "host-view"])
+def test_cache_equals_full_recompute_across_autoresets(
+    task, autoreset_mode, positional, host, random_rollout
+):
     env = TextGenVectorEnv(8, task=task, autoreset_mode=autoreset_mode, array_type="torch")
     P = env.prompt_window
     policy = make_policy(env.single_action_space.n, env.config.seq_len, P, positional=positional)
     cache = policy.make_cache(8, "cpu")
     new_rows = []  # per step, the rows that start an episode
     for obs in random_rollout(env, 3 * env.config.max_new_tokens + 2):
-        assert_matches_full_pass(policy, obs, *cache.step(obs["input_ids"], obs["attention_mask"], P))
+        host_view = env.host_view if host else None
+        assert_matches_full_pass(
+            policy, obs, *cache.step(obs["input_ids"], obs["attention_mask"], P, host_view)
+        )
         new_rows.append(int((obs["attention_mask"][:, P:].sum(1) == 0).sum()))
     # Many rows restarted, at steps where other rows kept decoding.
     assert sum(new_rows[1:]) > 8 and sum(0 < n < 8 for n in new_rows) > 3

@@ -1,12 +1,10 @@
-"""The updates' host syncs: how often ``update`` reads the device (counted here on the CPU by
-the conversions that would wait for a GPU), and the divergence check that needs no read per
-minibatch: a non-finite loss or gradient makes the fused Adam skip that step and every later one,
-and the error comes after the loop."""
+"""The agents' host syncs: how often ``update`` and a rollout read the device (counted here on the
+CPU by the conversions that would wait for a GPU), and the divergence checks that need no read
+per minibatch or per step: a non-finite loss or gradient makes the fused Adam skip that step and
+every later one, and the error comes after the loop; non-finite logits are flagged on the device
+and reported at the end of the rollout."""
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,44 +13,14 @@ from agents import GRPO, PPO, RLOO, PPOConfig, TrainingDivergedError
 from agents.buffer import compact
 from agents.policy import PolicyConfig
 from agents.ppo import filled_columns, filled_span
+from textgym import TokenFunctionReward
 
 TINY = PolicyConfig(d_model=32, n_layers=1, n_heads=2)
-CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "cpu", "numpy")
-
-
-def _is_mask(index: object) -> bool:
-    parts = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
-
-
-@contextlib.contextmanager
-def counting_syncs() -> Iterator[list[str]]:
-    """Record every call that would make the host wait for a GPU: a tensor read into Python
-    (``item``, ``tolist``, ``bool(t)``, ...), ``nonzero`` and boolean-mask indexing (whose result
-    size only the device knows). Reads nested inside one counted call count once."""
-    calls: list[str] = []
-    depth = [0]
-
-    def counted(name: str, original):
-        def wrapper(self, *args, **kwargs):
-            if depth[0] == 0 and (name != "__getitem__" or _is_mask(args[0])):
-                calls.append(name)
-            depth[0] += 1
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                depth[0] -= 1
-
-        return wrapper
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in (*CONVERSIONS, "__getitem__"):
-            patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-        yield calls
 
 
 def _ppo(**config) -> PPO:
-    return PPO("TextGen-v0", PPOConfig(n_steps=8, policy=TINY, **config), 8, device="cpu", seed=0)
+    config = {"n_steps": 8, "policy": TINY, **config}
+    return PPO("TextGen-v0", PPOConfig(**config), 8, device="cpu", seed=0)
 
 
 def _group(cls=GRPO, **config) -> GRPO | RLOO:
@@ -94,7 +62,7 @@ def test_the_sync_free_gathers_equal_their_syncing_originals():
     ],
     ids=["ppo", "ppo-micro-batches", "grpo", "grpo-micro-batches", "rloo"],
 )
-def test_an_update_reads_the_device_a_fixed_number_of_times(make, most):
+def test_an_update_reads_the_device_a_fixed_number_of_times(make, most, counting_syncs):
     """Not once per minibatch: the count does not grow with epochs, minibatches or micro-batches."""
     model = make()
     batch = _batch(model)
@@ -103,7 +71,7 @@ def test_an_update_reads_the_device_a_fixed_number_of_times(make, most):
     assert len(calls) <= most, calls
 
 
-def test_the_counter_sees_a_read_per_minibatch():
+def test_the_counter_sees_a_read_per_minibatch(counting_syncs):
     """The counter can fail: ``target_kl`` reads the approx KL after every minibatch."""
     model = _ppo(target_kl=1e9)
     batch = _batch(model)
@@ -162,3 +130,102 @@ def test_a_non_finite_minibatch_leaves_the_weights_of_the_last_good_step(make, f
         assert torch.equal(p, weight) and torch.equal(state["exp_avg"], exp_avg)
         assert int(state["step"]) == int(steps) == bad - 1
     assert not torch.equal(last_good[0][0], after[0][0][0]) or bad == 2  # the good steps did move
+
+
+# ------------------------------------------------------------------------------------ rollouts
+def _length(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    return completion_mask.sum(1).double()
+
+
+def _reads_per_place(model, counting_syncs) -> tuple[list[tuple[int, bool]], int]:
+    """Collect one rollout (after a first one), counting the reads inside each ``env.step`` (with
+    whether an episode ended in it) and outside every step."""
+    model._obs = model.env.reset(seed=0)[0]
+    model._collect()
+    step, in_steps = model.env.step, []
+
+    def counted_step(action):
+        before = len(calls)
+        out = step(action)
+        in_steps.append(
+            (
+                len(calls) - before,
+                bool(model.env.host_view.terminated.any() or model.env.host_view.truncated.any()),
+            )
+        )
+        return out
+
+    model.env.step = counted_step
+    with counting_syncs() as calls:
+        model._collect()
+    return in_steps, len(calls) - sum(n for n, _ in in_steps)
+
+
+ROLLOUT_AGENTS = {
+    "ppo": lambda **kw: _ppo(**kw),
+    "ppo-kl-bootstrap": lambda **kw: _ppo(kl_coef=0.1, bootstrap_truncated=True, **kw),
+    "ppo-seq2seq": lambda **kw: PPO(
+        "TextGen-v0",
+        PPOConfig(
+            n_steps=8, policy=PolicyConfig(d_model=32, n_layers=1, n_heads=2, architecture="seq2seq"), **kw
+        ),
+        8,
+        device="cpu",
+        seed=0,
+    ),
+    "grpo": lambda **kw: _group(**kw),
+    "rloo-token-reward": lambda **kw: RLOO(
+        "TextGen-v0",
+        RLOO.config_class(group_size=4, policy=TINY, **kw),
+        8,
+        {"reward": TokenFunctionReward(_length), "text_infos": False, "task": "arithmetic"},
+        "cpu",
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROLLOUT_AGENTS))
+def test_a_rollout_reads_the_device_once_per_env_step(name, counting_syncs):
+    """Each env step reads once (every row's end flags), and once more where episodes end (the
+    reward's input or scores); the agent around it reads only at the rollout's start and end
+    (the cache's rebuild, the ended episodes' returns, the logits' finite flag), however long."""
+    in_steps, outside = _reads_per_place(ROLLOUT_AGENTS[name](), counting_syncs)
+    assert in_steps and any(ended for _, ended in in_steps)
+    for reads, ended in in_steps:
+        assert reads == 1 + ended, in_steps
+    assert outside <= 4
+
+
+def test_a_longer_ppo_rollout_reads_no_more_outside_the_env(counting_syncs):
+    """Three times the steps (and the episode ends), the same reads outside ``env.step``."""
+    short = _reads_per_place(_ppo(), counting_syncs)[1]
+    in_steps, long = _reads_per_place(_ppo(n_steps=24), counting_syncs)
+    assert len(in_steps) == 24 and sum(ended for _, ended in in_steps) >= 3
+    assert long == short
+
+
+def test_the_rollout_counter_sees_the_reads_of_a_cache_without_the_host_view(counting_syncs, monkeypatch):
+    """The counter can fail: without the env's host view each cache step reads the device."""
+    model = _ppo()
+    step = model._cache.step
+    monkeypatch.setattr(model._cache, "step", lambda ids, mask, P, host=None: step(ids, mask, P))
+    in_steps, outside = _reads_per_place(model, counting_syncs)
+    assert outside >= len(in_steps)
+
+
+def test_non_finite_logits_are_reported_at_the_end_of_the_rollout():
+    """Flagged on the device at every step, read once: the rollout runs to its end on valid
+    (meaningless) token ids, then raises."""
+    model = _ppo()
+    model._obs = model.env.reset(seed=0)[0]
+    with torch.no_grad():
+        model.policy.policy_head.bias.fill_(float("nan"))
+    steps = []
+    step = model.env.step
+    model.env.step = lambda action: steps.append(action) or step(action)
+    with pytest.raises(TrainingDivergedError, match="the policy's logits contain NaN or infinity"):
+        model._collect()
+    assert len(steps) == model.config.n_steps
+    assert all(int(a.min()) >= 0 and int(a.max()) < model.env.single_action_space.n for a in steps)
+    assert not bool(model._logits_nonfinite)  # read and cleared

@@ -26,9 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from agents.policy import KVCache, PolicyConfig, TransformerPolicy, last_real_column, sample_tokens
+from agents.policy import KVCache, Lengths, PolicyConfig, TransformerPolicy, last_real_column, sample_tokens
 from agents.ppo import PPO, PPOConfig
 from agents.runtime import in_fresh_process, peak_rss_mib
 from textgym.benchmark import measure
@@ -555,6 +556,7 @@ def generate_speed(
     causal_lm, eos = policy.causal_lm, tokenizer.eos_id
     hf_eos = tokenizer.hf_special_ids["eos"]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, P, M, dev)
+    prompt_length = prompt_mask[:, :P].sum(1).cpu().numpy()  # (batch,)
     hf_ids, hf_mask = policy.model_ids[prompt_ids[:, :P]], prompt_mask[:, :P]  # (B, P) each
 
     @torch.no_grad()
@@ -586,16 +588,18 @@ def generate_speed(
         ids, mask = prompt_ids.clone(), prompt_mask.clone()
         cache = policy.make_cache(batch, dev)
         logits, _ = cache.rebuild(ids, mask)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         for t in range(M):
             logits[:, eos] = torch.finfo(logits.dtype).min  # every row runs its full length, as the others
-            if not bool(torch.isfinite(logits).all()):
-                raise RuntimeError("the policy's logits contain NaN or infinity")
+            nonfinite |= ~torch.isfinite(logits).all()  # flagged on the device, read at the end
             log_probs = F.log_softmax(logits, dim=-1)
             action = sample_tokens(log_probs.exp())
             log_probs.gather(1, action.unsqueeze(1))
             ids[:, P + t], mask[:, P + t] = action, 1
-            if t + 1 < M:
-                logits, _ = cache.step(ids, mask, P)
+            if t + 1 < M:  # the rows' lengths from the host, as the env's host_view gives them
+                logits, _ = cache.step(ids, mask, P, Lengths(np.full(batch, t + 1), prompt_length))
+        if bool(nonfinite):
+            raise RuntimeError("the policy's logits contain NaN or infinity")
 
     paths: dict[str, Callable[[], Any]] = {
         "hf_generate": hf_generate,
@@ -712,12 +716,13 @@ def decode_speed(
     )
     gpt2 = gpt2.to(dev).eval()
     prompt_ids, prompt_mask = obs["input_ids"], obs["attention_mask"]
+    prompt_length = prompt_mask[:, :P].sum(1).cpu().numpy()  # (N,)
 
     @torch.no_grad()
     def decode(cache: KVCache) -> None:
         ids, mask = prompt_ids.clone(), prompt_mask.clone()  # every row starts: the cache refills
-        for t in range(new_tokens):
-            logits, _ = cache.step(ids, mask, P)
+        for t in range(new_tokens):  # the rows' lengths from the host, as the agents act
+            logits, _ = cache.step(ids, mask, P, Lengths(np.full(len(ids), t), prompt_length))
             ids[:, P + t], mask[:, P + t] = logits.argmax(-1), 1
 
     def hf_loop() -> None:

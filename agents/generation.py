@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agents.policy import TransformerPolicy, sample_tokens
+from agents.policy import Lengths, TransformerPolicy, sample_tokens
 from textgym.checks import is_positive_int
 from textgym.tokenizers import Tokenizer
 
@@ -151,7 +152,8 @@ def _decode(
     B = ids.shape[0]
     cache = policy.make_cache(B, ids.device)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    logits, _ = cache.step(ids, mask, P)
+    prompt_length = mask[:, :P].sum(1).cpu().numpy()  # (B,)
+    logits, _ = cache.step(ids, mask, P, Lengths(np.zeros(B, dtype=np.int64), prompt_length))
     steps = M
     for t in range(M):
         if t < min_new_tokens:
@@ -162,13 +164,14 @@ def _decode(
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             token = sample_tokens(probs, generator)
         # Rows that ended keep decoding until all have (their tokens are cut below): the tokens
-        # stay on the device, with one host sync per step, for the stopping test.
+        # stay on the device, with one host sync per step, the stopping test.
         ids[:, P + t], mask[:, P + t] = token, 1
         finished |= token == eos
         if t == M - 1 or bool(finished.all()):
             steps = t + 1
             break
-        logits, _ = cache.step(ids, mask, P)
+        # Every row has t + 1 tokens: the step reads nothing from the device.
+        logits, _ = cache.step(ids, mask, P, Lengths(np.full(B, t + 1), prompt_length))
     return [row[: row.index(eos)] if eos in row else row for row in ids[:, P : P + steps].tolist()]
 
 

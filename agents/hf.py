@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.policy import RecomputeCache, RowCache, distinct_rows, last_real_column, real_positions
+from agents.policy import Lengths, RecomputeCache, RowCache, distinct_rows, last_real_column, real_positions
 from textgym.checks import is_positive_int, is_real
 from textgym.hf import HFTokenizer, _local_dir, require
 from textgym.io import save_torch
@@ -602,7 +602,7 @@ class _CacheWithoutAdapters:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prompt_window: int,
-        host: HostView | None = None,
+        host: HostView | Lengths | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.view.off():
             return self.inner.step(input_ids, attention_mask, prompt_window, host)
@@ -735,7 +735,7 @@ class HFKVCache(RowCache):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prompt_window: int,
-        host: HostView | None = None,
+        host: HostView | Lengths | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`agents.policy.RowCache.step`; the first call fills every row."""
         if not self.keys:

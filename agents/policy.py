@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from textgym.vector import HostView
 __all__ = [
     "Block",
     "KVCache",
+    "Lengths",
     "PolicyConfig",
     "RecomputeCache",
     "RowCache",
@@ -189,6 +190,14 @@ def count_parameters(vocab_size: int, max_len: int, prompt_window: int, cfg: Pol
     return sum(p.numel() for p in policy.parameters())
 
 
+class Lengths(NamedTuple):
+    """What a cache's step needs to know of its rows from the host (the fields of the same names
+    of :class:`textgym.vector.HostView`), for acting without an env."""
+
+    generated: np.ndarray  #: (N,) int64: tokens generated in each row so far
+    prompt_length: np.ndarray  #: (N,) int64: each row's prompt tokens (``<bos>`` included)
+
+
 class RowCache:
     """Acting through a cache of per-env rows: the step that every cache class shares.
 
@@ -208,7 +217,7 @@ class RowCache:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prompt_window: int,
-        host: HostView | None = None,
+        host: HostView | Lengths | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits (N, V) and values (N,) for the current observations (N, L).
 
@@ -218,9 +227,9 @@ class RowCache:
         Hugging Face model, the weights' dtype for the built-in policy).
 
         ``host``: the env's :attr:`~textgym.vector.TextGenVectorEnv.host_view` of these
-        observations. With it the step reads nothing from the device (which rows start, and how
-        far the furthest has got, come from the host); without it, it reads them (on a GPU, a
-        wait for the device).
+        observations, or any :class:`Lengths` of them. With it the step reads nothing from the
+        device (which rows start, and how far the furthest has got, come from the host); without
+        it, it reads them (on a GPU, a wait for the device).
         """
         P = prompt_window
         generated = attention_mask[:, P:].sum(1)  # (N,) tokens generated so far
@@ -428,7 +437,7 @@ class RecomputeCache:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prompt_window: int,
-        host: HostView | None = None,
+        host: HostView | Lengths | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`rebuild`; ``prompt_window`` and ``host`` are unused."""
         return self.rebuild(input_ids, attention_mask)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.policy import RowCache
+from agents.policy import Lengths, RowCache
 from textgym.core import to_device
 from textgym.nn import Block, PolicyConfig, init_weights, real_positions, sinusoidal_encoding
 from textgym.vector import HostView
@@ -283,7 +283,7 @@ class Seq2SeqCache(RowCache):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prompt_window: int,
-        host: HostView | None = None,
+        host: HostView | Lengths | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits (N, V) and values (N,) for the current observations (N, L).
 

@@ -258,9 +258,7 @@ class TextGenCore:
             truncated = torch.zeros_like(terminated)
             terminated[rows], truncated[rows] = term, trunc
             # Inactive rows get 0.0 exactly (not 0.0 * -penalty = -0.0).
-            reward = torch.zeros(N, dtype=torch.float64, device=self.device).masked_fill_(
-                to_device(active, self.device), penalty
-            )
+            reward = torch.zeros(N, dtype=torch.float64, device=self.device).index_fill_(0, rows, penalty)
         flags = [terminated, truncated] if refuse is None else [terminated, truncated, refuse.reshape(1)]
         host = torch.cat(flags).cpu().numpy()  # (2N or 2N + 1,) the step's one read of the device
         if refuse is not None and host[2 * N]:

@@ -651,6 +651,9 @@ class TextGenVectorEnv(VectorEnv):
         self._ended = state["ended"].numpy().copy()
         self._autoreset = state["autoreset"].numpy().copy()
         self._needs_reset = state["needs_reset"].numpy().copy()
+        # No step since: host_view's last-step flags read as after a reset.
+        self._flags = (np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool))
+        self._waiting = np.zeros(self.num_envs, dtype=bool)
         if state["rngs"] is None:
             self._rngs = None
         else:

@@ -4,6 +4,7 @@ against the transformers models' own forward passes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -370,6 +371,50 @@ def test_shared_prompts_run_once_and_give_the_whole_pass(
     weights = [p for p in policy.parameters() if p.requires_grad]
     compared = assert_same_pass(got, expected, mask[:, P - 1 :].bool(), weights, rtol=1e-4)
     assert compared > 10  # embeddings, attention and MLP weights of every layer
+
+
+@pytest.mark.parametrize("tied", ["gpt2", "llama-tied", "llama"])
+@pytest.mark.parametrize("share", [False, True], ids=["whole-pass", "shared-prompts"])
+def test_the_tied_embeddings_gradient_as_rows_equals_the_dense_one(
+    bpe, model_dirs, tied, share, grouped_sequences, tmp_path
+):
+    """Inside sparse_embedding_gradient the embedding's part of a weight tied to the LM head
+    comes as the rows it read and is added into the head's gradient: every weight's gradient is
+    the dense path's, and the tied weight's is dense. An untied model is left alone."""
+    if tied == "llama-tied":  # as SmolLM2: a Llama whose LM head is its input embedding
+        torch.manual_seed(3)
+        transformers.LlamaForCausalLM(llama_config(bpe, tie_word_embeddings=True)).save_pretrained(tmp_path)
+        bpe.save_pretrained(tmp_path)
+        path = tmp_path
+    else:
+        path = model_dirs[tied]
+    env = TextGenVectorEnv(8, group_size=4, array_type="torch", tokenizer=str(path), **ENV_KWARGS)
+    P = env.prompt_window
+    policy = load_policy(path, env)  # eval: GPT-2's dropout off, so that the two passes agree
+    embedding = policy.causal_lm.get_input_embeddings()
+    is_tied = embedding.weight is policy.causal_lm.get_output_embeddings().weight
+    assert is_tied == (tied != "llama")
+    ids, mask = grouped_sequences(env, [1, 6, 3, 5, 2, 6, 4, 1])
+    shared = distinct_rows(ids[:, :P], mask[:, :P]) if share else None
+    probe = torch.randn(8, ids.shape[1] - P + 1, generator=torch.Generator().manual_seed(0))
+    seen = []
+    embedding.register_forward_hook(lambda module, args, out: seen.append(module.sparse))
+    weights = [p for p in policy.parameters() if p.requires_grad]
+
+    def gradients(sparse: bool) -> list[torch.Tensor]:
+        for w in weights:
+            w.grad = None
+        with policy.sparse_embedding_gradient() if sparse else contextlib.nullcontext():
+            logits, values = policy.heads(hidden_from(policy, ids, mask, P - 1, shared))
+        (logits.log_softmax(-1).amax(-1) * probe + values).sum().backward()
+        return [w.grad for w in weights]
+
+    dense, rows = gradients(False), gradients(True)
+    assert seen == [False] * (1 + share) + [is_tied] * (1 + share)  # one or two trunk passes each
+    assert not embedding.sparse  # restored
+    for a, b in zip(rows, dense, strict=True):
+        assert a.layout == torch.strided
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_shared_prompts_fall_back_to_the_whole_pass_under_activation_checkpointing(

@@ -164,7 +164,7 @@ def _decode(
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             token = sample_tokens(probs, generator)
         # Rows that ended keep decoding until all have (their tokens are cut below): the tokens
-        # stay on the device, with one host sync per step, the stopping test.
+        # stay on the device, with one host sync per step, for the stopping test.
         ids[:, P + t], mask[:, P + t] = token, 1
         finished |= token == eos
         if t == M - 1 or bool(finished.all()):

@@ -361,7 +361,7 @@ class GroupAgent(OnPolicyAgent):
         for t in range(M):  # a live row generates token t at step t; all have ended after M steps
             action, _, logprob = self._sample(logits)
             logprobs[:, t] = torch.where(live, logprob, 0.0)
-            obs, reward, terminated, truncated, infos = self.env.step(action)
+            obs, reward, terminated, truncated, infos = env.step(action)
             host = env.host_view  # no read of the device
             steps += 1
             # Under same_step a waiting row's step is no transition; a live row never waits, so

@@ -1287,7 +1287,6 @@ class PPO(OnPolicyAgent):
             ref_logits, _ = self._ref_cache.rebuild(obs["input_ids"], obs["attention_mask"])
         self._rollout_kl, self._ended_episodes = [], []
         beta = self.kl.value
-        host = self.env.host_view
         for t in range(T):
             ids[t], masks[t] = obs["input_ids"], obs["attention_mask"]
             starts[t] = (obs["attention_mask"][:, self.prompt_window :].sum(1) == 0).float()

@@ -161,6 +161,11 @@ class TextGenVectorEnv(VectorEnv):
     ``reset`` returns, for the rows reset, ``"prompt"``, ``"prompt_index"`` and ``"group"`` in
     its infos (every row's with ``stable_info``).
 
+    :attr:`host_view` gives what the host knows of every row without reading the device (each
+    row's generated length, prompt index and prompt length, and the last step's flags and waits):
+    an agent on a GPU acts from it, and a step then reads the device once, and once more where
+    episodes end.
+
     :meth:`get_state` and :meth:`set_state` save and restore the episodes in flight, waits
     included, for a checkpoint that resumes exactly.
 

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from agents import distributed as dist
 from agents.policy import PolicyConfig, hidden_from
 from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, compact, filled_columns, forward_span
+from textgym.core import to_device
 from textgym.vector import TextGenVectorEnv
 
 STD_EPS = 1e-4
@@ -457,9 +458,7 @@ class GroupAgent(OnPolicyAgent):
         first = [0] * len(place)
         for i in reversed(range(len(inverse))):
             first[inverse[i]] = i
-        # Pinned on a GPU, so that the copy does not wait for the device.
-        index = torch.tensor(first + inverse, pin_memory=self.device.type == "cuda")  # (u + b,)
-        index = index.to(self.device, non_blocking=True)
+        index = to_device(np.array(first + inverse, dtype=np.int64), self.device)  # (u + b,), no wait
         return index[: len(first)], index[len(first) :]
 
     def _kl_stats(self) -> dict[str, float]:

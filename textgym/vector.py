@@ -527,13 +527,12 @@ class TextGenVectorEnv(VectorEnv):
         out_of_range = (values < 0) | (values >= V)
         if isinstance(values, torch.Tensor):  # read with the step's flags: no read of its own
             return values.to(device=self.device, dtype=torch.long), out_of_range.to(self.device)
-        if out_of_range.any():
-            i = int(out_of_range.nonzero()[0][0])
-            raise ValueError(f"actions[{i}] = {int(values[i])} (sub-env {i}) is not a token id in [0, {V})")
+        self._refuse(values, out_of_range)
         return to_device(values.astype(np.int64, copy=False), self.device), None
 
-    def _refuse(self, actions: torch.Tensor, out_of_range: torch.Tensor) -> None:
-        """Raise the error of the first action flagged in ``out_of_range`` (N,), if any."""
+    def _refuse(self, actions: Any, out_of_range: torch.Tensor | np.ndarray) -> None:
+        """Raise the error of the first action flagged in ``out_of_range`` (N,), if any (a tensor
+        or a NumPy array, as ``actions``)."""
         if out_of_range.any():
             i = int(out_of_range.nonzero()[0][0])
             raise ValueError(

@@ -162,7 +162,7 @@ def _reads_per_place(model, counting_syncs) -> tuple[list[tuple[int, bool]], int
 
 
 ROLLOUT_AGENTS = {
-    "ppo": lambda **kw: _ppo(**kw),
+    "ppo": _ppo,
     "ppo-kl-bootstrap": lambda **kw: _ppo(kl_coef=0.1, bootstrap_truncated=True, **kw),
     "ppo-seq2seq": lambda **kw: PPO(
         "TextGen-v0",

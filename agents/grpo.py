@@ -616,12 +616,13 @@ class GroupAgent(OnPolicyAgent):
         index = compact(trained, count)  # (m,) each trained token, row by row
         rows, t = index // weights.shape[1], index % weights.shape[1]  # its row in part, its index
         shared = None if part_rows is None else self._shared_prompts(self.policy, part_rows)
-        with self._sparse_embedding_gradient():
+        with self._in_place_gradients():
             log_probs, tokens = self._token_log_probs(
                 self.policy, ids, mask, rows, t, filled, shared
             )  # (m, V), (m,)
         new_logprobs = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (m,)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (m,)
+        with torch.no_grad():  # logged only: no (m, V) tensors kept for a backward
+            entropy = -(log_probs.exp() * log_probs).sum(-1)  # (m,)
         old_logprobs = rollout.logprobs[part][rows, t]
         ref = rollout.ref_logprobs[part][rows, t] if beta > 0 and rollout.ref_logprobs is not None else None
         loss, pg, kl = group_loss(

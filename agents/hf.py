@@ -258,6 +258,7 @@ class HFPolicy(nn.Module):
         self.autocast = options is not None and options.autocast
         # Plain lists, not registered as submodules: the decoder layers that checkpoint (see train()).
         self._checkpointed = _checkpointed_layers(self.causal_lm)
+        self._in_place: dict[str, nn.Parameter] | None = None  # in_place_gradients' weights, inside it
         self._cache_argument = cache_argument(self.causal_lm.base_model)  # asked once, not per call
         self.vocab_size = tokenizer.vocab_size
         self.cfg = None  # the architecture is the model's own (model.config)
@@ -340,30 +341,39 @@ class HFPolicy(nn.Module):
         return torch.autocast(self.model_ids.device.type, dtype=torch.bfloat16)
 
     @contextlib.contextmanager
-    def sparse_embedding_gradient(self) -> Iterator[None]:
-        """Inside, where the LM head shares its weight with the input embedding (SmolLM2,
-        GPT-2), the embedding's part of that weight's gradient is the rows it read, a sparse
-        tensor, which autograd adds in place into the head's dense gradient: without it, every
-        pass zero-fills a dense (model vocabulary, width) gradient and adds the two (113 MB each
-        for SmolLM2: a GRPO update of benchmark.py trl's took 4.25 s without, 3.75 s with, on
-        one CPU core). For losses that read the LM head, as the agents' updates do: a loss that
-        does not would leave the weight a sparse gradient. The embedding's own setting is
-        restored on leaving."""
-        embedding = self.causal_lm.get_input_embeddings()
-        head = self.causal_lm.get_output_embeddings()
-        tied = (
-            isinstance(embedding, nn.Embedding)
-            and embedding.weight is getattr(head, "weight", None)
-            and embedding.weight.requires_grad
-        )
-        if not (tied and torch.is_grad_enabled()):
+    def in_place_gradients(self) -> Iterator[None]:
+        """Inside, a backward pass adds every trained weight's gradient in place into its
+        ``.grad``, where autograd would sum a weight's shares out of place first: the embedding
+        that the LM head shares (SmolLM2, GPT-2), and every weight of the trunk under
+        :meth:`hidden_shared_prefix`, which reads it once for the shared prompts and once for the
+        rest. Each trunk pass runs on leaf stand-ins of the trained weights (their storage, no
+        copy) whose gradients a hook adds into the weights' own, and the embedding's share is the
+        rows it read (a sparse tensor), not a dense zero-filled (model vocabulary, width) tensor.
+        The gradients are the same; autograd's sums would each take a fresh buffer of the weight's
+        size, and fresh memory is slow on a CPU (one GRPO update of ``benchmark.py trl``'s on one
+        core: see the README's TRL section).
+
+        For the agents' updates, which call ``backward`` on losses that read the LM head: a hook
+        on a weight sees only the LM head's share of its gradient, and ``torch.autograd.grad`` of
+        a trunk weight sees none of it. The embedding's setting is restored on leaving."""
+        if not torch.is_grad_enabled() or self._in_place is not None:
             yield
             return
-        before, embedding.sparse = embedding.sparse, True
+        embedding = self.causal_lm.get_input_embeddings()
+        tied = (
+            isinstance(embedding, nn.Embedding)
+            and embedding.weight is getattr(self.causal_lm.get_output_embeddings(), "weight", None)
+            and embedding.weight.requires_grad
+        )
+        trained = {name: w for name, w in self.causal_lm.base_model.named_parameters() if w.requires_grad}
+        before = embedding.sparse
+        embedding.sparse = before or tied
+        self._in_place = trained
         try:
             yield
         finally:
             embedding.sparse = before
+            self._in_place = None
 
     def _check_logits(self) -> None:
         """Refuse models whose logits are not their LM head applied to the trunk's output."""
@@ -390,13 +400,19 @@ class HFPolicy(nn.Module):
     ) -> Any:
         """The model's trunk on textgym ids at ``positions``; with ``past`` (a ``DynamicCache``) it
         attends to the cached keys too and appends its own to ``past``, in place."""
+        trunk = self.causal_lm.base_model
+        kwargs = {
+            "input_ids": self.model_ids[input_ids],
+            "attention_mask": attention_mask,
+            "position_ids": positions,
+            "use_cache": past is not None,
+            self._cache_argument: past,
+        }
         with self._autocast():
-            return self.causal_lm.base_model(
-                input_ids=self.model_ids[input_ids],
-                attention_mask=attention_mask,
-                position_ids=positions,
-                use_cache=past is not None,
-                **{self._cache_argument: past},
+            if self._in_place is None or not torch.is_grad_enabled():
+                return trunk(**kwargs)
+            return torch.func.functional_call(
+                trunk, _stand_ins(self._in_place), (), kwargs, tie_weights=False
             )
 
     def new_cache(self) -> Any:
@@ -635,6 +651,28 @@ class _CacheWithoutAdapters:
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.inner.reorder(rows)
+
+
+def _stand_ins(weights: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A leaf tensor on each weight's storage, whose gradient is added into the weight's own
+    ``.grad`` in place as soon as autograd has it (:meth:`HFPolicy.in_place_gradients`)."""
+    stand_ins = {}
+    for name, weight in weights.items():
+        leaf = weight.detach().requires_grad_()
+        leaf.register_post_accumulate_grad_hook(functools.partial(_add_into, weight))
+        stand_ins[name] = leaf
+    return stand_ins
+
+
+def _add_into(weight: nn.Parameter, leaf: torch.Tensor) -> None:
+    """Hook of :func:`_stand_ins`: move ``leaf``'s gradient into ``weight``'s, in place."""
+    grad, leaf.grad = leaf.grad, None
+    if weight.grad is not None:
+        weight.grad.add_(grad)  # a dense gradient, plus a dense or a sparse one
+    elif grad.layout == torch.strided and grad.stride() == weight.stride():
+        weight.grad = grad
+    else:  # the weight's layout, as autograd gives it
+        weight.grad = torch.zeros_like(weight).add_(grad)
 
 
 def _prepare(model: nn.Module, options: HFConfig) -> nn.Module:

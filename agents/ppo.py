@@ -755,11 +755,11 @@ class OnPolicyAgent:
         finally:
             del self.optimizer.found_inf  # type: ignore[attr-defined]
 
-    def _sparse_embedding_gradient(self) -> contextlib.AbstractContextManager[Any]:
+    def _in_place_gradients(self) -> contextlib.AbstractContextManager[Any]:
         """For the update's forward pass, whose loss reads the LM head: the policy's
-        ``sparse_embedding_gradient`` where it has one (:class:`agents.hf.HFPolicy`)."""
-        sparse = getattr(self.policy, "sparse_embedding_gradient", None)
-        return contextlib.nullcontext() if sparse is None else sparse()
+        ``in_place_gradients`` where it has one (:class:`agents.hf.HFPolicy`)."""
+        in_place = getattr(self.policy, "in_place_gradients", None)
+        return contextlib.nullcontext() if in_place is None else in_place()
 
     def _masked(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (..., V) with the tokens outside the env's action mask made impossible."""
@@ -1525,7 +1525,7 @@ class PPO(OnPolicyAgent):
         ids, mask = seg.input_ids[part, first : last + 1], seg.attention_mask[part, first : last + 1]
         # Every action is scored at column P - 1 or later: the columns before it feed attention only.
         start = max(self.prompt_window - 1 - first, 0)
-        with self._sparse_embedding_gradient():
+        with self._in_place_gradients():
             hidden = hidden_from(self.policy, ids, mask, start)  # (b, last - first + 1 - start, C)
         logits, values = self.policy.heads(
             hidden[local[seg.segment[sel]], seg.column[sel] - first - start]

@@ -375,12 +375,11 @@ def test_shared_prompts_run_once_and_give_the_whole_pass(
 
 @pytest.mark.parametrize("tied", ["gpt2", "llama-tied", "llama"])
 @pytest.mark.parametrize("share", [False, True], ids=["whole-pass", "shared-prompts"])
-def test_the_tied_embeddings_gradient_as_rows_equals_the_dense_one(
-    bpe, model_dirs, tied, share, grouped_sequences, tmp_path
-):
-    """Inside sparse_embedding_gradient the embedding's part of a weight tied to the LM head
-    comes as the rows it read and is added into the head's gradient: every weight's gradient is
-    the dense path's, and the tied weight's is dense. An untied model is left alone."""
+def test_in_place_gradients_equal_autograds(bpe, model_dirs, tied, share, grouped_sequences, tmp_path):
+    """Inside in_place_gradients every trunk pass runs on stand-ins of the trained weights whose
+    gradients are added into the weights' own (the embedding's as the rows it read): every
+    weight's gradient is autograd's, dense and laid out as the weight, also when a second
+    backward adds onto it (in place: the same buffer). The embedding's setting is restored."""
     if tied == "llama-tied":  # as SmolLM2: a Llama whose LM head is its input embedding
         torch.manual_seed(3)
         transformers.LlamaForCausalLM(llama_config(bpe, tie_word_embeddings=True)).save_pretrained(tmp_path)
@@ -401,20 +400,42 @@ def test_the_tied_embeddings_gradient_as_rows_equals_the_dense_one(
     embedding.register_forward_hook(lambda module, args, out: seen.append(module.sparse))
     weights = [p for p in policy.parameters() if p.requires_grad]
 
-    def gradients(sparse: bool) -> list[torch.Tensor]:
-        for w in weights:
-            w.grad = None
-        with policy.sparse_embedding_gradient() if sparse else contextlib.nullcontext():
+    def backward(in_place: bool) -> None:
+        with policy.in_place_gradients() if in_place else contextlib.nullcontext():
             logits, values = policy.heads(hidden_from(policy, ids, mask, P - 1, shared))
         (logits.log_softmax(-1).amax(-1) * probe + values).sum().backward()
-        return [w.grad for w in weights]
 
-    dense, rows = gradients(False), gradients(True)
-    assert seen == [False] * (1 + share) + [is_tied] * (1 + share)  # one or two trunk passes each
-    assert not embedding.sparse  # restored
-    for a, b in zip(rows, dense, strict=True):
-        assert a.layout == torch.strided
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    def gradients(in_place: bool, passes: int) -> list[torch.Tensor]:
+        for w in weights:
+            w.grad = None
+        backward(in_place)
+        buffers = [w.grad.data_ptr() for w in weights]
+        for _ in range(passes - 1):
+            backward(in_place)
+        assert [w.grad.data_ptr() for w in weights] == buffers  # added in place
+        return [w.grad.clone() for w in weights]
+
+    for passes in (1, 2):
+        seen.clear()
+        dense, in_place = gradients(False, passes), gradients(True, passes)
+        assert seen == [False] * passes * (1 + share) + [is_tied] * passes * (1 + share)  # trunk passes
+        assert not embedding.sparse and policy._in_place is None  # restored
+        for w, a, b in zip(weights, in_place, dense, strict=True):
+            assert w.grad.layout == torch.strided and w.grad.stride() == w.stride()
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # sums in another order
+
+
+def test_in_place_gradients_leave_passes_without_gradients_alone(model_dirs, arch):
+    """Under no_grad (acting, the reference) a trunk pass inside in_place_gradients is a plain one."""
+    env = TextGenVectorEnv(2, array_type="torch", tokenizer=str(model_dirs[arch]), **ENV_KWARGS)
+    policy = load_policy(model_dirs[arch], env)
+    obs = env.reset(seed=0)[0]
+    with torch.no_grad():
+        expected = policy.hidden(obs["input_ids"], obs["attention_mask"])
+        with policy.in_place_gradients():
+            assert policy._in_place is None
+            hidden = policy.hidden(obs["input_ids"], obs["attention_mask"])
+    torch.testing.assert_close(hidden, expected, atol=0, rtol=0)
 
 
 def test_shared_prompts_fall_back_to_the_whole_pass_under_activation_checkpointing(

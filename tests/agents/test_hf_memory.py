@@ -5,6 +5,7 @@ Llama with random weights, built offline."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -21,6 +22,7 @@ import torch
 import transformers
 
 from agents.hf import AdaptersDisabled, HFConfig, HFKVCache, HFPolicy, RecomputeCache
+from agents.policy import hidden_from
 from agents.ppo import PPO, PPOConfig
 from textgym.hf import train_bpe_tokenizer
 from textgym.tasks import get_task
@@ -589,3 +591,35 @@ def test_train_script_takes_hf_config_with_a_policy_model_only(model_dirs, tmp_p
     )
     assert args.hf == HFConfig(lora_rank=4)
     assert "--hf-config" in train.build_parser().format_help()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_adapters_gradients_in_place_equal_autograds(model_dirs, arch, checkpointing):
+    """Under LoRA the trained weights are the adapters (the embedding is frozen): inside
+    in_place_gradients, with each prompt's columns run once for the rows that share it (the
+    whole pass under activation checkpointing, whose layers run again in the backward pass),
+    every adapter's gradient is autograd's."""
+    env = vector_env(model_dirs[arch])
+    obs = observations(env, steps=3)
+    ids, mask = obs["input_ids"][:8], obs["attention_mask"][:8]
+    P = env.prompt_window
+    torch.manual_seed(0)  # peft draws LoRA's A matrices from the global generator
+    policy = load_policy(model_dirs[arch], env, HFConfig(lora_rank=4, gradient_checkpointing=checkpointing))
+    nudge_adapters(policy)
+    policy.train()
+    shared = (torch.tensor([0]), torch.zeros(8, dtype=torch.long))  # every row holds row 0's prompt
+    ids[:, :P], mask[:, :P] = ids[:1, :P], mask[:1, :P]
+    trained = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "value_head" in n for n in trained)
+
+    def gradients(in_place: bool) -> dict[str, torch.Tensor]:
+        for p in trained.values():
+            p.grad = None
+        with policy.in_place_gradients() if in_place else contextlib.nullcontext():
+            logits, values = policy.heads(hidden_from(policy, ids, mask, P - 1, shared))
+        (torch.log_softmax(logits, -1)[..., 10].mean() + values.pow(2).mean()).backward()
+        return {n: p.grad.clone() for n, p in trained.items()}
+
+    dense, in_place = gradients(False), gradients(True)
+    for name, g in dense.items():
+        torch.testing.assert_close(in_place[name], g, atol=1e-5, rtol=1e-4, msg=name)

@@ -4,7 +4,7 @@ Both sample G completions of every prompt (the env's ``group_size``), take each 
 episode return as its reward, and judge it against the other completions of the same prompt
 instead of a learned critic. The policy acts through its KV cache and is updated on whole
 sequences, as PPO's; the training loop, interrupts, checkpoints, logging, ``predict`` and
-``generate`` are :class:`agents.ppo.OnPolicyAgent`'s, shared with PPO.
+``generate`` are :class:`agents.on_policy.OnPolicyAgent`'s, shared with PPO.
 
 **Rollouts: one episode per row, whole groups only.** A rollout starts every row on a fresh
 episode, the G rows of a group on one prompt, and steps the env until every row's episode has
@@ -78,8 +78,9 @@ import torch
 import torch.nn.functional as F
 
 from agents import distributed as dist
+from agents.buffer import compact
+from agents.on_policy import ConfigIO, OnPolicyAgent, check_fields, filled_columns, forward_span
 from agents.policy import PolicyConfig, hidden_from
-from agents.ppo import ConfigIO, OnPolicyAgent, check_fields, compact, filled_columns, forward_span
 from textgym.core import to_device
 from textgym.vector import TextGenVectorEnv
 
@@ -293,7 +294,7 @@ class GroupAgent(OnPolicyAgent):
     """What GRPO and RLOO share: group rollouts, one completion per row, and the update on whole
     completions; they differ in :meth:`advantages`, the loss's aggregation and where the KL goes.
 
-    Parameters as :class:`agents.ppo.OnPolicyAgent`'s: ``env`` (``"TextGen-v0"`` or a
+    Parameters as :class:`agents.on_policy.OnPolicyAgent`'s: ``env`` (``"TextGen-v0"`` or a
     :class:`~textgym.vector.TextGenVectorEnv` with ``group_size=config.group_size``,
     ``autoreset_mode="same_step"``, ``array_type="torch"``), ``config``, ``num_envs`` (a multiple of
     ``config.group_size``), ``env_kwargs`` (without ``group_size``), ``device``, ``seed``,
@@ -430,9 +431,9 @@ class GroupAgent(OnPolicyAgent):
         """The log-probabilities (m, V) that ``model`` (the policy or the reference, under the
         action mask) gives completion token ``t`` of row ``rows`` (m,) of ``ids``/``mask`` (b, L),
         by one causal pass, and those tokens (m,). The pass covers the columns from the first real
-        token of any row to the last (:func:`agents.ppo.filled_span`: a third of them on the
+        token of any row to the last (:func:`agents.on_policy.filled_span`: a third of them on the
         reviews task with a real tokenizer are padding in every row), from column 0 for the
-        encoder-decoder policy (:func:`agents.ppo.forward_span`; ``filled``: as there).
+        encoder-decoder policy (:func:`agents.on_policy.forward_span`; ``filled``: as there).
         ``shared``: the rows that hold one prompt (:meth:`_shared_prompts`), whose prompt columns
         the model then runs once (:func:`agents.policy.hidden_from`)."""
         first, last = forward_span(model, mask, filled)
@@ -484,7 +485,7 @@ class GroupAgent(OnPolicyAgent):
         Host syncs: on a GPU each read of the device waits for it. In one process the update reads
         it twice, whatever its number of minibatches: the sizes of every gather, and every
         minibatch's statistics at the end, where it also raises
-        :class:`~agents.ppo.TrainingDivergedError` for a non-finite loss or gradient (the fused
+        :class:`~agents.on_policy.TrainingDivergedError` for a non-finite loss or gradient (the fused
         Adam has skipped that step and the later ones: :meth:`_divergence_flag`). Adam
         without ``fused`` (checked before each step) and ``torchrun`` (token counts over all ranks)
         read it once per minibatch more.
@@ -581,7 +582,7 @@ class GroupAgent(OnPolicyAgent):
         return stats
 
     def _check_minibatch(self, minibatch: int, row: list[float], advantages: torch.Tensor) -> None:
-        """Raise :class:`~agents.ppo.TrainingDivergedError` if the loss or the gradient norm of
+        """Raise :class:`~agents.on_policy.TrainingDivergedError` if the loss or the gradient norm of
         ``row`` (a minibatch's statistics as the update keeps them) is not finite."""
         loss, pg_loss, kl_loss, *_, grad_norm = row
         if not math.isfinite(loss):

@@ -18,7 +18,7 @@ decoder's position ``j - P + 1``); every column of the prompt window gives the d
 the state after the prompt, so each row's last real column reads the right one, whatever the
 prompt's padding. The update's whole-sequence passes, ``predict`` and the group agents' log-prob
 passes therefore run unchanged; they only must not cut columns off the left of the prompt window
-(:func:`agents.ppo.forward_span`).
+(:func:`agents.on_policy.forward_span`).
 
 Acting (:class:`Seq2SeqCache`): the encoder runs once when a row starts an episode (every row with
 no generated token, so also when it autoresets onto a new prompt); each decoder layer's

@@ -132,7 +132,8 @@ from agents.baselines import (
 )
 from agents.grpo import GRPO, RLOO
 from agents.hf import HFConfig
-from agents.ppo import PPO, OnPolicyAgent, PPOConfig
+from agents.on_policy import OnPolicyAgent
+from agents.ppo import PPO, PPOConfig
 from agents.runtime import (
     HelpFormatter,
     add_threads_argument,

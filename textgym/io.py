@@ -101,20 +101,27 @@ def check_zip_integrity(path: str | os.PathLike[str]) -> None:
         )
 
 
-def load_torch_checkpoint(path: str | os.PathLike[str], schema: str, what: str) -> dict[str, Any]:
-    """A checkpoint dict written with ``"schema": schema``, checked for damage
-    (:func:`check_zip_integrity`) and loaded on the CPU with ``weights_only=True``;
-    FileNotFoundError or ValueError naming ``what`` (e.g. "reward-model")."""
+def load_torch_file(path: str | os.PathLike[str], what: str) -> Any:
+    """What ``torch.save`` wrote at ``path``, checked for damage first (:func:`check_zip_integrity`)
+    and loaded on the CPU with ``weights_only=True``; FileNotFoundError or ValueError naming
+    ``what`` (e.g. "reward-model checkpoint")."""
     import torch
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} checkpoint at {str(path)!r}")
+        raise FileNotFoundError(f"no {what} at {str(path)!r}")
     check_zip_integrity(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{str(path)!r} is not a textgym {what} checkpoint ({type(exc).__name__})") from None
+        raise ValueError(f"{str(path)!r} is not a textgym {what} ({type(exc).__name__}: {exc})") from None
+
+
+def load_torch_checkpoint(path: str | os.PathLike[str], schema: str, what: str) -> dict[str, Any]:
+    """A checkpoint dict written with ``"schema": schema``, checked for damage
+    (:func:`check_zip_integrity`) and loaded on the CPU with ``weights_only=True``;
+    FileNotFoundError or ValueError naming ``what`` (e.g. "reward-model")."""
+    ckpt = load_torch_file(path, f"{what} checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("schema") != schema:
         raise ValueError(f"{str(path)!r} is not a textgym {what} checkpoint (schema {schema})")
     return ckpt

@@ -522,7 +522,7 @@ def test_load_refuses_other_files(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="not a textgym PPO checkpoint"):
         PPO.load(tmp_path / "list.pt", device="cpu")
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(FileNotFoundError, match="no PPO checkpoint at"):
         PPO.load(tmp_path / "missing.pt", device="cpu")
 
 

@@ -11,8 +11,8 @@ import torch
 
 from agents import GRPO, PPO, RLOO, PPOConfig, TrainingDivergedError
 from agents.buffer import compact
+from agents.on_policy import filled_columns, filled_span
 from agents.policy import PolicyConfig
-from agents.ppo import filled_columns, filled_span
 from textgym import TokenFunctionReward
 
 TINY = PolicyConfig(d_model=32, n_layers=1, n_heads=2)

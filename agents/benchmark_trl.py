@@ -48,7 +48,7 @@ def _textgym_worker(settings: dict[str, Any]) -> dict[str, Any]:
         device=settings["device"],
         seed=0,
     )
-    seconds, tokens = [], []
+    seconds, tokens, rollouts, updates = [], [], [], []
     for step in range(settings["warmup"] + settings["steps"]):
         start = time.perf_counter()
         model.learn(1, reset_num_timesteps=step == 0, progress_bar=False)  # one rollout, one step
@@ -56,7 +56,15 @@ def _textgym_worker(settings: dict[str, Any]) -> dict[str, Any]:
         if step >= settings["warmup"]:
             seconds.append(elapsed)
             tokens.append(sum(e["l"] for e in list(model.ep_info_buffer)[-n:]))
-    return {"step_seconds": seconds, "tokens": tokens, "peak_rss_gib": peak_rss_mib() / 1024}
+            rollouts.append(model.last_stats["time/rollout_seconds"])  # the reference's pass included
+            updates.append(model.last_stats["time/update_seconds"])
+    return {
+        "step_seconds": seconds,
+        "tokens": tokens,
+        "rollout_seconds": rollouts,
+        "update_seconds": updates,
+        "peak_rss_gib": peak_rss_mib() / 1024,
+    }
 
 
 def _trl_worker(settings: dict[str, Any]) -> dict[str, Any]:
@@ -237,4 +245,12 @@ def format_trl_table(report: dict[str, Any]) -> str:
         f"textgym / TRL: {report['speedup']:.2f}x generated tokens per second, "
         f"{report['memory_ratio']:.2f}x peak memory"
     )
+    mine = report.get("runs", {}).get("textgym", [])
+    if mine and all("rollout_seconds" in run for run in mine):  # reports from before lack the split
+        rollout = statistics.median(s for run in mine for s in run["rollout_seconds"])
+        update = statistics.median(s for run in mine for s in run["update_seconds"])
+        lines.append(
+            f"textgym's step (medians): rollout {rollout:.2f} s (the reference's pass included), "
+            f"update {update:.2f} s"
+        )
     return "\n".join(lines)

@@ -49,7 +49,8 @@ REINFORCE's while ρ_t = 1. The KL to the reference is a **reward penalty**, as 
 TensorBoard: Stable-Baselines3's tags where the quantity is PPO's (``rollout/ep_rew_mean``,
 ``rollout/ep_len_mean``, ``train/approx_kl``, ``train/clip_fraction``, ``train/entropy_loss``,
 ``train/policy_gradient_loss`` and ``train/loss`` (both aggregated as the loss is), ``train/learning_rate``, ``train/clip_range``,
-``train/n_updates``, ``train/epochs``, ``train/sequences``, ``time/fps``, and with a reference
+``train/n_updates``, ``train/epochs``, ``train/sequences``, ``time/fps``, ``time/rollout_seconds``,
+``time/update_seconds``, ``time/time_elapsed``, and with a reference
 ``train/kl_ref_sampled``, ``train/kl_coef``), and these: ``train/group_reward_std``
 (the mean over groups of the std of their rewards), ``train/zero_std_fraction`` (the share of
 groups whose rewards are all equal: their advantages are 0 and they teach nothing),

@@ -515,9 +515,10 @@ class OnPolicyAgent:
                     frac = 1.0 - self.num_timesteps / self._target_timesteps
                     for group in self.optimizer.param_groups:
                         group["lr"] = frac * cfg.learning_rate
-                rollout_start = self.num_timesteps
+                rollout_start, started = self.num_timesteps, time.perf_counter()
                 batch = self._collect()
                 self.num_timesteps = rollout_start + dist.sum_int(self.num_timesteps - rollout_start)
+                collected = time.perf_counter()
                 with _interrupt_after_block() as interrupted:
                     phase = "update"
                     stats = self._train(batch)
@@ -526,8 +527,12 @@ class OnPolicyAgent:
                         self.kl.update(stats[self.kl_control_tag], self.num_timesteps - rollout_start)
                     self.n_updates += 1
                     phase, consistent = "between", None
+                updated = time.perf_counter()
                 agreed = dist.any_rank(bool(interrupted) or bool(held))
-                fps = (self.num_timesteps - start_steps) / (time.perf_counter() - start_time)
+                stats["time/rollout_seconds"] = collected - started
+                stats["time/update_seconds"] = updated - collected
+                stats["time/time_elapsed"] = updated - start_time
+                fps = (self.num_timesteps - start_steps) / (updated - start_time)
                 self._log(stats, fps)
                 if bar is not None:
                     bar.update(self.num_timesteps - bar.n)

@@ -32,7 +32,7 @@ import torch
 
 from agents.grpo import GRPOConfig, RLOOConfig
 from agents.ppo import PPOConfig
-from agents.recipes import AGENTS, agent_setup, check_counts, check_groups
+from agents.recipes import AGENTS, agent_setup, answered, check_counts, check_groups
 from textgym.io import atomic_write
 from textgym.tasks import get_task, make_env_config
 
@@ -137,16 +137,8 @@ def eval_draw(config: PretrainedRecipeConfig, split: str) -> list[str]:
 @torch.no_grad()
 def exact_match(policy: Any, config: PretrainedRecipeConfig, split: str, batch: int = 256) -> float:
     """Greedy exact match of ``policy`` on :func:`eval_draw`'s prompts of ``split``."""
-    from agents.generation import generate
-
     env = make_env_config(config.task, split=split, tokenizer=policy.tokenizer)
-    prompts = eval_draw(config, split)
-    scores = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        out = generate(policy, env.tokenizer, chunk, env.max_prompt_tokens, env.max_new_tokens, "greedy")
-        scores.extend(env.reward.score(chunk, out))
-    return float(np.mean(scores))
+    return answered(policy, env, eval_draw(config, split), batch=batch)
 
 
 def evaluate(policy: Any, config: PretrainedRecipeConfig) -> dict[str, float]:

@@ -171,14 +171,32 @@ def exact_match(
     """Share of ``split``'s prompts of ``task`` (the first ``limit`` of them; None: all) that
     ``policy`` answers exactly: the task's reward, 1 or 0, averaged over every prompt once.
     ``strategy`` is "greedy", or "sample" at temperature 1 from ``seed``."""
+    env = make_env_config(task, split=split)
+    return answered(policy, env, list(env.prompts[:limit]), strategy, seed)
+
+
+def answered(
+    policy: Any,
+    env: Any,
+    prompts: list[str],
+    strategy: str = "greedy",
+    seed: int | None = None,
+    batch: int | None = None,
+) -> float:
+    """The mean reward of ``env`` (a :class:`~textgym.tasks.EnvConfig` whose reward is exact
+    match) over ``policy``'s completions of ``prompts``, generated ``batch`` prompts at a time
+    (None: all at once; sampling draws from ``seed`` in each batch)."""
     from agents.generation import generate
 
-    env = make_env_config(task, split=split)
-    prompts = list(env.prompts[:limit])
-    completions = generate(
-        policy, env.tokenizer, prompts, env.max_prompt_tokens, env.max_new_tokens, strategy, seed=seed
-    )
-    return float(np.mean(env.reward.score(prompts, completions)))
+    scores = []
+    step = batch or max(len(prompts), 1)
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start : start + step]
+        out = generate(
+            policy, env.tokenizer, chunk, env.max_prompt_tokens, env.max_new_tokens, strategy, seed=seed
+        )
+        scores.extend(env.reward.score(chunk, out))
+    return float(np.mean(scores))
 
 
 def evaluate_policy(policy: Any, config: RecipeConfig) -> dict[str, float]:

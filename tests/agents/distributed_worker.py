@@ -43,7 +43,7 @@ def identical_weights() -> dict:
             "kl_coef": model.kl.value,
             "num_timesteps": model.num_timesteps,
             "n_updates": model.n_updates,
-            "stats": {k: v for k, v in model.last_stats.items() if k != "time/fps"},
+            "stats": {k: v for k, v in model.last_stats.items() if not k.startswith("time/")},  # wall times
             "prompt_index": model.env._core.prompt_index.clone(),
             # GRPO's loss leaves the value head out: Adam must keep no state for it, as in one process
             "value_head_stepped": any(

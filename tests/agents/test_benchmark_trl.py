@@ -41,6 +41,10 @@ def test_the_textgym_side_times_each_step_and_counts_its_tokens(tmp_path):
     # 2 prompts x 2 completions of 1..3 tokens each, per timed step
     assert len(result["tokens"]) == 2 and all(4 <= t <= 12 for t in result["tokens"])
     assert 0.05 < result["peak_rss_gib"] < 64
+    for rollout, update, step in zip(
+        result["rollout_seconds"], result["update_seconds"], result["step_seconds"], strict=True
+    ):
+        assert rollout > 0 and update > 0 and rollout + update <= step
 
 
 def test_run_side_names_the_side_that_failed(tmp_path):
@@ -68,6 +72,11 @@ def test_the_table_reports_both_trainers_and_the_ratios():
     assert "| textgym GRPO | 2.00 | 8.0 | 1.0 | 1.50 GiB |" in table
     assert "| TRL GRPOTrainer | 2.00 | 4.0 | 1.0 | 3.00 GiB |" in table
     assert "2.00x generated tokens per second, 0.50x peak memory" in table
+    assert "rollout" not in table  # a report without the project's split
+    report["runs"] = {"textgym": [{"rollout_seconds": [0.5, 0.75], "update_seconds": [1.0, 1.25]}] * 2}
+    assert "textgym's step (medians): rollout 0.62 s (the reference's pass included), update 1.12 s" in (
+        format_trl_table(report)
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is an optional benchmark dependency")

@@ -528,6 +528,7 @@ def test_tensorboard_tags(tmp_path):
     tags = set(acc.Tags()["scalars"])
     shared = {"rollout/ep_rew_mean", "rollout/ep_len_mean", "train/approx_kl", "train/clip_fraction"}
     shared |= {"train/loss", "train/learning_rate", "train/kl_ref_sampled", "train/kl_coef", "time/fps"}
+    shared |= {"time/rollout_seconds", "time/update_seconds", "time/time_elapsed"}
     new = {"train/group_reward_std", "train/zero_std_fraction", "train/kl_k3", "rollout/trained_fraction"}
     assert shared | new <= tags
     assert "train/value_loss" not in tags  # no critic

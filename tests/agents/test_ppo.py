@@ -619,10 +619,19 @@ def test_tensorboard_logging(tmp_path):
         "train/loss",
         "train/learning_rate",
         "time/fps",
+        "time/rollout_seconds",
+        "time/update_seconds",
+        "time/time_elapsed",
     }
     assert expected <= scalars, expected - scalars
     for tag in expected:
         assert [e.step for e in acc.Scalars(tag)] == [64, 128, 192], tag
+    # each iteration's rollout and update take part of the time since learn began
+    elapsed = [e.value for e in acc.Scalars("time/time_elapsed")]
+    rollouts, updates = acc.Scalars("time/rollout_seconds"), acc.Scalars("time/update_seconds")
+    parts = [r.value + u.value for r, u in zip(rollouts, updates, strict=True)]
+    assert all(p > 0 for p in parts) and elapsed == sorted(elapsed)
+    assert all(p <= e - before for p, e, before in zip(parts, elapsed, [0.0, *elapsed[:-1]], strict=True))
     assert acc.Scalars("train/loss")[-1].value == pytest.approx(model.last_stats["train/loss"], rel=1e-5)
     texts = set(acc.Tags()["tensors"])
     assert {"config/text_summary", "samples/text_summary"} <= texts

@@ -6,30 +6,15 @@ checks and ``--help`` in-process, and the summary's arithmetic on hand-made figu
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from script_runs import ROOT, script
 
 from agents.recipes import CONTROL, WARMUP, RecipeConfig, exact_match, results_markdown, summarize, warm_up
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@functools.cache
-def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "_textgym_script_arithmetic", ROOT / "scripts" / "arithmetic.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_writes_the_table_and_every_stage(tmp_path):
@@ -72,7 +57,7 @@ def test_quick_run_writes_the_table_and_every_stage(tmp_path):
 
 def test_help_names_every_option(capsys):
     with pytest.raises(SystemExit) as info:
-        script().parse_args(["--help"])
+        script("arithmetic").parse_args(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
     for option in (
@@ -103,7 +88,7 @@ def test_help_names_every_option(capsys):
 def test_bad_arguments_are_refused_before_any_work(argv, message, capsys, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as info:
-        script().parse_args([*argv, "--out", str(out)])
+        script("arithmetic").parse_args([*argv, "--out", str(out)])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
@@ -112,12 +97,12 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, capsys, tmp_pa
 def test_out_must_be_a_new_directory(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit):
-        script().parse_args(["--out", str(tmp_path / "file")])
+        script("arithmetic").parse_args(["--out", str(tmp_path / "file")])
     assert "is a file, not a directory" in capsys.readouterr().err
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "results.json").write_text("{}")
     with pytest.raises(SystemExit):
-        script().parse_args(["--out", str(tmp_path / "done")])
+        script("arithmetic").parse_args(["--out", str(tmp_path / "done")])
     assert "already holds results" in capsys.readouterr().err
 
 

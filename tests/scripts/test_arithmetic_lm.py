@@ -6,21 +6,19 @@ end as a subprocess, the warm-up's effect, the evaluation draw, and the argument
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 pytest.importorskip("transformers")
 
 import torch
+from script_runs import ROOT, script
 
 from agents.hf import HFPolicy
 from agents.lm import encode_texts, lm_loss
@@ -37,22 +35,10 @@ from agents.rlhf import quick_model
 from textgym.hf import HFTokenizer
 from textgym.tasks import get_task, make_env_config
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return quick_model(tmp_path_factory.mktemp("tiny"))
-
-
-@functools.cache
-def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "_textgym_script_arithmetic_lm", ROOT / "scripts" / "arithmetic.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_on_a_model_folder_writes_every_stage(tiny, tmp_path):
@@ -151,7 +137,7 @@ def test_config_and_model_folder_are_checked(tmp_path):
 def test_bad_arguments_with_a_model_are_refused(tiny, argv, message, capsys, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as info:
-        script().parse_args(["--model", str(tiny), *argv, "--out", str(out)])
+        script("arithmetic").parse_args(["--model", str(tiny), *argv, "--out", str(out)])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
@@ -159,6 +145,6 @@ def test_bad_arguments_with_a_model_are_refused(tiny, argv, message, capsys, tmp
 
 def test_a_model_that_is_not_there_is_named(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        script().parse_args(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+        script("arithmetic").parse_args(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert "--model: no model folder (config.json) at" in err and "nothing" in err

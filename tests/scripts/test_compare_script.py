@@ -5,19 +5,15 @@ its refusals of bad arguments."""
 from __future__ import annotations
 
 import csv
-import functools
-import importlib.util
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_runs import run_script, script
 
-ROOT = Path(__file__).resolve().parents[2]
 AGENTS = ["ppo", "ppo-seq2seq", "sb3-ppo", "sb3-a2c", "sb3-maskable-ppo"]
 CUSTOM = ("ppo", "ppo-seq2seq")
 RESULT_COLUMNS = [
@@ -50,24 +46,10 @@ SB3_HYPERPARAMS = {
     "sb3-maskable-ppo": {"n_steps": 16, "batch_size": 32},
 }
 OUTPUTS = ("results.csv", "results.md", "runs.csv", "curves.png", "config.json")
-# One thread per process (compare.py's default too): the cores are shared. The timeout only stops
-# a hung process; a loaded machine must never reach it.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TIMEOUT = 1800
 
 
 def compare(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "scripts/compare.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=ENV,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+    return run_script("compare", *args, check=check)
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -320,13 +302,8 @@ def test_summarize_refuses_a_directory_without_tb(tmp_path):
     assert (tmp_path / "results.csv").read_text() == "agent\n"
 
 
-@functools.cache
 def compare_script():
-    """scripts/compare.py as a module (its ``__main__`` block does not run)."""
-    spec = importlib.util.spec_from_file_location("_textgym_script_compare", ROOT / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("compare")
 
 
 BAD_ARGUMENTS = [

@@ -8,17 +8,14 @@ interpreter start-up).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from script_runs import exit_code, run, script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.lm import load_lm
@@ -26,35 +23,7 @@ from agents.ppo import PPO
 from agents.reward_model import LearnedReward
 from textgym.tasks import get_task, make_env_config
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_POLICY = '{"d_model": 16, "n_layers": 1, "n_heads": 2}'
-# One thread per process: the machine's two cores are shared, and more threads only contend.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TIMEOUT = 1800  # only stops a hung process; a loaded machine must never reach it
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env=ENV
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
-
-
-@functools.cache
-def script(name: str) -> ModuleType:
-    """scripts/<name>.py as a module (its ``__main__`` block does not run)."""
-    spec = importlib.util.spec_from_file_location(f"_textgym_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def exit_code(fn, argv: list[str]) -> int | str | None:
-    with pytest.raises(SystemExit) as info:
-        fn(argv)
-    return info.value.code
 
 
 @pytest.fixture(scope="module")

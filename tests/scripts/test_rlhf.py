@@ -4,37 +4,23 @@ model, skipped when it is not on disk."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("vaderSentiment")
 
-ROOT = Path(__file__).resolve().parents[2]
+from script_runs import exit_code, script
 
 
-@functools.cache
-def script() -> ModuleType:
-    """scripts/rlhf.py as a module (its ``__main__`` block does not run)."""
-    spec = importlib.util.spec_from_file_location("_textgym_script_rlhf", ROOT / "scripts" / "rlhf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def exit_code(argv: list[str]) -> int | str | None:
-    with pytest.raises(SystemExit) as info:
-        script().main(argv)
-    return info.value.code
+def rlhf_exit_code(argv: list[str]) -> int | str | None:
+    return exit_code(script("rlhf").main, argv)
 
 
 def test_help_names_the_runs_and_the_model_step(capsys):
-    assert exit_code(["--help"]) == 0
+    assert rlhf_exit_code(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(run in out for run in ("full_kl", "full_no_kl", "lora_kl", "lora_no_kl"))
     assert "python scripts/get_model.py smollm2-135m" in out and "--quick" in out and "--threads" in out
@@ -55,14 +41,14 @@ def test_help_names_the_runs_and_the_model_step(capsys):
 )
 def test_bad_arguments_are_refused_before_any_work(argv, message, tmp_path, capsys):
     out = tmp_path / "out"
-    assert exit_code([*argv, "--out", str(out)]) == 2
+    assert rlhf_exit_code([*argv, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_a_missing_model_names_the_command_that_fetches_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TEXTGYM_CACHE", str(tmp_path / "empty_cache"))
-    assert exit_code(["--out", str(tmp_path / "out")]) == 2
+    assert rlhf_exit_code(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "python scripts/get_model.py smollm2-135m" in err and "not on disk" in err
     assert not (tmp_path / "out").exists()
@@ -72,7 +58,7 @@ def test_quick_trains_evaluates_and_writes_the_results(tmp_path, capsys):
     """The pretrained model, then full fine-tuning with KL (in this process under --quick), on the
     same held-out episodes; the results are written only at the end."""
     out = tmp_path / "out"
-    assert script().main(["--quick", "--runs", "full_kl", "--out", str(out), "--no-progress"]) == 0
+    assert script("rlhf").main(["--quick", "--runs", "full_kl", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     base, run = results["pretrained"], results["runs"]["full_kl"]
     assert list(results["runs"]) == ["full_kl"] and results["isolated"] is False

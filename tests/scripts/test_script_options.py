@@ -8,8 +8,6 @@ command line, no interpreter start-up).
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -17,6 +15,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from script_runs import ROOT, exit_code, script
 
 from agents.runtime import (
     SEED_MAX,
@@ -27,23 +26,7 @@ from agents.runtime import (
     set_threads,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["train", "compare", "pipeline", "pretrain", "train_reward", "benchmark"]
-
-
-@functools.cache
-def script(name: str) -> ModuleType:
-    """scripts/<name>.py as a module (its ``__main__`` block does not run)."""
-    spec = importlib.util.spec_from_file_location(f"_textgym_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def exit_code(fn, argv: list[str]) -> int | str | None:
-    with pytest.raises(SystemExit) as info:
-        fn(argv)
-    return info.value.code
 
 
 # --------------------------------------------------------------------------------------- help

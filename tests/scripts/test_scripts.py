@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-# One thread per process (the scripts' default too): the cores are shared, and more threads only
-# contend. The timeout only stops a hung process; a loaded machine must never reach it.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TIMEOUT = 1800
-
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env=ENV
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+from script_runs import ENV, ROOT, TIMEOUT, run
 
 
 def benchmark_with_empty_cache(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,24 +3,18 @@ tiny sweep that writes its three files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from script_runs import ROOT, load_script
 
 
 def sweep_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_textgym_script_sweep", ROOT / "scripts" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sweep")
 
 
 def test_help_as_a_user_runs_it():

@@ -2,43 +2,25 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from script_runs import ENV, ROOT, TIMEOUT, run_script, script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.ppo import PPO
 
-ROOT = Path(__file__).resolve().parents[2]
 COMMON = ("--no-progress", "--device", "cpu", "--eval-episodes", "32")
-# One thread per process (train.py's default too): the cores are shared. The timeouts only stop a
-# hung process; a loaded machine must never reach them.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TIMEOUT = 1800
 
 
 def train(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "scripts/train.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=ENV,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+    return run_script("train", *args, check=check)
 
 
 def scalar_steps(tb_dir: Path, tag: str) -> list[int]:
@@ -162,15 +144,6 @@ def test_resume_missing_file(tmp_path, where):
 
 
 # ------------------------------------------------------------- in-process: resume, summary, TB
-@functools.cache
-def script() -> ModuleType:
-    """scripts/train.py as a module (its ``__main__`` block does not run)."""
-    spec = importlib.util.spec_from_file_location("_textgym_script_train", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 TINY = ["--num-envs", "4", "--ppo-config", '{"n_steps": 8}', *COMMON[:3], "--eval-episodes", "4"]
 
 
@@ -193,7 +166,7 @@ def restore_threads():
 @pytest.fixture
 def small_run(tmp_path, capsys) -> tuple[Path, str]:
     """train.py --total-timesteps 50 with rollouts of 8 x 4 = 32 env steps: (run directory, stdout)."""
-    assert script().main(["--total-timesteps", "50", "--logdir", str(tmp_path / "runs"), *TINY]) == 0
+    assert script("train").main(["--total-timesteps", "50", "--logdir", str(tmp_path / "runs"), *TINY]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     return run_dir, capsys.readouterr().out
 
@@ -241,7 +214,7 @@ def test_sb3_run_logs_config_samples_and_evaluation(tmp_path, capsys):
     argv = ["--agent", "sb3-a2c", "--hyperparams", '{"n_steps": 8}', "--total-timesteps", "64",
             "--num-envs", "4", "--eval-episodes", "4", "--no-progress", "--device", "cpu",
             "--logdir", str(tmp_path)]  # fmt: skip
-    assert script().main(argv) == 0
+    assert script("train").main(argv) == 0
     (run_dir,) = tmp_path.iterdir()
     acc = tb_run(run_dir)
     assert {"eval/mean_reward", "eval/mean_reward_random", "rollout/ep_rew_mean"} <= set(
@@ -264,7 +237,7 @@ def test_resume_with_a_new_total(small_run, capsys):
     checkpoint = run_dir / "checkpoint.pt"
     argv = ["--resume", str(checkpoint), "--total-timesteps", "128", "--seed", "0", "--num-envs", "4",
             "--ppo-config", '{"n_steps": 8}', *COMMON[:3], "--eval-episodes", "4"]  # fmt: skip
-    assert script().main(argv) == 0
+    assert script("train").main(argv) == 0
     out = capsys.readouterr().out
     assert "resuming at 64 env steps; 64 to go" in out
     assert "trained ppo: 128 env steps; 64 in this session in " in out
@@ -274,7 +247,7 @@ def test_resume_with_a_new_total(small_run, capsys):
     assert steps == [64, 128]  # the same TensorBoard run, continued
 
     # At its total: nothing to train, only the evaluation.
-    assert script().main(["--resume", str(checkpoint), *COMMON[:3], "--eval-episodes", "4"]) == 0
+    assert script("train").main(["--resume", str(checkpoint), *COMMON[:3], "--eval-episodes", "4"]) == 0
     out = capsys.readouterr().out
     assert "nothing to train" in out and "trained ppo: 128 env steps, none in this session" in out
     assert PPO.load(checkpoint, device="cpu").num_timesteps == 128
@@ -282,7 +255,9 @@ def test_resume_with_a_new_total(small_run, capsys):
 
 def test_resume_refuses_a_total_below_the_steps_done(small_run):
     run_dir, _ = small_run
-    code = exit_code(script().main, ["--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "40"])
+    code = exit_code(
+        script("train").main, ["--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "40"]
+    )
     assert isinstance(code, str) and "--total-timesteps 40 is below the 64 env steps" in code
     assert PPO.load(run_dir / "checkpoint.pt", device="cpu").num_timesteps == 64
 
@@ -307,7 +282,7 @@ def test_resume_refuses_options_that_would_change_the_run(small_run, option, cap
     different, they are refused (they were silently ignored), naming the option and both values."""
     run_dir, _ = small_run
     before = (run_dir / "config.json").read_text()
-    assert exit_code(script().parse_args, ["--resume", str(run_dir / "checkpoint.pt"), *option]) == 2
+    assert exit_code(script("train").parse_args, ["--resume", str(run_dir / "checkpoint.pt"), *option]) == 2
     err = capsys.readouterr().err
     assert "--resume continues the run with its own settings" in err and f"{option[0]} " in err
     assert "(the run has " in err
@@ -316,7 +291,7 @@ def test_resume_refuses_options_that_would_change_the_run(small_run, option, cap
 
 def test_resume_takes_the_run_settings(small_run):
     run_dir, _ = small_run
-    args = script().parse_args(["--resume", str(run_dir / "checkpoint.pt")])
+    args = script("train").parse_args(["--resume", str(run_dir / "checkpoint.pt")])
     assert (args.agent, args.num_envs, args.ppo_config, args.seed) == ("ppo", 4, {"n_steps": 8}, 0)
     assert args.total_timesteps is None  # the checkpoint's own total, read when it is loaded
 
@@ -338,7 +313,7 @@ VARIED = [("review of the hotel : the room", "the room was clean and the view wa
 def test_reward_hacking_note(samples, reward_name, mean, noted, tmp_path, capsys, monkeypatch):
     """Repetitive samples under the lexicon reward get a note naming reward hacking and the
     pipeline that fixes it (the main job printed eight "best best ..." with no word on why)."""
-    train_module = script()
+    train_module = script("train")
 
     def fake_evaluate(policy, env_kwargs, episodes, num_envs):
         return {
@@ -366,7 +341,9 @@ def test_group_agent_run_writes_config_checkpoint_and_events_and_resumes(agent, 
     cls = {"grpo": GRPO, "rloo": RLOO}[agent]
     logdir = tmp_path / "runs"
     assert (
-        script().main(["--agent", agent, "--total-timesteps", "100", "--logdir", str(logdir), *GROUP_TINY])
+        script("train").main(
+            ["--agent", agent, "--total-timesteps", "100", "--logdir", str(logdir), *GROUP_TINY]
+        )
         == 0
     )
     out = capsys.readouterr().out
@@ -389,7 +366,9 @@ def test_group_agent_run_writes_config_checkpoint_and_events_and_resumes(agent, 
     # --resume continues it; options that would change the run are refused.
     checkpoint = run_dir / "checkpoint.pt"
     assert (
-        exit_code(script().parse_args, ["--resume", str(checkpoint), "--agent-config", '{"group_size": 2}'])
+        exit_code(
+            script("train").parse_args, ["--resume", str(checkpoint), "--agent-config", '{"group_size": 2}']
+        )
         == 2
     )
     err = capsys.readouterr().err
@@ -403,7 +382,7 @@ def test_group_agent_run_writes_config_checkpoint_and_events_and_resumes(agent, 
         "--eval-episodes",
         "4",
     ]
-    assert script().main(argv) == 0
+    assert script("train").main(argv) == 0
     assert f"resuming at {done} env steps; 64 to go" in capsys.readouterr().out
     resumed = cls.load(checkpoint, device="cpu")
     assert resumed.num_timesteps >= done + 64 and resumed.n_updates > model.n_updates
@@ -442,7 +421,7 @@ def test_group_agent_run_writes_config_checkpoint_and_events_and_resumes(agent, 
 )
 def test_group_agent_options_are_checked_before_any_work(argv, message, tmp_path, capsys):
     logdir = tmp_path / "runs"
-    assert exit_code(script().parse_args, [*argv, "--logdir", str(logdir)]) == 2
+    assert exit_code(script("train").parse_args, [*argv, "--logdir", str(logdir)]) == 2
     err = capsys.readouterr().err
     assert "usage:" in err and message in err, err
     assert not logdir.exists()

@@ -2,42 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+from script_runs import load_script, run_script
 
 from agents.policy import PolicyConfig, count_parameters
 from agents.ppo import PPO
 from agents.seq2seq import Seq2SeqPolicy
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SMALL = ["--num-envs", "8", "--no-progress", "--device", "cpu", "--eval-episodes", "8"]
 
 
 def script() -> ModuleType:
-    """scripts/train.py as a module (its ``__main__`` block does not run)."""
-    spec = importlib.util.spec_from_file_location("_textgym_script_train_s2s", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train")
 
 
 def train(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "scripts/train.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env=ENV,
-    )
+    return run_script("train", *args, check=False)
 
 
 def test_a_seq2seq_run_trains_saves_and_resumes_with_its_policy(tmp_path):

@@ -33,9 +33,11 @@ def run(
     return proc
 
 
-def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_script(
+    name: str, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python scripts/<name>.py *args``, as :func:`run`."""
-    return run(f"scripts/{name}.py", *args, check=check)
+    return run(f"scripts/{name}.py", *args, check=check, env=env)
 
 
 def load_script(name: str) -> ModuleType:

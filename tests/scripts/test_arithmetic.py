@@ -7,37 +7,16 @@ checks and ``--help`` in-process, and the summary's arithmetic on hand-made figu
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from script_runs import ROOT, script
+from script_runs import run_script, script
 
 from agents.recipes import CONTROL, WARMUP, RecipeConfig, exact_match, results_markdown, summarize, warm_up
 
 
 def test_quick_run_writes_the_table_and_every_stage(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "scripts/arithmetic.py",
-            "--quick",
-            "--seeds",
-            "3",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,  # only stops a hung process
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script("arithmetic", "--quick", "--seeds", "3", "--out", str(out), "--no-progress")
     summary = json.loads((out / "results.json").read_text())
     assert summary["seeds"] == [3]
     assert [r["policy"] for r in summary["rows"]] == [WARMUP, CONTROL, "grpo", "rloo", "ppo"]

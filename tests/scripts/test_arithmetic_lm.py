@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch
-from script_runs import ROOT, script
+from script_runs import run_script, script
 
 from agents.hf import HFPolicy
 from agents.lm import encode_texts, lm_loss
@@ -43,13 +40,8 @@ def tiny(tmp_path_factory) -> Path:
 
 def test_quick_run_on_a_model_folder_writes_every_stage(tiny, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "scripts/arithmetic.py", "--model", str(tiny), "--quick", "--seeds", "2",
-         "--agents", "grpo", "ppo", "--out", str(out), "--no-progress"],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=1800,  # only stops a hung process
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script("arithmetic", "--model", str(tiny), "--quick", "--seeds", "2", "--agents", "grpo", "ppo",
+               "--out", str(out), "--no-progress")  # fmt: skip
     results = json.loads((out / "seed2" / "results.json").read_text())
     assert results["seed"] == 2 and results["config"]["model"] == str(tiny)
     assert list(results["stages"]) == [PRETRAINED, WARMUP, "grpo", "ppo"]

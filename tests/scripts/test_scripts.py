@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from script_runs import ENV, ROOT, TIMEOUT, run
+from script_runs import ENV, ROOT, run, run_script
 
 
 def benchmark_with_empty_cache(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``scripts/benchmark.py *args`` with an empty model cache under ``tmp_path`` (so SmolLM2 is
     not on disk), checked to exit 0."""
-    proc = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-        env={**ENV, "TEXTGYM_CACHE": str(tmp_path / "cache")},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return proc
+    return run_script("benchmark", *args, env={**ENV, "TEXTGYM_CACHE": str(tmp_path / "cache")})
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,10 @@ tiny sweep that writes its three files."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from types import ModuleType
 
 import pytest
-from script_runs import ROOT, load_script
+from script_runs import load_script, run_script
 
 
 def sweep_script() -> ModuleType:
@@ -18,11 +15,7 @@ def sweep_script() -> ModuleType:
 
 
 def test_help_as_a_user_runs_it():
-    proc = subprocess.run(
-        [sys.executable, "scripts/sweep.py", "--help"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script("sweep", "--help")
     for option in ("--tasks", "--config", "--seeds", "--total-timesteps", "--marks", "--out", "--threads"):
         assert option in proc.stdout
     assert "(default: 100000)" in proc.stdout and "alliteration" in proc.stdout

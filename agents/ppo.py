@@ -123,7 +123,8 @@ class PPOConfig(ConfigIO):
     to eager decoding with a warning where compilation fails. Acting is a quarter of training time
     on the default task: a 65k-env-step run there did not earn the compilation back (3,557–4,200
     against 4,937–5,048 env steps/s, the same final reward). It pays where acting dominates:
-    generation, long episodes, long runs."""
+    generation, long episodes, long runs. On a CUDA device the compiled step is also captured as
+    a CUDA graph and replayed (:class:`agents.policy.KVCache`): one launch per decoding step."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """Architecture of the Transformer policy."""
 

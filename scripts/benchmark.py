@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument(
         "--compile",
         action="store_true",
-        help="also the cache with its decoding step compiled (KVCache(compile=True), compiled in the warm-up)",
+        help="also the cache with its decoding step compiled (KVCache(compile=True), compiled in the warm-up; on CUDA also replayed as a CUDA graph)",
     )
     dec.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     dec.add_argument("--out", default="benchmarks/decode.json", help="where to save the JSON report")

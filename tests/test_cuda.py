@@ -19,24 +19,35 @@ from textgym.vector import TextGenVectorEnv  # noqa: E402
 CUDA = torch.device("cuda")
 
 
-def _rollout_logits(device: torch.device, steps: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits through the KV cache and by full recompute along one rollout with autoresets."""
+def _rollout_logits(
+    device: torch.device, steps: int = 12, compile: bool = False, reorder_at: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits through the KV cache and by full recompute along one rollout with autoresets
+    (random actions: episodes end at different steps, so rows start apart). ``reorder_at``: at
+    that step the cache's rows are reversed, and the env's rows with them (through its
+    observations: the recompute reads the reversed ones)."""
     env = TextGenVectorEnv(6, device=device, autoreset_mode="same_step", array_type="torch", max_new_tokens=5)
     torch.manual_seed(0)
     policy = (
         TransformerPolicy(env.single_action_space.n, env.config.seq_len, PolicyConfig()).to(device).eval()
     )
-    cache = KVCache(policy, 6, device)
+    cache = KVCache(policy, 6, device, compile=compile)
     obs, _ = env.reset(seed=0)
     rows = torch.arange(6, device=device)
     generator = torch.Generator(device=device).manual_seed(1)
     cached, full = [], []
     with torch.no_grad():
-        for _ in range(steps):
+        for step in range(steps):
+            if step == reorder_at:
+                reverse = torch.arange(5, -1, -1, device=device)
+                cache.reorder(reverse)
+                obs = {name: x[reverse] for name, x in obs.items()}
             logits, _ = cache.step(obs["input_ids"], obs["attention_mask"], env.prompt_window)
             whole, _ = policy(obs["input_ids"], obs["attention_mask"])
             cached.append(logits)
             full.append(whole[rows, last_real_column(obs["attention_mask"])])
+            if step == reorder_at:
+                break  # the env's rows are no longer those of the observations
             action = torch.randint(0, env.single_action_space.n, (6,), device=device, generator=generator)
             obs, *_ = env.step(action)
     return torch.stack(cached), torch.stack(full)
@@ -45,6 +56,38 @@ def _rollout_logits(device: torch.device, steps: int = 12) -> tuple[torch.Tensor
 def test_kv_cache_equals_recompute_on_cuda():
     cached, full = _rollout_logits(CUDA)
     assert cached.device.type == "cuda"
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decoding_replays_one_cuda_graph_and_equals_recompute():
+    """KVCache(compile=True) on CUDA: the compiled step is captured once and replayed, rows
+    prefilled eagerly between replays (episodes end apart), with the same logits as recompute;
+    no fallback warning."""
+    captures = []
+    capture = KVCache._replay
+
+    def counted(cache, col, input_ids, attention_mask):
+        captures.append(cache._graph is None)
+        return capture(cache, col, input_ids, attention_mask)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager decoding fails the test
+        KVCache._replay = counted
+        try:
+            cached, full = _rollout_logits(CUDA, steps=16, compile=True)
+        finally:
+            KVCache._replay = capture
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+    assert captures.count(True) == 1 and len(captures) >= 10, captures
+
+
+def test_a_graphed_cache_reorders_its_rows_in_place():
+    """reorder on a cache whose step is a captured graph moves the rows within the tensors the
+    graph reads: the next replay sees them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cached, full = _rollout_logits(CUDA, steps=16, compile=True, reorder_at=7)
+    assert len(cached) == 8
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
 
 

@@ -414,6 +414,26 @@ def test_compiled_decoding_falls_back_to_eager_with_a_warning(monkeypatch, rando
         torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
 
 
+def test_a_graphed_caches_reorder_keeps_its_storage(random_rollout):
+    """A cache whose decoding step is a CUDA graph (compile=True on a CUDA device) must reorder
+    its rows inside the tensors the graph was captured on; the rows end up where the copying
+    reorder of an ordinary cache puts them. (Replays themselves need a GPU: tests/test_cuda.py.)"""
+    env = TextGenVectorEnv(5, autoreset_mode="same_step", array_type="torch")
+    policy = make_policy(vocab=env.single_action_space.n, max_len=env.config.seq_len)
+    copying, graphed = KVCache(policy, 5, "cpu"), KVCache(policy, 5, "cpu")
+    graphed._graphed = True  # what compile=True sets on a CUDA device
+    for obs in random_rollout(env, 4):
+        for cache in (copying, graphed):
+            cache.step(obs["input_ids"], obs["attention_mask"], env.prompt_window)
+    storage = [t.data_ptr() for t in (*graphed.keys, *graphed.values)]
+    rows = torch.tensor([4, 4, 0, 2, 1])
+    copying.reorder(rows)
+    graphed.reorder(rows)
+    assert [t.data_ptr() for t in (*graphed.keys, *graphed.values)] == storage
+    for a, b in zip([*graphed.keys, *graphed.values], [*copying.keys, *copying.values], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------ sample_tokens
 def test_sample_tokens_draws_each_token_at_its_probability():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [2.0, 1.0, 0.0, 1.0]])  # the second row unnormalised

@@ -665,7 +665,7 @@ def hf_decode_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, new_tokens
 def decode_speed(
     batch: int = 64,
     new_tokens: int = 64,
-    repeats: int = 5,
+    repeats: int = 25,
     warmup: int = 1,
     device: str = "cpu",
     task: str = "default",

@@ -207,9 +207,14 @@ class RowCache:
     next-token logits (N, V) and values (N,) of all rows. One pass over all rows, not one for new
     rows and one for the others: no gather of the running rows' cached slots and no scatter of two
     sets of outputs, at the price of one prompt token fed apart from the rest of its prompt.
+
+    Rows that start on the same prompt in one step (the env's ``host_view.prompt_index`` says
+    which) are prefilled once and the others get a copy of its slots (:meth:`_copy_slots`).
     """
 
     policy: nn.Module
+    keys: list[torch.Tensor]  #: per layer (N, heads, slots, head size)
+    values: list[torch.Tensor]  #: per layer, as ``keys``
 
     @torch.no_grad()
     def step(
@@ -244,9 +249,38 @@ class RowCache:
             return self._decode(col, input_ids, attention_mask)
         starting = np.flatnonzero((host.generated == 0) & (host.prompt_length > 1))
         if P > 1 and starting.size:
-            self._prefill(to_device(starting, input_ids.device), input_ids, attention_mask, P - 1)
+            self._prefill_distinct(
+                starting, getattr(host, "prompt_index", None), input_ids, attention_mask, P - 1
+            )
         span = (P - 1 + int(host.generated.min()), P - 1 + int(host.generated.max()))
         return self._decode(col, input_ids, attention_mask, span)
+
+    def _prefill_distinct(
+        self,
+        rows: np.ndarray,
+        prompt_index: np.ndarray | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        width: int,
+    ) -> None:
+        """Prefill ``rows`` (host indices): each distinct ``prompt_index`` among them once, into
+        its first row, copied into the others (None: every row is prefilled)."""
+        device = input_ids.device
+        if prompt_index is not None and len(rows) > 1:
+            _, first, inverse = np.unique(prompt_index[rows], return_index=True, return_inverse=True)
+            if len(first) < len(rows):
+                self._prefill(to_device(rows[first], device), input_ids, attention_mask, width)
+                copies = np.ones(len(rows), dtype=bool)
+                copies[first] = False  # the rows prefilled above
+                source = rows[first][inverse]  # (k,) each row's prefilled twin
+                self._copy_slots(to_device(source[copies], device), to_device(rows[copies], device), width)
+                return
+        self._prefill(to_device(rows, device), input_ids, attention_mask, width)
+
+    def _copy_slots(self, source: torch.Tensor, target: torch.Tensor, width: int) -> None:
+        """Make the first ``width`` slots of rows ``target`` (k,) copies of those of ``source`` (k,)."""
+        for cached in (*self.keys, *self.values):
+            cached[target, :, :width] = cached[source, :, :width]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Make row ``i`` of the cache a copy of row ``rows[i]`` (beam search keeps the rows of

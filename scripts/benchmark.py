@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     dec = command("decode", "greedy decoding: the built-in policy's KV cache vs a plain transformers loop")
     dec.add_argument("--batch", type=positive_int, default=64, help="rows decoded together")
     dec.add_argument("--new-tokens", type=positive_int, default=64, help="tokens decoded per row")
-    dec.add_argument("--repeats", type=positive_int, default=5, help="timed rounds of both paths; the median")
+    dec.add_argument(
+        "--repeats", type=positive_int, default=25, help="timed rounds of both paths, alternating; the median"
+    )
     dec.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first")
     dec.add_argument("--task", default="default", help="built-in task: its prompts and vocabulary")
     dec.add_argument(

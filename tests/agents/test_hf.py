@@ -261,6 +261,35 @@ def test_kv_cache_equals_recompute_along_a_rollout(model_dirs, arch, host):
         assert (N, kv_heads, head_size) == (8, heads, 32 // 4) and P <= width <= env.config.seq_len
 
 
+def test_kv_cache_prefills_a_groups_prompt_once(model_dirs, arch):
+    """The rows of a group start together on one prompt: it is prefilled once and copied into
+    the others' slots, with the logits of a full recompute."""
+    env = TextGenVectorEnv(
+        8,
+        autoreset_mode="same_step",
+        array_type="torch",
+        tokenizer=str(model_dirs[arch]),
+        task="sentiment",
+        max_new_tokens=M,
+        group_size=4,
+    )
+    P = env.prompt_window
+    policy = load_policy(model_dirs[arch], env)
+    cache, reference = HFKVCache(policy, 8, "cpu"), RecomputeCache(policy)
+    prefilled = []
+    prefill = cache._prefill
+    cache._prefill = lambda rows, *args: prefilled.append(len(rows)) or prefill(rows, *args)
+    gen = torch.Generator().manual_seed(1)
+    obs, _ = env.reset(seed=3)
+    for _ in range(3 * M):
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P, env.host_view)
+        ref_logits, ref_values = reference.step(obs["input_ids"], obs["attention_mask"], P)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values, ref_values, atol=1e-4, rtol=1e-4)
+        obs = env.step(random_actions(gen, env))[0]
+    assert prefilled and all(n <= 2 for n in prefilled)  # one row per group, not four
+
+
 def test_kv_cache_prompts_of_bos_alone_and_restarts_mid_rollout(model_dirs, arch, hand_rollout):
     """New episodes are prefilled over the prompt window but its last column, which is decoded
     with every other row's newest token; a <bos>-only prompt has nothing to prefill. The slots

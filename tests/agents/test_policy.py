@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,6 +240,29 @@ def test_kv_cache_equals_full_recompute(task, autoreset_mode, positional, host, 
         torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
         starts += int((obs["attention_mask"][:, P:].sum(1) == 0).sum())
     assert starts > 16  # the rollout crossed many episode boundaries (8 rows start at the reset)
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_rows_starting_on_one_prompt_are_prefilled_once(group_size, random_rollout):
+    """Rows that start on the same prompt in one step (the rows of a group, or a chance repeat)
+    are prefilled once, and the others get a copy of those slots: the same logits as a full pass."""
+    env = TextGenVectorEnv(8, autoreset_mode="same_step", array_type="torch", group_size=group_size)
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    policy = make_policy(vocab=vocab, max_len=L)
+    cache = KVCache(policy, 8, "cpu")
+    prefilled, started = [], []
+    prefill = cache._prefill
+    cache._prefill = lambda rows, *args: prefilled.append(len(rows)) or prefill(rows, *args)
+    for obs in random_rollout(env, 3 * env.config.max_new_tokens):
+        starting = (env.host_view.generated == 0) & (env.host_view.prompt_length > 1)
+        started.append(len(np.unique(env.host_view.prompt_index[starting])))
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P, env.host_view)
+        ref_logits, ref_values = full_pass(policy, obs)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    assert sum(prefilled) == sum(started)  # one prefilled row per prompt starting in a step
+    if group_size > 1:
+        assert sum(prefilled) <= 8 * len(prefilled) // group_size  # a group's rows start together
 
 
 def test_kv_cache_rebuild_equals_full_pass():

@@ -138,11 +138,16 @@ class GroupConfig(ConfigIO):
     masked the same way."""
     sample_interval: int = 10
     """Write generated text samples to TensorBoard every this many updates."""
+    autocast: bool = False
+    """Run the built-in policy under bfloat16 autocast, acting and updating alike (as
+    ``PPOConfig.autocast``; a Hugging Face policy has ``HFConfig(autocast=True)``)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """Architecture of the Transformer policy (unused with ``policy_model``)."""
 
     def __post_init__(self) -> None:
-        bools = tuple(name for name in ("anneal_lr", "mask_actions", "scale_rewards") if hasattr(self, name))
+        bools = tuple(
+            name for name in ("anneal_lr", "mask_actions", "autocast", "scale_rewards") if hasattr(self, name)
+        )
         check_fields(
             self,
             bools=bools,

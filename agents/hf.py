@@ -52,6 +52,7 @@ from torch import nn
 
 from agents.policy import Lengths, RecomputeCache, RowCache, distinct_rows, last_real_column, real_positions
 from textgym.checks import is_positive_int, is_real
+from textgym.core import check_bfloat16
 from textgym.hf import HFTokenizer, _local_dir, require
 from textgym.io import save_torch
 from textgym.tasks import make_action_mask
@@ -158,16 +159,9 @@ class HFConfig:
 
     def check_device(self, device: torch.device | str) -> None:
         """Refuse bfloat16 (weights or autocast) on a device that has no bfloat16 arithmetic."""
-        device = torch.device(device)
         if self.dtype == "float32" and not self.autocast:
             return
-        what = "HFConfig.autocast" if self.autocast else f"HFConfig.dtype={self.dtype!r}"
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{what} runs on the CPU or a CUDA GPU, not on {device}")
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(
-                f"{what}: {torch.cuda.get_device_name(device)} has no bfloat16 support; use float32"
-            )
+        check_bfloat16(device, "HFConfig.autocast" if self.autocast else f"HFConfig.dtype={self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -38,7 +38,7 @@ from agents.policy import (
 )
 from agents.seq2seq import Seq2SeqPolicy
 from textgym.checks import is_positive_int, is_real
-from textgym.core import resolve_device
+from textgym.core import check_bfloat16, resolve_device
 from textgym.io import load_torch_file, save_torch
 from textgym.vector import TextGenVectorEnv
 
@@ -334,6 +334,15 @@ class OnPolicyAgent:
             self.policy = build_policy(
                 env.single_action_space.n, self.seq_len, self.prompt_window, self.config.policy
             ).to(self.device)
+        if self.config.autocast:
+            if type(self.policy) is not TransformerPolicy:
+                raise ValueError(
+                    f"{type(self.config).__name__}.autocast applies to the built-in decoder-only policy only, "
+                    f"not to {type(self.policy).__name__}"
+                    + ("; use HFConfig(autocast=True)" if policy_model is not None else "")
+                )
+            check_bfloat16(self.device, f"{type(self.config).__name__}.autocast")
+            self.policy.autocast = True  # before the caches are made: theirs are bfloat16 then
         # Under torchrun every rank starts from rank 0's weights, then samples with its own stream.
         dist.broadcast_parameters(p for p in self.policy.parameters() if p.requires_grad)
         dist.seed_rank(seed)

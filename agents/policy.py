@@ -91,8 +91,14 @@ class TransformerPolicy(TransformerDecoder):
         return self.heads(self.hidden(input_ids, attention_mask))
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (..., V) and values (...) from final hidden states (..., C)."""
-        return self.policy_head(hidden), self.value_head(hidden).squeeze(-1)
+        """Logits (..., V) and values (...) from final hidden states (..., C); in float32 under
+        :attr:`autocast` (whose products give bfloat16), so that sampling and the losses read
+        the same precision either way."""
+        if not self.autocast:
+            return self.policy_head(hidden), self.value_head(hidden).squeeze(-1)
+        with self.precision():
+            logits, values = self.policy_head(hidden), self.value_head(hidden).squeeze(-1)
+        return logits.float(), values.float()
 
     def make_cache(self, num_envs: int, device: torch.device | str, compile: bool = False) -> KVCache:
         """The :class:`KVCache` that acting runs through (every policy class has its own);
@@ -328,7 +334,8 @@ class KVCache(RowCache):
     ):
         cfg, S = policy.cfg, policy.max_len
         shape = (num_envs, cfg.n_heads, S, cfg.d_model // cfg.n_heads)  # (N, nh, S, hs)
-        dtype = next(policy.parameters()).dtype
+        # the dtype the blocks make keys and values in: bfloat16 under the policy's autocast
+        dtype = torch.bfloat16 if policy.autocast else next(policy.parameters()).dtype
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.policy = policy
@@ -465,9 +472,11 @@ class KVCache(RowCache):
         allowed = real.scatter(1, col, True)  # a padding token sees itself
         x = policy._embed(input_ids.gather(1, col), positions)  # (N, 1, C)
         mask = allowed[:, None, None, :]  # (N, 1, 1, width)
-        for layer, block in enumerate(policy.blocks):
-            x = block(x, mask, (keys[layer], values[layer], None, col))
-        return policy.heads(policy.ln_f(x[:, -1]))
+        with policy.precision():
+            for layer, block in enumerate(policy.blocks):
+                x = block(x, mask, (keys[layer], values[layer], None, col))
+            x = policy.ln_f(x[:, -1])
+        return policy.heads(x)
 
     def _run(
         self,
@@ -486,13 +495,14 @@ class KVCache(RowCache):
         allowed = causal_padding_mask(mask)  # (n, 1, T, T)
         x = policy._embed(ids, real_positions(mask))
         *blocks, last = policy.blocks
-        for layer, block in enumerate(blocks):
-            x = block(x, allowed, (self.keys[layer], self.values[layer], rows, cols))
-        if not hidden:
-            last.write_cache(x, (self.keys[-1], self.values[-1], rows, cols))
-            return None
-        x = last(x, allowed, (self.keys[-1], self.values[-1], rows, cols))
-        return policy.ln_f(x)
+        with policy.precision():
+            for layer, block in enumerate(blocks):
+                x = block(x, allowed, (self.keys[layer], self.values[layer], rows, cols))
+            if not hidden:
+                last.write_cache(x, (self.keys[-1], self.values[-1], rows, cols))
+                return None
+            x = last(x, allowed, (self.keys[-1], self.values[-1], rows, cols))
+            return policy.ln_f(x)
 
 
 class RecomputeCache:

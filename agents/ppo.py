@@ -54,7 +54,14 @@ from textgym.vector import TextGenVectorEnv
 
 __all__ = ["CHECKPOINT_SCHEMA", "PPO", "OnPolicyAgent", "PPOConfig", "TrainingDivergedError"]
 
-BOOL_FIELDS = ("anneal_lr", "normalize_advantage", "bootstrap_truncated", "mask_actions", "compile_decode")
+BOOL_FIELDS = (
+    "anneal_lr",
+    "normalize_advantage",
+    "bootstrap_truncated",
+    "mask_actions",
+    "compile_decode",
+    "autocast",
+)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,13 @@ class PPOConfig(ConfigIO):
     against 4,937–5,048 env steps/s, the same final reward). It pays where acting dominates:
     generation, long episodes, long runs. On a CUDA device the compiled step is also captured as
     a CUDA graph and replayed (:class:`agents.policy.KVCache`): one launch per decoding step."""
+    autocast: bool = False
+    """Run the built-in policy under ``torch.autocast`` in bfloat16, acting and updating alike
+    (:attr:`textgym.nn.TransformerDecoder.autocast`): its products, attention and KV cache in
+    bfloat16; its weights, their gradients, Adam's moments, the residual stream, the logits and
+    the losses in float32. For a GPU with bfloat16 arithmetic and a policy large enough to be
+    bound by it; see the README's Speed section for what it does on a CPU. A Hugging Face policy
+    has its own: ``HFConfig(autocast=True)``."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """Architecture of the Transformer policy."""
 

@@ -124,6 +124,22 @@ def test_agents_train_on_cuda_and_load_on_the_cpu(agent, tmp_path):
         torch.testing.assert_close(a.cpu(), b, msg=name)
 
 
+@pytest.mark.parametrize("agent", ["ppo", "grpo"])
+def test_the_built_in_policy_trains_under_bfloat16_autocast_on_cuda(agent):
+    """autocast=True on the GPU, with the decoding step compiled and graphed for PPO: the cache
+    is bfloat16, the weights stay float32 and finite."""
+    if agent == "ppo":
+        config = PPOConfig(n_steps=8, autocast=True, compile_decode=True)
+        model = PPO(num_envs=16, config=config, device="cuda", seed=0)
+    else:
+        model = _grpo(autocast=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager decoding
+        model.learn(256)
+    assert model._cache.keys[0].dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.policy.parameters())
+
+
 @pytest.mark.parametrize(("agent", "most"), [("ppo", 3), ("grpo", 2)])
 def test_an_update_waits_for_the_gpu_a_fixed_number_of_times(agent, most):
     """Not once per minibatch (four epochs of four here for PPO, two of two for GRPO): torch's

@@ -47,6 +47,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def check_bfloat16(device: str | torch.device, what: str) -> None:
+    """Refuse ``what`` (a bfloat16 setting, named as the user gave it) on a device without
+    bfloat16 arithmetic: a device other than the CPU or CUDA, or a GPU without it."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} runs on the CPU or a CUDA GPU, not on {device}")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{what}: {torch.cuda.get_device_name(device)} has no bfloat16 support; use float32")
+
+
 #: The episode state (token ids and attention mask) may take at most this share of the total
 #: memory of its device. It is not the whole footprint: the environment also returns a copy of the
 #: state as each observation, the vector env's batched observation space holds two arrays of the

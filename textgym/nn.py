@@ -12,8 +12,10 @@ the key/value cache on the same trunk.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +203,11 @@ class TransformerDecoder(nn.Module):
     :param cfg: the architecture.
     """
 
+    autocast = False
+    """Run the blocks and heads under ``torch.autocast`` in bfloat16 (mixed precision: the weights,
+    their gradients and the residual stream stay float32). Not part of the architecture or the
+    weights: the agents set it from their config (``PPOConfig.autocast``)."""
+
     def __init__(self, vocab_size: int, max_len: int, cfg: PolicyConfig = PolicyConfig()):
         super().__init__()
         if cfg.architecture != "decoder":
@@ -222,6 +229,13 @@ class TransformerDecoder(nn.Module):
         """Normal(0, 0.02) weights for every Linear and Embedding, zero biases, unit LayerNorms."""
         init_weights(self)
 
+    def precision(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` in bfloat16 on the weights' device where :attr:`autocast` is set,
+        else nothing."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.tok_emb.weight.device.type, dtype=torch.bfloat16)
+
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         pos = self.pos_emb(positions) if self.cfg.positional == "learned" else self.pos_table[positions]
         return self.tok_emb(ids) + pos  # (B, T, C)
@@ -233,9 +247,10 @@ class TransformerDecoder(nn.Module):
         allowed = causal_padding_mask(attention_mask)  # (B, 1, T, T)
         x = self._embed(input_ids, real_positions(attention_mask))
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            x = block(x, allowed, start=start if i == last else 0)
-        return self.ln_f(x)
+        with self.precision():
+            for i, block in enumerate(self.blocks):
+                x = block(x, allowed, start=start if i == last else 0)
+            return self.ln_f(x)
 
     def hidden_shared_prefix(
         self,
@@ -256,24 +271,27 @@ class TransformerDecoder(nn.Module):
         allowed = causal_padding_mask(head_mask)  # (u, 1, prefix, prefix)
         cols = torch.arange(prefix, device=x.device).expand(len(first), prefix)  # (u, prefix)
         C, nh = self.cfg.d_model, self.cfg.n_heads
+        dtype = torch.bfloat16 if self.autocast else x.dtype  # of the keys and values the blocks make
         keys, values = [], []
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            # Fresh slots (u, nh, prefix, hs), filled by the block before it reads them and never
-            # written again: autograd follows the in-place write.
-            k, v = x.new_zeros(len(first), nh, prefix, C // nh), x.new_zeros(len(first), nh, prefix, C // nh)
-            x = block(x, allowed, (k, v, None, cols), start=prefix - 1 if i == last else 0)
-            keys.append(k[inverse])  # (B, nh, prefix, hs)
-            values.append(v[inverse])
-        if input_ids.shape[1] == prefix:  # no column after the prefix
-            return self.ln_f(x[inverse])
-        y = self._embed(
-            input_ids[:, prefix:], real_positions(attention_mask)[:, prefix:]
-        )  # (B, T - prefix, C)
-        allowed = causal_padding_mask(attention_mask)[:, :, prefix:]  # (B, 1, T - prefix, T)
-        for block, k, v in zip(self.blocks, keys, values, strict=True):
-            y = block(y, allowed, prefix=(k, v))
-        return self.ln_f(torch.cat([x[inverse], y], 1))  # (B, T - prefix + 1, C)
+        with self.precision():
+            for i, block in enumerate(self.blocks):
+                # Fresh slots (u, nh, prefix, hs), filled by the block before it reads them and
+                # never written again: autograd follows the in-place write.
+                k = x.new_zeros(len(first), nh, prefix, C // nh, dtype=dtype)
+                v = x.new_zeros(len(first), nh, prefix, C // nh, dtype=dtype)
+                x = block(x, allowed, (k, v, None, cols), start=prefix - 1 if i == last else 0)
+                keys.append(k[inverse])  # (B, nh, prefix, hs)
+                values.append(v[inverse])
+            if input_ids.shape[1] == prefix:  # no column after the prefix
+                return self.ln_f(x[inverse])
+            y = self._embed(
+                input_ids[:, prefix:], real_positions(attention_mask)[:, prefix:]
+            )  # (B, T - prefix, C)
+            allowed = causal_padding_mask(attention_mask)[:, :, prefix:]  # (B, 1, T - prefix, T)
+            for block, k, v in zip(self.blocks, keys, values, strict=True):
+                y = block(y, allowed, prefix=(k, v))
+            return self.ln_f(torch.cat([x[inverse], y], 1))  # (B, T - prefix + 1, C)
 
     def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden state (B, C) of each row's last real token."""

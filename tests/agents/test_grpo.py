@@ -69,6 +69,7 @@ def assert_same_weights(a, b) -> None:
         (GRPOConfig, "kl_target", 0),
         (RLOOConfig, "kl_target", -1.0),
         (GRPOConfig, "kl_horizon", 0),
+        (RLOOConfig, "autocast", "yes"),
     ],
 )
 def test_config_validation_names_the_field(cls, field, value):
@@ -682,3 +683,14 @@ def test_compare_runs_the_group_agents_beside_ppo(tmp_path):
     assert [r["agent"] for r in result["rows"]] == ["grpo", "rloo", "random"]
     saved = json.loads((tmp_path / "hyperparams" / "grpo.json").read_text())
     assert saved["group_size"] == 4 and saved["policy"]["d_model"] == 32
+
+
+@pytest.mark.parametrize("cls", [GRPO, RLOO])
+def test_autocast_trains_with_shared_prompts_and_a_reference(cls):
+    """autocast=True: the group's shared prompt pass (bfloat16 key and value slots), the frozen
+    reference's passes and the update all run; the weights stay float32 and finite."""
+    model = small(cls, autocast=True, beta=0.04)
+    assert model.policy.autocast and model.reference.autocast
+    model.learn(64)
+    assert model.n_updates >= 1
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.policy.parameters())

@@ -554,6 +554,17 @@ def test_a_tokenizer_without_eos_is_refused(model_dirs):
     assert isinstance(model.policy, HFPolicy)
 
 
+def test_the_agents_autocast_is_refused_for_a_hugging_face_policy(model_dirs):
+    with pytest.raises(ValueError, match=r"autocast applies to the built-in .*HFConfig\(autocast=True\)"):
+        PPO(
+            config=PPOConfig(autocast=True),
+            env_kwargs=ENV_KWARGS,
+            policy_model=model_dirs["gpt2"],
+            num_envs=2,
+            device="cpu",
+        )
+
+
 def test_init_policy_and_policy_model_are_exclusive(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         PPO(

@@ -265,6 +265,38 @@ def test_rows_starting_on_one_prompt_are_prefilled_once(group_size, random_rollo
         assert sum(prefilled) <= 8 * len(prefilled) // group_size  # a group's rows start together
 
 
+def test_autocast_runs_the_policy_and_its_cache_in_bfloat16(random_rollout):
+    """TransformerPolicy.autocast: products and the KV cache in bfloat16, logits and values in
+    float32. Acting through the cache gives the full pass's logits within bfloat16's precision,
+    and both stay near the float32 policy's; the weights' gradients are float32."""
+    env = TextGenVectorEnv(6, autoreset_mode="same_step", array_type="torch")
+    vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window
+    policy = randomise(TransformerPolicy(vocab, L, PolicyConfig(d_model=32)), std=0.1)
+    policy.autocast = True
+    cache = KVCache(policy, 6, "cpu")
+    assert all(t.dtype == torch.bfloat16 for t in (*cache.keys, *cache.values))
+    for obs in random_rollout(env, 2 * env.config.max_new_tokens):
+        logits, values = cache.step(obs["input_ids"], obs["attention_mask"], P, env.host_view)
+        assert logits.dtype == values.dtype == torch.float32
+        ref_logits, ref_values = full_pass(policy, obs)
+        torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(values, ref_values, atol=0.05, rtol=0.05)
+        policy.autocast = False
+        float_logits, _ = full_pass(policy, obs)
+        policy.autocast = True
+        torch.testing.assert_close(logits, float_logits, atol=0.05, rtol=0.05)
+        assert not torch.equal(logits, float_logits)  # bfloat16 products, not float32 ones
+    ids, mask = obs["input_ids"], obs["attention_mask"]
+    shared = distinct_rows(ids[:, :P], mask[:, :P]) or (torch.arange(6), torch.arange(6))
+    whole = hidden_from(policy, ids, mask, P - 1)
+    prefix = hidden_from(policy, ids, mask, P - 1, shared)  # bfloat16 slots for the shared keys
+    torch.testing.assert_close(prefix, whole, atol=0.05, rtol=0.05)
+    policy.train()
+    logits, values = policy.heads(hidden_from(policy, ids, mask, P - 1))
+    (logits.logsumexp(-1).sum() + values.sum()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in policy.parameters())
+
+
 def test_kv_cache_rebuild_equals_full_pass():
     env = TextGenVectorEnv(8, autoreset_mode="same_step", array_type="torch")
     vocab, L, P = env.single_action_space.n, env.config.seq_len, env.prompt_window

@@ -88,6 +88,7 @@ def observations(num: int = 24, seed: int = 0) -> dict[str, np.ndarray]:
         ("micro_batch_size", 0),
         ("micro_batch_size", 2.5),
         ("micro_batch_size", True),
+        ("autocast", 1),
     ],
 )
 def test_config_validation_names_the_field(field, value):
@@ -749,3 +750,24 @@ def test_compile_decode_acts_through_the_compiled_step():
 def test_compile_decode_is_refused_for_other_policies():
     with pytest.raises(ValueError, match="compile_decode applies to the built-in decoder-only policy"):
         small(PPOConfig(compile_decode=True, policy=PolicyConfig(architecture="seq2seq")))
+
+
+def test_autocast_acts_and_updates_in_bfloat16_and_survives_a_checkpoint(tmp_path):
+    """PPOConfig(autocast=True): the policy runs under bfloat16 autocast, its cache is bfloat16,
+    the rollout's log-probs are those of the policy's own pass (near-zero approx-KL at the first
+    update), the weights stay float32, and a checkpoint brings the setting back."""
+    model = started(small(PPOConfig(n_steps=8, n_epochs=1, num_minibatches=1, autocast=True), num_envs=4))
+    assert model.policy.autocast and model._cache.keys[0].dtype == torch.bfloat16
+    rollout = model.collect_rollout()
+    stats = model.update(*rollout)
+    assert stats["train/clip_fraction"] == 0.0 and 0 <= stats["train/approx_kl"] < 1e-3
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.policy.parameters())
+    model.learn(64)
+    loaded = PPO.load(model.save(tmp_path / "model.pt"))
+    assert loaded.config.autocast and loaded.policy.autocast
+    assert loaded._cache.keys[0].dtype == torch.bfloat16
+
+
+def test_autocast_is_refused_for_other_policies():
+    with pytest.raises(ValueError, match="autocast applies to the built-in decoder-only policy only"):
+        small(PPOConfig(autocast=True, policy=PolicyConfig(architecture="seq2seq")))

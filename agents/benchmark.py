@@ -90,11 +90,17 @@ def training_speed(
     device: str = "cpu",
     task: str = "default",
     config: PPOConfig | None = None,
+    warmup_timesteps: int = 0,
 ) -> dict[str, Any]:
     """Env steps per second of PPO training (rollouts and updates) on ``task``, with ``config``
-    (default: ``PPOConfig()``)."""
+    (default: ``PPOConfig()``). ``warmup_timesteps``: env steps trained first, untimed, by the
+    same agent (first-call costs: a GPU's context and kernels, ``compile_decode``'s compilation)."""
     config = config or PPOConfig()
     model = PPO("TextGen-v0", config, num_envs, {"task": task}, device, seed=0)
+    if warmup_timesteps:
+        model.learn(warmup_timesteps)
+        _sync(model.device)
+    before = model.num_timesteps
     rollout_s = update_s = 0.0
     collect, update = model.collect_rollout, model.update
 
@@ -116,14 +122,15 @@ def training_speed(
 
     model.collect_rollout, model.update = timed_collect, timed_update  # type: ignore[method-assign]
     start = time.perf_counter()
-    model.learn(total_timesteps)
+    model.learn(total_timesteps, reset_num_timesteps=not warmup_timesteps)
     seconds = time.perf_counter() - start
+    steps = model.num_timesteps - before
     return {
         "num_envs": num_envs,
         "device": str(model.device),
-        "env_steps": model.num_timesteps,
+        "env_steps": steps,
         "seconds": seconds,
-        "env_steps_per_second": model.num_timesteps / seconds,
+        "env_steps_per_second": steps / seconds,
         "rollout_share": rollout_s / seconds,
         "update_share": update_s / seconds,
         "final_ep_rew_mean": model.last_stats.get("rollout/ep_rew_mean"),
@@ -1161,6 +1168,7 @@ def gpu_benchmark(
     env_sizes: Sequence[int] = (1024, 4096, 16_384),
     train_envs: Sequence[int] = (64, 1024),
     train_updates: int = 2,
+    train_configs: Sequence[Mapping[str, Any]] = ({}, {"compile_decode": True}, {"autocast": True}),
     model: str = "smollm2-135m",
     lm_batch: int = 32,
     lm_new_tokens: int = 64,
@@ -1172,9 +1180,12 @@ def gpu_benchmark(
     """The same measurements on each of ``devices`` in one run, and their ratios to the first.
 
     - ``env``: :func:`env_speed` at each of ``env_sizes``.
-    - ``train``: :func:`training_speed` of PPO (:class:`PPOConfig` defaults, ``default`` task,
-      built-in policy) with each of ``train_envs`` envs, for ``train_updates`` updates after one
-      untimed update (first-call costs: CUDA context, kernel selection, allocator).
+    - ``train``: :func:`training_speed` of PPO (``default`` task, built-in policy) with each of
+      ``train_envs`` envs, for ``train_updates`` updates after one untimed update of the same
+      agent (first-call costs: CUDA context, kernel selection, allocator, compilation), once per
+      entry of ``train_configs``: :class:`PPOConfig` fields over its defaults (``{}``: the
+      defaults; by default also the compiled, on a GPU graphed, decoding step and bfloat16
+      autocast).
     - ``lm``: tokens per second of a causal LM (``model`` as in :func:`generate_speed`) in PPO's
       acting loop (sampled, through the project's KV cache) and in ``transformers`` ``generate``
       (sampled and greedy), ``lm_batch`` prompts × ``lm_new_tokens`` tokens, median of ``repeats`` after one
@@ -1198,15 +1209,16 @@ def gpu_benchmark(
 
     for n in env_sizes:
         add("env", f"N={n:,}", {d: env_speed(n, d, seconds) for d in devs}, "env steps/s")
+    configs = [PPOConfig.from_dict(fields) for fields in train_configs]  # refused before any work
     for n in train_envs:
-        speeds = {}
-        for d in devs:
-            per_update = PPOConfig().n_steps * n
-            warm = PPO("TextGen-v0", PPOConfig(), n, {"task": "default"}, d, seed=0)
-            warm.learn(per_update)  # untimed: the first update pays one-off costs
-            timed = training_speed(train_updates * per_update, n, d, "default")
-            speeds[d] = timed["env_steps_per_second"]
-        add("train", f"PPO, {n:,} envs", speeds, "env steps/s")
+        for fields, config in zip(train_configs, configs, strict=True):
+            speeds = {}
+            for d in devs:
+                per_update = config.n_steps * n
+                timed = training_speed(train_updates * per_update, n, d, "default", config, per_update)
+                speeds[d] = timed["env_steps_per_second"]
+            setting = ", ".join([f"PPO, {n:,} envs", *(f"{k}={v}" for k, v in fields.items())])
+            add("train", setting, speeds, "env steps/s")
     for dtype in lm_dtypes:
         reports = {d: generate_speed(model, lm_batch, lm_new_tokens, dtype, repeats, 1, d) for d in devs}
         described = next(iter(reports.values()))["model"]
@@ -1230,6 +1242,7 @@ def gpu_benchmark(
             "env_sizes": list(env_sizes),
             "train_envs": list(train_envs),
             "train_updates": train_updates,
+            "train_configs": [dict(fields) for fields in train_configs],
             "lm_batch": lm_batch,
             "lm_new_tokens": lm_new_tokens,
             "repeats": repeats,

@@ -63,6 +63,7 @@ torch's default, for ``hf``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -309,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-updates", type=int, default=2, help="timed PPO updates per run, after one untimed"
     )
     gpu.add_argument(
+        "--train-configs",
+        type=json_value,
+        nargs="*",
+        default=["{}", '{"compile_decode": true}', '{"autocast": true}'],
+        metavar="JSON",
+        help="JSON objects of PPOConfig fields, one PPO training run per device for each ('{}': the defaults)",
+    )
+    gpu.add_argument(
         "--model",
         default="smollm2-135m",
         help="causal LM: a registered model (falls back to a tiny GPT-2 built offline when not on disk), "
@@ -468,12 +477,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--seconds must be > 0, got {args.seconds}")
         if not (args.env_sizes or args.train_envs or args.lm_dtypes):
             parser.error("--env-sizes, --train-envs and --lm-dtypes are all empty: nothing to measure")
+        from agents.ppo import PPOConfig
+
+        # argparse leaves the default's strings as they are
+        args.train_configs = [json.loads(c) if isinstance(c, str) else c for c in args.train_configs]
+        for fields in args.train_configs:
+            if not isinstance(fields, dict):
+                parser.error(f"--train-configs takes JSON objects of PPOConfig fields, got {fields!r}")
+            try:
+                PPOConfig.from_dict(fields)
+            except (TypeError, ValueError) as exc:
+                parser.error(f"--train-configs: {json.dumps(fields)}: {exc}")
         try:
             report = gpu_benchmark(
                 args.devices,
                 args.env_sizes,
                 args.train_envs,
                 args.train_updates,
+                args.train_configs,
                 args.model,
                 args.lm_batch,
                 args.lm_new_tokens,

@@ -192,6 +192,16 @@ def test_train_names_what_a_policy_model_folder_lacks(make, message, tmp_path, c
         ("benchmark", ["busy", "--updates", "0"], "--updates must be >= 1"),
         ("benchmark", ["gpu", "--devices", "cpu", "tpu"], "--devices: unknown device"),
         ("benchmark", ["gpu", "--train-updates", "0"], "--train-updates must be >= 1"),
+        (
+            "benchmark",
+            ["gpu", "--devices", "cpu", "--train-configs", '{"n_steps": 0}'],
+            '--train-configs: {"n_steps": 0}: PPOConfig.n_steps must be',
+        ),
+        (
+            "benchmark",
+            ["gpu", "--devices", "cpu", "--train-configs", "[1]"],
+            "--train-configs takes JSON objects",
+        ),
         ("benchmark", ["gpu", "--devices", "cpu", "--env-sizes", "0"], "--env-sizes and --train-envs"),
     ],
 )

@@ -240,6 +240,7 @@ def test_benchmark_gpu_measures_each_device_against_the_first(tmp_path):
     pytest.importorskip("transformers")
     out_file = tmp_path / "gpu.json"
     args = ["--devices", "cpu", "cpu", "--env-sizes", "32", "--train-envs", "8", "--train-updates", "1"]
+    args += ["--train-configs", "{}", '{"autocast": true}']
     args += ["--model", "tiny", "--lm-batch", "2", "--lm-new-tokens", "3", "--lm-dtypes", "float32"]
     proc = run(
         "scripts/benchmark.py", "gpu", *args, "--repeats", "1", "--seconds", "0.1", "--out", str(out_file)
@@ -250,6 +251,7 @@ def test_benchmark_gpu_measures_each_device_against_the_first(tmp_path):
     assert kinds == [
         ("env", "N=32"),
         ("train", "PPO, 8 envs"),
+        ("train", "PPO, 8 envs, autocast=True"),
         ("lm", "PPO acting, float32, batch 2"),
         ("lm", "generate, sampled, float32, batch 2"),
         ("lm", "generate, float32, batch 2"),

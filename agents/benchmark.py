@@ -1207,9 +1207,9 @@ def gpu_benchmark(
         cells = "  ".join(f"{d} {s:,.0f}" for d, s in speeds.items())
         progress(f"{kind:>5}  {setting:<28} {cells}  ({unit})")
 
+    configs = [PPOConfig.from_dict(fields) for fields in train_configs]  # refused before any work
     for n in env_sizes:
         add("env", f"N={n:,}", {d: env_speed(n, d, seconds) for d in devs}, "env steps/s")
-    configs = [PPOConfig.from_dict(fields) for fields in train_configs]  # refused before any work
     for n in train_envs:
         for fields, config in zip(train_configs, configs, strict=True):
             speeds = {}

@@ -334,13 +334,13 @@ class OnPolicyAgent:
             self.policy = build_policy(
                 env.single_action_space.n, self.seq_len, self.prompt_window, self.config.policy
             ).to(self.device)
+        if self._compiles_decode():
+            self._require_built_in_policy("compile_decode", "leave it False")
         if self.config.autocast:
-            if type(self.policy) is not TransformerPolicy:
-                raise ValueError(
-                    f"{type(self.config).__name__}.autocast applies to the built-in decoder-only policy only, "
-                    f"not to {type(self.policy).__name__}"
-                    + ("; use HFConfig(autocast=True)" if policy_model is not None else "")
-                )
+            self._require_built_in_policy(
+                f"{type(self.config).__name__}.autocast",
+                "use HFConfig(autocast=True)" if policy_model is not None else "leave it False",
+            )
             check_bfloat16(self.device, f"{type(self.config).__name__}.autocast")
             self.policy.autocast = True  # before the caches are made: theirs are bfloat16 then
         # Under torchrun every rank starts from rank 0's weights, then samples with its own stream.
@@ -381,17 +381,20 @@ class OnPolicyAgent:
         # Episodes ended in this rollout, kept on the device until _log_episodes: (rows, values, texts)
         self._ended_episodes: list[tuple[np.ndarray, torch.Tensor, Any]] = []
         self._logits_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        if self._compiles_decode():
-            if not isinstance(self.policy, TransformerPolicy):
-                raise ValueError(
-                    "compile_decode applies to the built-in decoder-only policy only, not to "
-                    f"{type(self.policy).__name__}; leave it False"
-                )
+        if self._compiles_decode():  # the built-in policy's cache (checked above)
             self._cache = self.policy.make_cache(self.num_envs, self.device, compile=True)
         else:
             self._cache = self.policy.make_cache(self.num_envs, self.device)
         self._writer: Any = None
         self._tb_dir: Path | None = None
+
+    def _require_built_in_policy(self, option: str, instead: str) -> None:
+        """Refuse ``option``, which only the built-in decoder-only policy has, for any other policy."""
+        if not isinstance(self.policy, TransformerPolicy):
+            raise ValueError(
+                f"{option} applies to the built-in decoder-only policy only, not to "
+                f"{type(self.policy).__name__}; {instead}"
+            )
 
     @property
     def _lora(self) -> bool:

@@ -334,8 +334,7 @@ class KVCache(RowCache):
     ):
         cfg, S = policy.cfg, policy.max_len
         shape = (num_envs, cfg.n_heads, S, cfg.d_model // cfg.n_heads)  # (N, nh, S, hs)
-        # the dtype the blocks make keys and values in: bfloat16 under the policy's autocast
-        dtype = torch.bfloat16 if policy.autocast else next(policy.parameters()).dtype
+        dtype = policy.kv_dtype  # bfloat16 under the policy's autocast
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.policy = policy

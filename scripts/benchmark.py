@@ -66,6 +66,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import textgym  # noqa: F401  (registers TextGen-v0)
 from agents.runtime import (
@@ -362,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ppo_config(parser: argparse.ArgumentParser, fields: dict[str, Any], option: str) -> Any:
+    """The PPOConfig of ``fields``, or the parser's error naming ``option`` and what is wrong."""
+    from agents.ppo import PPOConfig
+
+    try:
+        return PPOConfig.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"{option}: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -477,17 +488,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--seconds must be > 0, got {args.seconds}")
         if not (args.env_sizes or args.train_envs or args.lm_dtypes):
             parser.error("--env-sizes, --train-envs and --lm-dtypes are all empty: nothing to measure")
-        from agents.ppo import PPOConfig
-
         # argparse leaves the default's strings as they are
         args.train_configs = [json.loads(c) if isinstance(c, str) else c for c in args.train_configs]
         for fields in args.train_configs:
             if not isinstance(fields, dict):
                 parser.error(f"--train-configs takes JSON objects of PPOConfig fields, got {fields!r}")
-            try:
-                PPOConfig.from_dict(fields)
-            except (TypeError, ValueError) as exc:
-                parser.error(f"--train-configs: {json.dumps(fields)}: {exc}")
+            ppo_config(parser, fields, f"--train-configs: {json.dumps(fields)}")
         try:
             report = gpu_benchmark(
                 args.devices,
@@ -641,12 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {write_json(args.out, report)}")
     else:
         from agents.benchmark import training_speed
-        from agents.ppo import PPOConfig
 
-        try:
-            config = PPOConfig.from_dict(args.ppo_config or {})
-        except (TypeError, ValueError) as exc:
-            parser.error(f"--ppo-config: {exc}")
+        config = ppo_config(parser, args.ppo_config or {}, "--ppo-config")
         report = training_speed(args.total_timesteps, args.num_envs, args.device, args.task, config)
         print(
             f"PPO training on {report['device']}: {report['env_steps_per_second']:,.0f} env steps/s "

@@ -236,6 +236,12 @@ class TransformerDecoder(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.tok_emb.weight.device.type, dtype=torch.bfloat16)
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The dtype the blocks make keys and values in, what a cache of them holds: bfloat16
+        under :attr:`autocast`, else the weights'."""
+        return torch.bfloat16 if self.autocast else self.tok_emb.weight.dtype
+
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         pos = self.pos_emb(positions) if self.cfg.positional == "learned" else self.pos_table[positions]
         return self.tok_emb(ids) + pos  # (B, T, C)
@@ -271,15 +277,14 @@ class TransformerDecoder(nn.Module):
         allowed = causal_padding_mask(head_mask)  # (u, 1, prefix, prefix)
         cols = torch.arange(prefix, device=x.device).expand(len(first), prefix)  # (u, prefix)
         C, nh = self.cfg.d_model, self.cfg.n_heads
-        dtype = torch.bfloat16 if self.autocast else x.dtype  # of the keys and values the blocks make
         keys, values = [], []
         last = len(self.blocks) - 1
         with self.precision():
             for i, block in enumerate(self.blocks):
                 # Fresh slots (u, nh, prefix, hs), filled by the block before it reads them and
                 # never written again: autograd follows the in-place write.
-                k = x.new_zeros(len(first), nh, prefix, C // nh, dtype=dtype)
-                v = x.new_zeros(len(first), nh, prefix, C // nh, dtype=dtype)
+                k = x.new_zeros(len(first), nh, prefix, C // nh, dtype=self.kv_dtype)
+                v = x.new_zeros(len(first), nh, prefix, C // nh, dtype=self.kv_dtype)
                 x = block(x, allowed, (k, v, None, cols), start=prefix - 1 if i == last else 0)
                 keys.append(k[inverse])  # (B, nh, prefix, hs)
                 values.append(v[inverse])
